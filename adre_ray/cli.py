@@ -1,0 +1,41 @@
+"""``adre-ray`` command line: one subcommand per job, each the same code as ``jobs/<name>.py``.
+
+Every subcommand is ``main(argv) -> int`` in its module, so ``ray job submit -- python jobs/X.py ...``
+and ``adre-ray X ...`` run the same thing. Modules are imported lazily so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("adre_ray.distributed.train", "train a base classifier as DDP under Ray Train"),
+    "certify": ("adre_ray.distributed.certify", "PREDICT / CERTIFY / T-CERTIFY on Ray actors"),
+    "tune": ("adre_ray.distributed.tune", "Ray Tune search over lambda / epsilon / sigma / k / lr"),
+    "analyze": ("adre_ray.analysis.report", "certified-accuracy tables and plots from results"),
+    "demo": ("adre_ray.demo", "the end-to-end demo on one machine"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: adre-ray COMMAND [options]   (adre-ray COMMAND --help for a command's options)", ""]
+    lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"adre-ray: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
