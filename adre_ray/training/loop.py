@@ -1,0 +1,176 @@
+"""One training epoch and one noisy evaluation pass: plain functions, no Ray (Ray Train calls them).
+
+Per-step statistics are accumulated on the device and copied to the host once at the end of the epoch,
+so a GPU step never waits on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from adre_ray.training.losses.base import LossFn
+from adre_ray.training.modes import autocast, eval_mode
+
+
+def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` from a ``(x, y)`` pair or a mapping with keys image/label (or x/y)."""
+    if isinstance(batch, Mapping):
+        for image_key, label_key in (("image", "label"), ("x", "y")):
+            if image_key in batch and label_key in batch:
+                return batch[image_key], batch[label_key]
+        raise ValueError(f"batch keys={sorted(batch)}: expected image/label or x/y")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(f"batch type={type(batch).__name__}: expected (images, labels) or a mapping")
+
+
+def _progress(loader: Iterable, enabled: bool, desc: str, total: int | None) -> Iterable:
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, total=total, unit="batch", leave=False)
+
+
+def _total_batches(loader: Iterable, max_batches: int | None) -> int | None:
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return max_batches
+    return total if max_batches is None else min(total, max_batches)
+
+
+def _check_max_batches(max_batches: int | None) -> None:
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches={max_batches!r}: must be None or an integer >= 1")
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: Iterable,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    *,
+    device: torch.device | str,
+    epoch: int,
+    amp_dtype: torch.dtype | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Run one epoch of ``loss_fn`` with SGD steps; the scheduler (if any) steps once per batch.
+
+    Returns per-image means over the epoch: ``loss``, ``l_per``, ``l_adre``, ``train_acc_noise``
+    (fraction of images whose first noisy draw is classified correctly; at x~ for adversarial losses),
+    plus ``images``, ``batches``, ``time_s``, ``images_per_s``, ``lr`` (after the last step) and
+    ``epsilon`` (attack radius of this epoch; 0 without attack). With ``amp_dtype`` the forward passes
+    run under ``torch.autocast`` (bf16 recommended on GPU; float16 uses a gradient scaler).
+    """
+    _check_max_batches(max_batches)
+    device = torch.device(device)
+    model.train()
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, l_per, l_adre (x B), correct
+    images = batches = 0
+    epsilon = 0.0
+    total = _total_batches(loader, max_batches)
+    start = time.perf_counter()
+    for batch in _progress(loader, progress, f"train epoch {epoch}", total):
+        if max_batches is not None and batches >= max_batches:
+            break
+        x, y = unpack_batch(batch)
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True).long()
+        with autocast(device, amp_dtype):
+            out = loss_fn(model, x, y, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            out.loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        size = out.batch_size
+        parts = (out.loss.detach(), out.l_per, out.l_adre, out.correct)
+        sums += torch.stack([torch.as_tensor(part, device=device).double() for part in parts]) \
+            * torch.tensor([size, size, size, 1], device=device, dtype=torch.float64)
+        images += size
+        batches += 1
+        epsilon = out.epsilon
+    loss_sum, l_per_sum, l_adre_sum, correct = sums.tolist()  # the epoch's only host sync
+    elapsed = time.perf_counter() - start
+    denominator = max(images, 1)
+    return {
+        "loss": loss_sum / denominator if images else math.nan,
+        "l_per": l_per_sum / denominator if images else math.nan,
+        "l_adre": l_adre_sum / denominator if images else math.nan,
+        "train_acc_noise": correct / denominator if images else math.nan,
+        "images": float(images),
+        "batches": float(batches),
+        "time_s": elapsed,
+        "images_per_s": images / elapsed if elapsed > 0 else math.nan,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+        "epsilon": float(epsilon),
+    }
+
+
+@torch.no_grad()
+def evaluate_under_noise(
+    model: torch.nn.Module,
+    loader: Iterable,
+    sigma: float,
+    *,
+    device: torch.device | str,
+    amp_dtype: torch.dtype | None = None,
+    max_batches: int | None = None,
+    seed: int | None = None,
+) -> dict[str, float]:
+    """Accuracy of the base classifier on ``x + d`` (one draw d ~ N(0, sigma^2 I) per image) and on ``x``.
+
+    Returns ``acc_noise``, ``acc_clean``, ``images``, ``time_s``, ``images_per_s``. The model runs in eval
+    mode and its previous mode is restored. ``seed`` makes the noise reproducible (a private generator
+    on ``device``); without it the global torch RNG is used.
+    """
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma={sigma!r}: must be a finite number >= 0")
+    _check_max_batches(max_batches)
+    device = torch.device(device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    correct = torch.zeros(2, device=device, dtype=torch.int64)  # noisy, clean
+    images = batches = 0
+    start = time.perf_counter()
+    with eval_mode(model):
+        for batch in loader:
+            if max_batches is not None and batches >= max_batches:
+                break
+            x, y = unpack_batch(batch)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True).long()
+            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).mul_(sigma)
+            with autocast(device, amp_dtype):
+                logits = model(torch.cat([x + noise, x]))
+            predictions = logits.argmax(dim=1).view(2, -1)
+            correct += (predictions == y.unsqueeze(0)).sum(dim=1)
+            images += x.shape[0]
+            batches += 1
+    noisy_correct, clean_correct = correct.tolist()
+    elapsed = time.perf_counter() - start
+    return {
+        "acc_noise": noisy_correct / images if images else math.nan,
+        "acc_clean": clean_correct / images if images else math.nan,
+        "images": float(images),
+        "time_s": elapsed,
+        "images_per_s": images / elapsed if elapsed > 0 else math.nan,
+    }

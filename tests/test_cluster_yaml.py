@@ -1,0 +1,43 @@
+"""cluster.yaml: valid for Ray's cluster launcher and holds what adre-ray's jobs need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_launcher_schema_accepts_it(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(dict(cluster)))  # raises on any schema error
+
+
+def test_head_and_gpu_worker_types(cluster):
+    node_types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in node_types
+    gpu_types = {name: t for name, t in node_types.items() if t.get("resources", {}).get("GPU", 0) > 0}
+    assert gpu_types, "no GPU worker type"
+    for name, node_type in gpu_types.items():
+        assert name != cluster["head_node_type"]
+        assert node_type["resources"]["GPU"] == 8
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= cluster["max_workers"]
+        assert node_type["node_config"]["InstanceType"]
+
+
+def test_installs_and_mounts_the_project(cluster):
+    assert "." in cluster["file_mounts"].values(), "the project code is not mounted on the nodes"
+    mount = next(remote for remote, local in cluster["file_mounts"].items() if local == ".")
+    setup = " && ".join(cluster["setup_commands"])
+    assert "pip install" in setup and mount in setup
+    assert any("ray start --head" in cmd for cmd in cluster["head_start_ray_commands"])
+    assert any("ray start --address" in cmd for cmd in cluster["worker_start_ray_commands"])
+    assert ".venv" in cluster["rsync_exclude"]
