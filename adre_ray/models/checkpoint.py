@@ -1,0 +1,228 @@
+"""Model checkpoints: one ``torch.save`` file holding only tensors and primitives.
+
+Format ``adre-ray-model/1``::
+
+    {"format": "adre-ray-model/1", "model_name": str, "num_classes": int, "dataset": str,
+     "state_dict": {key: Tensor}, "extra": {str: primitive | list | dict | Tensor}}
+
+The state dict is the bare ``NormalizedModel``'s (``"1.<net key>"``; the normalization buffers are not
+stored: ``dataset`` fixes them), with DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes
+removed. Files are written atomically (temporary file in the same directory, then ``os.replace``), so a
+reader never sees half a checkpoint. Loading uses ``torch.load(weights_only=True)``: no code is run.
+A Ray Train checkpoint directory holding ``model.pt`` can be passed wherever a file can.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adre_ray.data.info import dataset_info
+from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
+from adre_ray.models.registry import build_model, check_model_name
+
+FORMAT = "adre-ray-model/1"
+CHECKPOINT_FILENAME = "model.pt"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, any nesting."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys without leading ``module.`` / ``_orig_mod.`` (repeatedly, any order)."""
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _primitive(value: Any, where: str) -> Any:
+    """``value`` as weights-only-loadable data (numpy scalars -> Python, Path -> str, tuple kept)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, str | os.PathLike):
+        return str(os.fspath(value))
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy / torch scalar
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if isinstance(key, bool) or not isinstance(key, str | int):
+                raise ValueError(f"{where}: key {key!r} must be a str or int")
+            key = str(key) if isinstance(key, str) else int(key)
+            out[key] = _primitive(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        items = [_primitive(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    raise ValueError(f"{where}={value!r}: type {type(value).__name__} cannot be stored "
+                     f"(allowed: None, bool, int, float, str, path, tensor, list, tuple, dict)")
+
+
+def _fit_problems(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, Any]) -> list[str]:
+    """Why ``state_dict`` does not load strictly into a model whose state dict is ``expected`` (or [])."""
+    expected = {k: v for k, v in expected.items()  # lazy modules' unmaterialized weights have no shape
+                if not isinstance(v, nn.parameter.UninitializedTensorMixin)}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: {tuple(getattr(state_dict[k], 'shape', ()))} vs {tuple(v.shape)}"
+                  for k, v in expected.items()
+                  if k in state_dict and (not isinstance(state_dict[k], torch.Tensor)
+                                          or state_dict[k].shape != v.shape)]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches (checkpoint vs model)", mismatched)):
+        if items:
+            problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+    return problems
+
+
+def save_model_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int,
+                          dataset: str, extra: dict | None = None) -> Path:
+    """Write ``model``'s weights with its identity to ``path`` atomically; returns the file written.
+
+    ``path`` may be an existing directory (a Ray Train checkpoint dir): the file is then
+    ``path/model.pt``. ``extra`` holds primitives only (epoch, sigma, metrics, config dict, ...).
+    The weights are checked against ``build_model(model_name, num_classes, dataset)`` (built on the
+    meta device: no memory, no compute) so that a file which could not be loaded is never written.
+    """
+    check_model_name(model_name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 2")
+    dataset_info(dataset)
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILENAME
+    state_dict = {key: tensor.detach().cpu()
+                  for key, tensor in strip_wrapper_prefixes(unwrap_model(model).state_dict()).items()}
+    with torch.device("meta"):
+        reference = build_model(model_name, num_classes, dataset).state_dict()
+    problems = _fit_problems(reference, state_dict)
+    if problems:
+        raise ValueError(f"model: weights do not fit model_name={model_name!r} with "
+                         f"num_classes={num_classes}: {'; '.join(problems)}")
+    record = {"format": FORMAT, "model_name": model_name, "num_classes": num_classes, "dataset": dataset,
+              "state_dict": state_dict, "extra": _primitive(dict(extra or {}), "extra")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(record, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint file for ``path`` (a file, or a directory holding ``model.pt``)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        inner = path / CHECKPOINT_FILENAME
+        if not inner.is_file():
+            raise ValueError(f"checkpoint={str(path)!r}: directory has no {CHECKPOINT_FILENAME}")
+        return inner
+    if not path.is_file():
+        raise ValueError(f"checkpoint={str(path)!r}: no such file or directory")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The validated checkpoint record (tensors on CPU), without building the model."""
+    file = checkpoint_file(path)
+    name = str(file)
+    try:
+        record = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle / zip / torch errors of a foreign or corrupt file
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint={name!r}: not a readable adre-ray model checkpoint "
+                         f"(torch.load(weights_only=True) failed: {first_line})") from err
+    if not isinstance(record, dict) or "format" not in record:
+        raise ValueError(f"checkpoint={name!r}: not an adre-ray model checkpoint (no 'format' field)")
+    if record["format"] != FORMAT:
+        raise ValueError(f"checkpoint={name!r}: format={record['format']!r} is not supported "
+                         f"(expected {FORMAT!r})")
+    for key, kind in (("model_name", str), ("num_classes", int), ("dataset", str), ("state_dict", dict)):
+        if not isinstance(record.get(key), kind):
+            raise ValueError(f"checkpoint={name!r}: field {key!r}={record.get(key)!r} missing or not a "
+                             f"{kind.__name__}")
+    if not isinstance(record.get("extra", {}), dict):
+        raise ValueError(f"checkpoint={name!r}: field 'extra' is not a dict")
+    return record
+
+
+def load_model_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
+                          expected_model: str | None = None,
+                          expected_num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from the registry and load the weights strictly; the model is in eval mode.
+
+    Returns ``(model, meta)`` with ``meta = {"format", "model_name", "num_classes", "dataset", "extra",
+    "path"}``. ``ValueError`` naming the value for a missing or foreign file, an architecture or class
+    count other than ``expected_*``, or weights that do not fit the architecture.
+    """
+    record = read_checkpoint(path)
+    name = str(checkpoint_file(path))
+    model_name, num_classes = record["model_name"], record["num_classes"]
+    if expected_model is not None and model_name != expected_model:
+        raise ValueError(f"checkpoint={name!r}: model_name={model_name!r}, expected_model={expected_model!r}")
+    if expected_num_classes is not None and num_classes != expected_num_classes:
+        raise ValueError(f"checkpoint={name!r}: num_classes={num_classes!r}, "
+                         f"expected_num_classes={expected_num_classes!r}")
+    try:
+        with torch.device("meta"):  # skip random initialization: the weights are replaced anyway
+            model = build_model(model_name, num_classes, record["dataset"])
+    except ValueError as err:
+        raise ValueError(f"checkpoint={name!r}: {err}") from err
+    state_dict = strip_wrapper_prefixes(record["state_dict"])
+    problems = _fit_problems(model.state_dict(), state_dict)
+    if problems:
+        raise ValueError(f"checkpoint={name!r}: weights do not fit model_name={model_name!r} with "
+                         f"num_classes={num_classes}: {'; '.join(problems)}")
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if isinstance(model, NormalizedModel):  # non-persistent statistics: rebuild on the CPU
+            info = dataset_info(record["dataset"])
+            model[0] = NormalizeLayer(info.mean, info.std)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            # a registered model with other non-persistent state: build it for real and copy into it
+            model = build_model(model_name, num_classes, record["dataset"])
+            model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint={name!r}: weights do not load into {model_name!r} ({err})") from err
+    model.to(map_location).eval()
+    meta = {key: record[key] for key in ("format", "model_name", "num_classes", "dataset")}
+    meta["extra"] = record.get("extra", {})
+    meta["path"] = name
+    return model, meta
