@@ -1,0 +1,41 @@
+"""Randomized smoothing core (no Ray): noise sampler, confidence bounds, PREDICT / CERTIFY / T-CERTIFY.
+
+Notebook use::
+
+    from adre_ray.smoothing import SmoothedClassifier
+    smoothed = SmoothedClassifier(model.eval(), num_classes=10, sigma=0.25)
+    cert = smoothed.certify(x, n0=100, n=100_000, alpha=0.001, idx=0)
+    cert.certify.radius, cert.tcertify.radius
+"""
+
+from adre_ray.smoothing.bounds import cp_upper, pA_lower, pB_upper
+from adre_ray.smoothing.certify import (
+    ABSTAIN,
+    DEFAULT_GRID,
+    TCERTIFY_MODES,
+    SmoothingResult,
+    bonferroni_level,
+    certify_counts,
+    pilot_choice,
+    predict_counts,
+    split_margin,
+    split_radius,
+    tcertify_counts,
+)
+from adre_ray.smoothing.sampler import (
+    MAIN_STREAM,
+    NOISE_BLOCK,
+    PILOT_STREAM,
+    effective_batch_size,
+    model_device,
+    noise_seed,
+    sample_counts,
+)
+from adre_ray.smoothing.smoothed import Certification, SmoothedClassifier
+
+__all__ = [
+    "ABSTAIN", "DEFAULT_GRID", "MAIN_STREAM", "NOISE_BLOCK", "PILOT_STREAM", "TCERTIFY_MODES",
+    "Certification", "SmoothedClassifier", "SmoothingResult", "bonferroni_level", "certify_counts",
+    "cp_upper", "effective_batch_size", "model_device", "noise_seed", "pA_lower", "pB_upper", "pilot_choice",
+    "predict_counts", "sample_counts", "split_margin", "split_radius", "tcertify_counts",
+]

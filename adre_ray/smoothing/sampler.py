@@ -7,9 +7,12 @@ shard, num) and the model only: not on the batch size, on which actor ran the sh
 ``stream`` separates the pilot draws (``PILOT_STREAM``) from the estimation draws (``MAIN_STREAM``),
 so the two sets of counts are independent as CERTIFY requires.
 
-Hot loop: noise is drawn in place on the model's device into a preallocated buffer, the image is
-broadcast (no copies per sample), predictions are counted with ``bincount`` on the device and only the
-final count vector crosses to the host. No Python loop touches a sample (the loop is per block).
+Hot loop: noise is drawn in place on the model's device into a preallocated fp32 buffer, ``x + sigma * d``
+is formed in one pass (the image is broadcast, never repeated; with ``channels_last`` the same pass writes
+NHWC), predictions are counted with ``index_add_`` on the device (``bincount`` would sync with the host on
+CUDA) and only the final count vector crosses to the host. No Python loop touches a sample (the loop is
+per block of ``NOISE_BLOCK`` samples). ``prepare_model`` applies the optional speed-ups of the forward pass
+(channels_last weights, ``torch.compile``, CUDA graphs); see docs/performance.md for what to use where.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def noise_seed(seed: int, idx: int, shard: int = 0, stream: int = MAIN_STREAM) -
     for name, value in (("seed", seed), ("idx", idx), ("shard", shard), ("stream", stream)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name}={value!r}: must be an integer >= 0")
-    state = np.random.SeedSequence([int(seed), int(idx), int(stream), int(shard)]).generate_state(2, np.uint32)
+    entropy = [int(seed), int(idx), int(stream), int(shard)]
+    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
@@ -58,21 +62,73 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
 
 
 def _noise_batches(
-    x: torch.Tensor, num: int, sigma: float, batch: int, generator: torch.Generator
+    x: torch.Tensor, num: int, sigma: float, batch: int, generator: torch.Generator, channels_last: bool
 ) -> Iterator[torch.Tensor]:
-    """Yield ``x + sigma * d`` for consecutive batches of the ``num`` samples (views of one buffer)."""
-    buf = torch.empty((min(batch, num), *x.shape), device=x.device, dtype=x.dtype,
-                      memory_format=torch.contiguous_format)
+    """Yield ``x + sigma * d`` (fp32) for consecutive batches of the ``num`` samples (views of one buffer).
+
+    ``d`` is drawn block by block into a contiguous buffer, so the values do not depend on ``batch`` or
+    on ``channels_last``; ``torch.add(x, d, alpha=sigma)`` then scales, adds the broadcast image and (for
+    ``channels_last``) changes the layout in a single pass.
+    """
+    shape = (min(batch, num), *x.shape)
+    noise = torch.empty(shape, device=x.device, dtype=torch.float32)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    noisy = noise if not channels_last else torch.empty(shape, device=x.device, dtype=torch.float32,
+                                                        memory_format=memory_format)
     done = 0
     while done < num:
         size = min(batch, num - done)
-        out = buf[:size]
+        d = noise[:size]
         for start in range(0, size, NOISE_BLOCK):
-            block = out[start:start + NOISE_BLOCK]
-            torch.randn(block.shape, generator=generator, device=x.device, dtype=x.dtype, out=block)
-        out.mul_(sigma).add_(x)
+            block = d[start:start + NOISE_BLOCK]
+            torch.randn(block.shape, generator=generator, device=x.device, dtype=torch.float32, out=block)
+        out = noisy[:size]
+        torch.add(x, d, alpha=sigma, out=out)
         done += size
         yield out
+
+
+def prepare_model(
+    model: torch.nn.Module, *, channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False
+) -> torch.nn.Module:
+    """The model to pass to ``sample_counts``, set up for fast inference; the weights' values are unchanged.
+
+    ``channels_last``: converts the weights to NHWC in place (cuDNN and oneDNN then run every conv without
+    layout reorders); pass ``channels_last=True`` to ``sample_counts`` too. ``compile``: ``torch.compile``
+    with inductor, one graph per distinct batch shape (``dynamic=False``: the full batch and a shard's
+    last partial batch). On CPU the graph is frozen (weights become constants, so batch norm is folded
+    into the convolutions and weights are pre-packed): do not train the model afterwards.
+    ``cuda_graphs`` (CUDA only, implies compile): replays each batch as one CUDA graph
+    (``mode="reduce-overhead"``), which removes the per-kernel launch cost of small models.
+    The model must be in eval mode (certification never uses batch statistics).
+    """
+    if model.training:
+        raise ValueError("model.training=True: call model.eval() before sampling (batch norm, dropout)")
+    device = model_device(model)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True: needs a CUDA model (the model is on {device})")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cuda_graphs:
+        return torch.compile(model, mode="reduce-overhead", dynamic=False)  # type: ignore[return-value]
+    if compile:
+        options = {"freezing": True} if device.type == "cpu" else None
+        return torch.compile(model, dynamic=False, options=options)  # type: ignore[return-value]
+    return model
+
+
+def fast_bf16_available(device: torch.device | str) -> bool:
+    """Whether bf16 autocast runs natively on ``device``: a CUDA GPU with bf16 (Ampere or newer), or a
+    CPU with AVX512-BF16 or AMX (oneDNN's bf16 kernels; without them bf16 is emulated and slower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except AttributeError:  # an older torch without these probes
+            return False
+    return False
 
 
 @torch.inference_mode()
@@ -97,7 +153,8 @@ def sample_counts(
     coordinates. The model must be in eval mode (it is not changed here) and output logits (B, K).
     ``amp_dtype`` (e.g. ``torch.bfloat16``) autocasts the forward pass only; the noise and x + d stay
     fp32, so the smoothed classifier is exactly Gaussian smoothing of the (reduced-precision) base
-    classifier and every bound stays valid.
+    classifier and every bound stays valid. ``channels_last`` feeds the batches in NHWC (same values; use
+    with a model from ``prepare_model(..., channels_last=True)``). Neither option changes the noise.
     """
     if not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma={sigma!r}: must be > 0")
@@ -107,20 +164,20 @@ def sample_counts(
         raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")
     if x.dim() != 3:
         raise ValueError(f"x.shape={tuple(x.shape)}: expected one image (C, H, W)")
+    generator_seed = noise_seed(seed, idx, shard, stream)  # validates seed, idx, shard, stream
+    batch = effective_batch_size(batch_size)  # validates batch_size, also when num == 0
     device = model_device(model)
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
     if num == 0:
         return counts.cpu()
     x = x.to(device=device, dtype=torch.float32)
     generator = torch.Generator(device=device)
-    generator.manual_seed(noise_seed(seed, idx, shard, stream))
-    batch = effective_batch_size(batch_size)
+    generator.manual_seed(generator_seed)
+    ones = torch.ones(min(batch, num), dtype=torch.int64, device=device)
     with _autocast(device, amp_dtype):
-        for noisy in _noise_batches(x, num, float(sigma), batch, generator):
-            if channels_last:
-                noisy = noisy.contiguous(memory_format=torch.channels_last)
+        for noisy in _noise_batches(x, num, float(sigma), batch, generator, channels_last):
             logits = model(noisy)
             if logits.dim() != 2 or logits.shape[1] != num_classes:
                 raise ValueError(f"model output shape {tuple(logits.shape)}: expected (batch, {num_classes})")
-            counts += torch.bincount(logits.argmax(dim=1), minlength=num_classes)
+            counts.index_add_(0, logits.argmax(dim=1), ones[:logits.shape[0]])
     return counts.cpu()

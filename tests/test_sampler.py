@@ -1,0 +1,150 @@
+"""The noise sampler's contract: counts sum to num, noise depends on (seed, idx, shard, stream) only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adre_ray.smoothing import (
+    MAIN_STREAM,
+    NOISE_BLOCK,
+    PILOT_STREAM,
+    effective_batch_size,
+    noise_seed,
+    sample_counts,
+)
+
+SHAPE = (3, 4, 4)
+
+
+class Linear(torch.nn.Module):
+    """A fixed random linear classifier (5 classes): its counts move with the noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(48, 5)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(self.fc.weight.shape, generator=generator))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+class Recorder(torch.nn.Module):
+    """Remembers every noisy input it sees (to compare noise directly) and answers class 0."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.classes = classes
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return torch.zeros(x.shape[0], self.classes)
+
+    def noise(self) -> torch.Tensor:
+        return torch.cat(self.seen)
+
+
+class Constant(torch.nn.Module):
+    """Always answers class ``c``."""
+
+    def __init__(self, c: int, classes: int) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(classes))
+        with torch.no_grad():
+            self.bias[c] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], -1)
+
+
+def image() -> torch.Tensor:
+    return torch.linspace(0, 1, 48).reshape(SHAPE)
+
+
+def recorded_noise(num: int, batch_size: int = 1000, **stream) -> torch.Tensor:
+    model = Recorder()
+    counts = sample_counts(model, image(), num, 3, 1.0, batch_size=batch_size, **stream)
+    assert counts.tolist() == [num, 0, 0]
+    return model.noise() - image()
+
+
+def test_counts_sum_to_num_and_are_int64_cpu():
+    for num in (1, 31, 32, 33, 500):
+        counts = sample_counts(Linear().eval(), image(), num, 5, 0.5, batch_size=64, seed=1, idx=2)
+        assert counts.dtype == torch.int64 and counts.device.type == "cpu" and counts.shape == (5,)
+        assert int(counts.sum()) == num and int(counts.min()) >= 0
+
+
+def test_same_seed_same_counts():
+    a = sample_counts(Linear().eval(), image(), 700, 5, 0.5, seed=4, idx=9, shard=2, stream=PILOT_STREAM)
+    b = sample_counts(Linear().eval(), image(), 700, 5, 0.5, seed=4, idx=9, shard=2, stream=PILOT_STREAM)
+    assert torch.equal(a, b)
+    assert len(set(a.tolist())) > 1  # the model really depends on the noise
+
+
+@pytest.mark.parametrize("change", [{"seed": 1}, {"idx": 1}, {"shard": 1}, {"stream": PILOT_STREAM}])
+def test_each_key_changes_the_noise(change):
+    base = {"seed": 0, "idx": 0, "shard": 0, "stream": MAIN_STREAM}
+    noise = recorded_noise(64, **base)
+    other = recorded_noise(64, **{**base, **change})
+    assert not torch.allclose(noise, other)
+    assert noise_seed(**base) != noise_seed(**{**base, **change})
+    # and the noise is standard normal scaled by sigma = 1 (mean ~ 0, var ~ 1 over 64 * 48 values;
+    # 5 standard errors: sd(mean) = 1/sqrt(3072) ~ 0.018, sd(var) ~ sqrt(2/3072) ~ 0.026)
+    assert abs(float(other.mean())) < 5 * 0.018 and abs(float(other.var()) - 1) < 5 * 0.026
+
+
+def test_constant_model_puts_every_count_on_its_class():
+    for c in (0, 3, 6):
+        counts = sample_counts(Constant(c, 7), image(), 250, 7, 2.0, batch_size=96)
+        assert counts.tolist() == [250 if k == c else 0 for k in range(7)]
+
+
+def test_batch_size_does_not_change_counts_or_noise():
+    reference = sample_counts(Linear().eval(), image(), 1000, 5, 0.5, batch_size=32, seed=7, idx=3)
+    for batch_size in (96, 1000, 5000):
+        other = sample_counts(Linear().eval(), image(), 1000, 5, 0.5, batch_size=batch_size, seed=7, idx=3)
+        assert torch.equal(reference, other), batch_size
+    noise = recorded_noise(1000, batch_size=32, seed=7)
+    for batch_size in (96, 1000):
+        assert torch.equal(noise, recorded_noise(1000, batch_size=batch_size, seed=7))
+
+
+def test_num_zero_gives_zero_counts():
+    counts = sample_counts(Linear().eval(), image(), 0, 5, 0.5)
+    assert counts.tolist() == [0] * 5 and counts.dtype == torch.int64
+
+
+def test_effective_batch_size_is_whole_blocks():
+    assert effective_batch_size(1) == NOISE_BLOCK
+    assert effective_batch_size(1000) % NOISE_BLOCK == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"sigma": 0.0}, "sigma=0.0"),
+        ({"sigma": -1.0}, "sigma=-1.0"),
+        ({"num": -1}, "num=-1"),
+        ({"num": 2.5}, "num=2.5"),
+        ({"num_classes": 0}, "num_classes=0"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": 0, "num": 0}, "batch_size=0"),
+        ({"seed": -1}, "seed=-1"),
+        ({"idx": -2, "num": 0}, "idx=-2"),
+        ({"shard": 1.5}, "shard=1.5"),
+        ({"stream": -1}, "stream=-1"),
+        ({"x": torch.zeros(1, *SHAPE)}, "x.shape=(1, 3, 4, 4)"),
+        ({"num_classes": 4}, "model output shape (64, 5)"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_value(kwargs, needle):
+    args = {"model": Linear().eval(), "x": image(), "num": 64, "num_classes": 5, "sigma": 0.5}
+    args.update(kwargs)
+    with pytest.raises(ValueError) as err:
+        sample_counts(**args)
+    assert needle in str(err.value)
