@@ -1,0 +1,286 @@
+"""Config of the training job (``adre-ray train``, ``jobs/train.py``): DDP under Ray Train.
+
+One ``TrainConfig`` holds every tunable, in sections (YAML mappings; dotted keys on the command line,
+``--set loss.lam=0.2``). Defaults reproduce the seed paper's CIFAR-10 ADRE_REG run: ResNet-110, 150
+epochs, batch 400, SGD lr 0.1 / 10 every 50 epochs, sigma 0.25, k 8, lambda 0.2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from adre_ray.config.base import (
+    DATASETS,
+    LOSSES,
+    JobConfig,
+    check,
+    check_choice,
+    check_int_at_least,
+    check_nonnegative,
+    check_positive,
+)
+
+DATA_SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
+PER_LOSSES = ("mean", "single")
+SCHEDULES = ("step", "cosine")
+ADVERSARIAL_LOSSES = ("smoothadv", "adre_adv")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    check(isinstance(value, bool), name, value, "must be true or false")
+
+
+def _check_name(name: str, value: Any, what: str) -> None:
+    check(isinstance(value, str) and value.strip() != "", name, value, f"must be a non-empty {what}")
+
+
+@dataclass
+class DataSection:
+    """dataset         cifar10 | imagenet
+    data_dir          dataset folder (Parquet, torchvision or image-folder layout; see adre_ray.data)
+    source            auto | parquet | torchvision | imagefolder
+    download          let torchvision download CIFAR-10 into data_dir (needs internet)
+    train_subset      train on a seeded class-balanced subset of this many images (null = all)
+    test_subset       evaluate each epoch on a seeded subset of this many test images (null = all)
+    subset_seed       seed of both subsets
+    augment           random crop + flip on the training images
+    loader_workers    DataLoader worker processes per training worker (0 = load in the training process)
+    """
+
+    dataset: str = "cifar10"
+    data_dir: str = "data/cifar10"
+    source: str = "auto"
+    download: bool = False
+    train_subset: int | None = None
+    test_subset: int | None = None
+    subset_seed: int = 0
+    augment: bool = True
+    loader_workers: int = 4
+
+
+@dataclass
+class LossSection:
+    """name              gaussian | adre_reg | smoothadv | adre_adv (adre_ray.training.build_loss)
+    sigma             noise std of training (and of the per-epoch noisy evaluation)
+    k                 noise draws per training example
+    lam               lambda, weight of the ADRE term (0 = Gaussian augmentation with k draws)
+    per_loss          mean (average CE over the k draws) | single (one random draw, the paper's Table 1)
+    epsilon           l2 radius of the PGD attack (smoothadv, adre_adv)
+    steps             PGD steps M
+    warmup_epochs     epochs over which epsilon ramps up linearly (SmoothAdv)
+    label_smoothing   label smoothing of the cross-entropy terms
+    """
+
+    name: str = "adre_reg"
+    sigma: float = 0.25
+    k: int = 8
+    lam: float = 0.2
+    per_loss: str = "mean"
+    epsilon: float = 0.0
+    steps: int = 1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimSection:
+    """SGD: lr (at global batch ``batch_size``), momentum, weight_decay, nesterov; decay_norm_and_bias
+    applies weight decay to biases and norm parameters too (the original papers do)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    decay_norm_and_bias: bool = False
+
+
+@dataclass
+class ScheduleSection:
+    """name step (lr * gamma every step_size epochs) | cosine; epochs; linear warm-up over warmup_epochs.
+    The schedule is applied per iteration (adre_ray.training.build_scheduler)."""
+
+    name: str = "step"
+    epochs: int = 150
+    warmup_epochs: int = 0
+    step_size: int = 50
+    gamma: float = 0.1
+
+
+@dataclass
+class ScalingSection:
+    """num_workers       Ray Train workers (DDP processes); the global batch is split evenly over them
+    use_gpu           one GPU per worker (nccl backend, bf16 autocast, channels_last); else CPU (gloo)
+    cpus_per_worker   CPUs reserved per worker (torch threads on CPU workers; DataLoader workers share them)
+    gpus_per_worker   GPUs per worker when use_gpu
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class RunSection:
+    """name              Ray Train run name; re-running with the same name and storage_path resumes it
+                      (null = <model>_<loss>_<timestamp>, a new run each time)
+    experiment        MLflow experiment
+    storage_path      where Ray Train writes checkpoints: a local folder (made absolute) or a cloud URI
+                      (s3://, gs://, ...) passed through to Ray
+    tracking_uri      MLflow store; null = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; "none" = off
+    max_failures      Ray Train restarts of the worker group after a failure (-1 = unlimited), each from
+                      the latest checkpoint
+    checkpoints_to_keep   newest checkpoints kept in storage
+    seed              model init, data order and noise are functions of (seed, epoch, rank)
+    amp               bf16 autocast on GPU (CPU always runs float32)
+    channels_last     channels_last memory format on GPU
+    compile           torch.compile the model
+    eval_max_batches  cap on test batches evaluated per epoch (null = the whole test subset)
+    train_max_batches cap on training batches per epoch (null = full epochs; for smoke tests, benchmarks)
+    progress          per-batch progress bar on rank 0 (one summary line per epoch is always printed)
+    verbose           Ray Train's own INFO logging (worker group start, every report of every rank)
+    """
+
+    name: str | None = None
+    experiment: str = "adre-train"
+    storage_path: str = "runs"
+    tracking_uri: str | None = None
+    max_failures: int = 0
+    checkpoints_to_keep: int = 2
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    eval_max_batches: int | None = None
+    train_max_batches: int | None = None
+    progress: bool = False
+    verbose: bool = False
+
+
+@dataclass
+class TrainConfig(JobConfig):
+    """Training of one base classifier (see the section classes for every field).
+
+    model             registered architecture (adre_ray.models.MODEL_NAMES)
+    batch_size        global batch per optimizer step, split evenly over scaling.num_workers
+    """
+
+    model: str = "cifar_resnet110"
+    batch_size: int = 400
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        """batch_size / num_workers (validate() guarantees it divides)."""
+        return self.batch_size // self.scaling.num_workers
+
+    def validate(self) -> None:
+        """Raise ``ValueError("<section.field>=<value>: <requirement>")`` for the first bad field."""
+        from adre_ray.models import check_model_name  # the registry (imports torch), lazily
+
+        try:
+            check_model_name(self.model)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        check_int_at_least("batch_size", self.batch_size, 1)
+        self._validate_data()
+        self._validate_loss()
+        self._validate_optim()
+        self._validate_schedule()
+        self._validate_scaling()
+        self._validate_run()
+        workers = self.scaling.num_workers
+        check(self.batch_size % workers == 0, "batch_size", self.batch_size,
+              f"must be divisible by scaling.num_workers={workers}")
+        if self.data.train_subset is not None:
+            check(self.data.train_subset >= self.batch_size, "data.train_subset", self.data.train_subset,
+                  f"must be >= batch_size={self.batch_size} (each worker drops its last partial batch)")
+
+    def _validate_data(self) -> None:
+        d = self.data
+        check_choice("data.dataset", d.dataset, DATASETS)
+        _check_name("data.data_dir", d.data_dir, "folder path")
+        check_choice("data.source", d.source, DATA_SOURCES)
+        check(d.source != "torchvision" or d.dataset == "cifar10", "data.source", d.source,
+              "torchvision's layout is supported for cifar10 only")
+        _check_bool("data.download", d.download)
+        for name in ("train_subset", "test_subset"):
+            value = getattr(d, name)
+            if value is not None:
+                check_int_at_least(f"data.{name}", value, 1)
+        check_int_at_least("data.subset_seed", d.subset_seed, 0)
+        _check_bool("data.augment", d.augment)
+        check_int_at_least("data.loader_workers", d.loader_workers, 0)
+
+    def _validate_loss(self) -> None:
+        loss = self.loss
+        check_choice("loss.name", loss.name, LOSSES)
+        check_positive("loss.sigma", loss.sigma)
+        check_int_at_least("loss.k", loss.k, 1)
+        check_nonnegative("loss.lam", loss.lam)
+        check_choice("loss.per_loss", loss.per_loss, PER_LOSSES)
+        check_nonnegative("loss.epsilon", loss.epsilon)
+        if loss.name in ADVERSARIAL_LOSSES:
+            check(loss.epsilon > 0, "loss.epsilon", loss.epsilon, f"must be > 0 for loss.name={loss.name!r}")
+        check_int_at_least("loss.steps", loss.steps, 1)
+        check_int_at_least("loss.warmup_epochs", loss.warmup_epochs, 0)
+        check_nonnegative("loss.label_smoothing", loss.label_smoothing)
+        check(loss.label_smoothing < 1, "loss.label_smoothing", loss.label_smoothing, "must be < 1")
+
+    def _validate_optim(self) -> None:
+        o = self.optim
+        check_positive("optim.lr", o.lr)
+        check(_is_number(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", o.momentum,
+              "must lie in [0, 1)")
+        check_nonnegative("optim.weight_decay", o.weight_decay)
+        _check_bool("optim.nesterov", o.nesterov)
+        check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "needs optim.momentum > 0")
+        _check_bool("optim.decay_norm_and_bias", o.decay_norm_and_bias)
+
+    def _validate_schedule(self) -> None:
+        s = self.schedule
+        check_choice("schedule.name", s.name, SCHEDULES)
+        check_int_at_least("schedule.epochs", s.epochs, 1)
+        check_int_at_least("schedule.warmup_epochs", s.warmup_epochs, 0)
+        check(s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
+              f"must be < schedule.epochs={s.epochs}")
+        check_int_at_least("schedule.step_size", s.step_size, 1)
+        check(_is_number(s.gamma) and 0 < s.gamma <= 1, "schedule.gamma", s.gamma, "must lie in (0, 1]")
+
+    def _validate_scaling(self) -> None:
+        s = self.scaling
+        check_int_at_least("scaling.num_workers", s.num_workers, 1)
+        _check_bool("scaling.use_gpu", s.use_gpu)
+        check_int_at_least("scaling.cpus_per_worker", s.cpus_per_worker, 1)
+        check_positive("scaling.gpus_per_worker", s.gpus_per_worker)
+
+    def _validate_run(self) -> None:
+        r = self.run
+        if r.name is not None:
+            _check_name("run.name", r.name, "run name")
+            check("/" not in r.name and "\\" not in r.name, "run.name", r.name, "must not contain a slash")
+        _check_name("run.experiment", r.experiment, "MLflow experiment name")
+        _check_name("run.storage_path", r.storage_path, "folder or URI")
+        if r.tracking_uri is not None:
+            _check_name("run.tracking_uri", r.tracking_uri, "MLflow tracking URI (or 'none')")
+        check(isinstance(r.max_failures, int) and not isinstance(r.max_failures, bool)
+              and r.max_failures >= -1, "run.max_failures", r.max_failures, "must be an integer >= -1")
+        check_int_at_least("run.checkpoints_to_keep", r.checkpoints_to_keep, 1)
+        check_int_at_least("run.seed", r.seed, 0)
+        for name in ("amp", "channels_last", "compile", "progress", "verbose"):
+            _check_bool(f"run.{name}", getattr(r, name))
+        for name in ("eval_max_batches", "train_max_batches"):
+            value = getattr(r, name)
+            if value is not None:
+                check_int_at_least(f"run.{name}", value, 1)
+

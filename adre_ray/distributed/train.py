@@ -1,0 +1,551 @@
+"""Training as DDP under Ray Train: ``adre-ray train --config FILE --set loss.lam=0.2``.
+
+``train_loop_per_worker(config)`` is a plain function of a config dict, run by every Ray Train worker:
+it rebuilds the :class:`TrainConfig`, trains with ``adre_ray.training`` (per-worker shard of the data
+through a ``DistributedSampler``, gradients all-reduced by DDP), evaluates under noise after each epoch
+and reports metrics and a checkpoint to Ray Train. Scaling, storage and failure handling are declared in
+``ScalingConfig`` / ``RunConfig`` / ``FailureConfig`` by :func:`build_trainer`.
+
+Reproducibility and resume: the RNG of rank r in epoch e is seeded with (seed, e, r), and the data order
+by (seed, e), so an epoch is a function of the weights and optimizer state it starts from. A checkpoint
+holds ``model.pt`` (adre_ray.models format) and ``train_state.pt`` (optimizer, scheduler, epoch; tensors
+and primitives only). Re-running with the same ``run.name`` and ``run.storage_path`` restores the run:
+Ray Train V2 (the default in Ray 2.60) reloads the run's checkpoint state from storage, and the driver
+also finds the newest ``checkpoint_epoch_*`` folder and passes it in the loop config (``resume_from``;
+V2 has no ``resume_from_checkpoint`` and V1 does not restore by name), which the loop loads when Ray
+Train offers no checkpoint of its own. Training continues after the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adre_ray.config import load_config
+from adre_ray.config.train import TrainConfig
+from adre_ray.distributed._common import connect_ray, is_local_storage, resolve_storage_path, train_v2_enabled
+from adre_ray.tracking import (
+    DISABLED,
+    log_artifact,
+    log_config,
+    log_metrics,
+    mlflow_run,
+    resolve_tracking_uri,
+)
+
+TRAIN_CONFIG_KEY = "train_config"
+MLFLOW_RUN_ID_KEY = "mlflow_run_id"
+TRACKING_URI_KEY = "tracking_uri"
+RESUME_FROM_KEY = "resume_from"
+RESERVED_KEYS = (TRAIN_CONFIG_KEY, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, RESUME_FROM_KEY)
+TRAIN_STATE_FILENAME = "train_state.pt"
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+RUN_PATH_TAG = "adre_ray.train_path"
+EPOCH_METRICS = ("epoch", "l_per", "l_adre", "loss", "train_acc_noise", "test_acc_noise", "test_acc_clean",
+                 "epoch_time_s", "images_per_s", "images_per_s_total", "lr", "epsilon")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the trained model is: the final checkpoint folder (holding model.pt), its MLflow run, and the
+    last epoch's metrics (empty when there was nothing left to train)."""
+
+    checkpoint_path: str
+    mlflow_run_id: str
+    metrics: dict[str, Any]
+
+
+# -- the loop every Ray Train worker runs -------------------------------------------------------------
+
+
+def config_from_loop_config(config: Mapping[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` in ``config["train_config"]`` with every other non-reserved key applied as a
+    dotted override (so Ray Tune can search ``{"loss.lam": tune.grid_search([...])}``)."""
+    if TRAIN_CONFIG_KEY not in config:
+        raise ValueError(f"config keys={sorted(config)}: missing {TRAIN_CONFIG_KEY!r}")
+    cfg = TrainConfig.from_dict(config[TRAIN_CONFIG_KEY])
+    overrides = {key: value for key, value in config.items() if key not in RESERVED_KEYS}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def rng_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
+    """A distinct non-negative seed per (seed, epoch >= -1, rank < 4096, stream in {0: train, 1: eval})."""
+    return ((seed * 1_000_003 + epoch + 1) * 4_096 + rank) * 2 + stream
+
+
+def _seed_everything(seed: int, epoch: int, rank: int) -> None:
+    """torch / numpy / random RNGs of rank ``rank`` in ``epoch``, as a function of (seed, epoch, rank)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    value = rng_seed(seed, epoch, rank)
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+
+
+def _all_reduce_sum(values: list[float], device: Any, world_size: int) -> list[float]:
+    """Element-wise sum over the workers (identity with one worker)."""
+    if world_size == 1:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _broadcast_buffers(model: Any, world_size: int) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank; weights already agree (DDP)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+def _load_train_checkpoint(directory: Path, model: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Load ``model.pt`` weights into ``model``; return the ``train_state.pt`` dict (weights-only load)."""
+    import torch
+
+    from adre_ray.data import dataset_info
+    from adre_ray.models import load_model_checkpoint
+
+    num_classes = dataset_info(cfg.data.dataset).num_classes
+    restored, _meta = load_model_checkpoint(directory, expected_model=cfg.model,
+                                            expected_num_classes=num_classes)
+    model.load_state_dict(restored.state_dict())
+    state_file = directory / TRAIN_STATE_FILENAME
+    if not state_file.is_file():
+        raise ValueError(f"checkpoint={str(directory)!r}: no {TRAIN_STATE_FILENAME} to resume from")
+    return torch.load(state_file, map_location="cpu", weights_only=True)
+
+
+def _save_train_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any, *, cfg: TrainConfig,
+                           epoch: int, metrics: Mapping[str, Any], mlflow_run_id: str) -> None:
+    import torch
+
+    from adre_ray.data import dataset_info
+    from adre_ray.models import save_model_checkpoint
+
+    extra = {"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "epoch": epoch,
+             "sigma": cfg.loss.sigma, "loss": cfg.loss.name, "metrics": dict(metrics)}
+    save_model_checkpoint(directory, model, model_name=cfg.model,
+                          num_classes=dataset_info(cfg.data.dataset).num_classes, dataset=cfg.data.dataset,
+                          extra=extra)
+    state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    torch.save(state, directory / TRAIN_STATE_FILENAME)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train ``TrainConfig`` ``config["train_config"]`` on this Ray Train worker (see the module docstring).
+
+    Reports once per epoch, from every rank: ``epoch`` (0-based), ``l_per``, ``l_adre``, ``loss``,
+    ``train_acc_noise`` (means over all workers' images), ``test_acc_noise`` / ``test_acc_clean`` (the
+    test subset, split over the workers, counts summed), ``epoch_time_s``, ``images_per_s`` (training
+    images per second of one worker, mean over workers), ``images_per_s_total`` (summed), ``lr``,
+    ``epsilon``. Rank 0 attaches the checkpoint and logs the same metrics to MLflow run
+    ``config["mlflow_run_id"]`` (if any) at step ``epoch``.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    from adre_ray.data import build_dataset, dataset_info
+    from adre_ray.models import build_model
+    from adre_ray.training import (
+        build_loss,
+        build_optimizer,
+        build_scheduler,
+        evaluate_under_noise,
+        train_one_epoch,
+    )
+
+    cfg = config_from_loop_config(config)
+    if not cfg.run.verbose:
+        _quiet_ray_train_reports()
+    mlflow_run_id = str(config.get(MLFLOW_RUN_ID_KEY) or "")
+    tracking_uri = str(config.get(TRACKING_URI_KEY) or DISABLED)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    amp_dtype = torch.bfloat16 if (on_gpu and cfg.run.amp) else None
+    _seed_everything(cfg.run.seed, -1, 0)  # identical initial weights on every rank
+
+    # data: each worker trains on its DistributedSampler shard and evaluates a strided test shard
+    data = cfg.data
+    info = dataset_info(data.dataset)
+    first_on_node = context.get_local_rank() == 0
+    download_barrier = data.download and world_size > 1  # the first worker of each node downloads alone
+    if download_barrier and not first_on_node:
+        torch.distributed.barrier()
+    train_set = build_dataset(data.dataset, data.data_dir, "train", source=data.source, augment=data.augment,
+                              subset=data.train_subset, subset_seed=data.subset_seed, download=data.download)
+    test_set = build_dataset(data.dataset, data.data_dir, "test", source=data.source, augment=False,
+                             subset=data.test_subset, subset_seed=data.subset_seed, download=data.download)
+    if download_barrier and first_on_node:
+        torch.distributed.barrier()
+    test_shard = Subset(test_set, range(rank, len(test_set), world_size))  # type: ignore[arg-type]
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=cfg.run.seed, drop_last=False)
+    batch = cfg.per_worker_batch_size
+    if len(sampler) < batch:
+        raise ValueError(f"batch_size={cfg.batch_size}: each of {world_size} workers gets {len(sampler)} "
+                         f"training images, fewer than its batch of {batch}")
+    loader_kwargs: dict[str, Any] = dict(num_workers=data.loader_workers, pin_memory=on_gpu,
+                                         persistent_workers=data.loader_workers > 0)
+    train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True, **loader_kwargs)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # keeps our sampler, moves to device
+    test_loader = DataLoader(test_shard, batch_size=batch, shuffle=False, **loader_kwargs)
+    steps_per_epoch = len(sampler) // batch
+    if cfg.run.train_max_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.run.train_max_batches)
+
+    # model, optimizer, schedule; weights restored before DDP wraps (DDP broadcasts rank 0's anyway)
+    model = build_model(cfg.model, info.num_classes, data.dataset)
+    checkpoint = ray.train.get_checkpoint()  # this run's latest (after a failure or a restored run)
+    resume_source = "Ray Train run state"
+    if checkpoint is None and config.get(RESUME_FROM_KEY):
+        checkpoint, resume_source = ray.train.Checkpoint(str(config[RESUME_FROM_KEY])), "resume_from"
+    train_state: dict[str, Any] | None = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            train_state = _load_train_checkpoint(Path(directory), model, cfg)
+    if on_gpu and cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net: torch.nn.Module = torch.compile(model) if cfg.run.compile else model  # type: ignore[assignment]
+    ddp_model = ray.train.torch.prepare_model(net)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay,
+                                cfg.optim.nesterov, decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
+    s = cfg.schedule
+    scheduler = build_scheduler(optimizer, s.name, epochs=s.epochs, steps_per_epoch=steps_per_epoch,
+                                warmup_epochs=s.warmup_epochs, step_size=s.step_size, gamma=s.gamma)
+    start_epoch = 0
+    if train_state is not None:
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        start_epoch = int(train_state["epoch"]) + 1
+        if rank == 0:
+            _say(f"[adre-ray train] resuming after epoch {start_epoch - 1} "
+                 f"({resume_source}: {checkpoint.path})")  # type: ignore[union-attr]
+    loss = cfg.loss
+    loss_fn = build_loss(loss.name, sigma=loss.sigma, k=loss.k, lam=loss.lam, per_loss=loss.per_loss,
+                         epsilon=loss.epsilon, steps=loss.steps, warmup_epochs=loss.warmup_epochs,
+                         label_smoothing=loss.label_smoothing)
+    eval_model = net  # the local module: evaluation shards differ in size, so no DDP collectives there
+
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        _seed_everything(cfg.run.seed, epoch, rank)
+        sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(ddp_model, train_loader, loss_fn, optimizer, scheduler, device=device,
+                                      epoch=epoch, amp_dtype=amp_dtype, max_batches=cfg.run.train_max_batches,
+                                      progress=cfg.run.progress and rank == 0)
+        _broadcast_buffers(model, world_size)  # every rank evaluates exactly the model rank 0 checkpoints
+        eval_stats = evaluate_under_noise(eval_model, test_loader, loss.sigma, device=device,
+                                          amp_dtype=amp_dtype, max_batches=cfg.run.eval_max_batches,
+                                          seed=rng_seed(cfg.run.seed, epoch, rank, stream=1))
+        epoch_time = train_stats["time_s"] + eval_stats["time_s"]
+        n_train, n_test = train_stats["images"], eval_stats["images"]
+        sums = _all_reduce_sum([train_stats["loss"] * n_train, train_stats["l_per"] * n_train,
+                                train_stats["l_adre"] * n_train, train_stats["train_acc_noise"] * n_train,
+                                n_train, eval_stats["acc_noise"] * n_test if n_test else 0.0,
+                                eval_stats["acc_clean"] * n_test if n_test else 0.0, n_test,
+                                train_stats["images_per_s"], epoch_time], device, world_size)
+        (loss_sum, l_per_sum, l_adre_sum, correct_train, images, correct_noise, correct_clean, test_images,
+         speed_sum, time_sum) = sums
+        metrics = {
+            "epoch": epoch,
+            "l_per": l_per_sum / images,
+            "l_adre": l_adre_sum / images,
+            "loss": loss_sum / images,
+            "train_acc_noise": correct_train / images,
+            "test_acc_noise": correct_noise / test_images if test_images else math.nan,
+            "test_acc_clean": correct_clean / test_images if test_images else math.nan,
+            "epoch_time_s": time_sum / world_size,
+            "images_per_s": speed_sum / world_size,
+            "images_per_s_total": speed_sum,
+            "lr": train_stats["lr"],
+            "epsilon": train_stats["epsilon"],
+            "train_images": images,
+            "test_images": test_images,
+        }
+        with tempfile.TemporaryDirectory(prefix="adre_ckpt_") as tmp:
+            ray_checkpoint = None
+            if rank == 0:
+                _save_train_checkpoint(Path(tmp), model, optimizer, scheduler, cfg=cfg, epoch=epoch,
+                                       metrics=metrics, mlflow_run_id=mlflow_run_id)
+                ray_checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                _log_epoch(metrics, mlflow_run_id, tracking_uri)
+            ray.train.report(metrics, checkpoint=ray_checkpoint,
+                             checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:06d}")
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every report of every rank at INFO through a logger named after its file, which
+    ``LoggingConfig(log_level=...)`` does not reach; raise that logger to WARNING in this worker."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as v2_context
+    except ImportError:
+        return
+    logging.getLogger(v2_context.__file__).setLevel(logging.WARNING)
+
+
+def _say(message: str) -> None:
+    """Print once from a Ray Train worker (V2 tees a plain ``print`` to stdout and to its logger)."""
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+def _log_epoch(metrics: Mapping[str, Any], mlflow_run_id: str, tracking_uri: str) -> None:
+    """One summary line, and the metrics into the driver's MLflow run (a tracking error never stops
+    training)."""
+    _say("[adre-ray train] epoch {epoch}: loss {loss:.4f} l_per {l_per:.4f} l_adre {l_adre:.4f} "
+          "train_acc_noise {train_acc_noise:.3f} test_acc_noise {test_acc_noise:.3f} "
+          "test_acc_clean {test_acc_clean:.3f} {images_per_s_total:.0f} img/s".format(**metrics))
+    if not mlflow_run_id or tracking_uri == DISABLED:
+        return
+    try:
+        log_metrics(metrics, step=int(metrics["epoch"]), run_id=mlflow_run_id, tracking_uri=tracking_uri)
+    except Exception as err:  # noqa: BLE001 - tracking is best effort inside the loop
+        print(f"[adre-ray train] warning: MLflow logging failed: {err}", file=sys.stderr, flush=True)
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    """``<model>_<loss>_<YYYYmmdd-HHMMSS>`` (a fresh run each time)."""
+    return f"{cfg.model}_{cfg.loss.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_checkpoint(run_path: str) -> Any | None:
+    """The most recently written complete checkpoint folder (``checkpoint_*`` holding ``train_state.pt``)
+    under ``run_path``, at any depth, on local or cloud storage, as a ``ray.train.Checkpoint``; or None.
+
+    Ordered by the write time of ``train_state.pt``: V2 names folders ``checkpoint_epoch_NNNNNN``, V1
+    numbers them per attempt (``<trial>/checkpoint_NNNNNN``), so names alone do not order them.
+    """
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(run_path) if "://" in run_path else (pafs.LocalFileSystem(),
+                                                                                   run_path)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except (OSError, ValueError):
+        return None
+    states = [info for info in infos
+              if info.type == pafs.FileType.File and info.base_name == TRAIN_STATE_FILENAME
+              and info.path.rsplit("/", 2)[-2].startswith("checkpoint_")]
+    if not states:
+        return None
+    newest = max(states, key=lambda info: (info.mtime_ns or 0, info.path))
+    return Checkpoint(path=newest.path.rsplit("/", 1)[0], filesystem=fs)
+
+
+def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
+                  extra_loop_config: Mapping[str, Any] | None = None,
+                  resume_from: str | None = None) -> Any:
+    """A ``TorchTrainer`` running :func:`train_loop_per_worker` as declared by ``cfg``.
+
+    ScalingConfig(num_workers, use_gpu, resources_per_worker={CPU, GPU}), RunConfig(name, absolute
+    storage_path, keep ``run.checkpoints_to_keep`` checkpoints, FailureConfig(max_failures)), backend
+    nccl on GPU and gloo on CPU. ``extra_loop_config`` is merged into the loop's config dict (MLflow run
+    id, tracking URI, or dotted overrides). ``resume_from`` (a checkpoint folder path or URI) is where
+    training starts when Ray Train has no checkpoint of this run.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    name = run_name or cfg.run.name or default_run_name(cfg)
+    scaling = cfg.scaling
+    resources: dict[str, float] = {"CPU": float(scaling.cpus_per_worker)}
+    if scaling.use_gpu:
+        resources["GPU"] = float(scaling.gpus_per_worker)
+    loop_config = {TRAIN_CONFIG_KEY: cfg.to_dict(), **dict(extra_loop_config or {})}
+    if resume_from is not None:
+        loop_config[RESUME_FROM_KEY] = str(resume_from)
+    run_kwargs: dict[str, Any] = dict(
+        name=name, storage_path=resolve_storage_path(cfg.run.storage_path),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures))
+    scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                          resources_per_worker=resources)
+    if train_v2_enabled():  # Ray Train's own INFO lines (one per report and rank) only when verbose
+        from ray.train import LoggingConfig
+
+        run_kwargs["logging_config"] = LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING")
+    else:  # V1: no per-report result tables; the trainer actor only coordinates, so it reserves no CPU
+        run_kwargs["verbose"] = 1 if cfg.run.verbose else 0
+        scaling_kwargs["trainer_resources"] = {"CPU": 0}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(**scaling_kwargs),
+        run_config=RunConfig(**run_kwargs),
+    )
+
+
+def _previous_mlflow_run(experiment: str, run_path: str, tracking_uri: str) -> str | None:
+    """The MLflow run of an earlier attempt of this Ray run (tag ``adre_ray.train_path``), if any."""
+    if tracking_uri == DISABLED:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{RUN_PATH_TAG}` = '{run_path}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _checkpoint_uri(checkpoint: Any, run_path: str) -> str:
+    """A path a user can pass to ``adre-ray certify``: local absolute path, or the URI for cloud storage."""
+    if is_local_storage(run_path):
+        return str(checkpoint.path)
+    return f"{run_path.rstrip('/')}/{str(checkpoint.path).rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def _check_local_data(cfg: TrainConfig) -> None:
+    """On a local Ray (no cluster address), fail early with a ValueError if the data is not there."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    from adre_ray.data import resolve_source
+
+    for split in ("train", "test"):
+        resolve_source(cfg.data.dataset, cfg.data.data_dir, split, cfg.data.source, cfg.data.download)
+
+
+def localize_paths(cfg: TrainConfig) -> TrainConfig:
+    """On a local Ray (no ``$RAY_ADDRESS``), a relative ``data.data_dir`` that exists here is made absolute,
+    so workers started in another directory find it. Under ``ray job submit --working-dir``, relative
+    paths are left alone: they resolve inside the working directory on every node."""
+    data_dir = Path(cfg.data.data_dir).expanduser()
+    if os.environ.get("RAY_ADDRESS") or data_dir.is_absolute() or not data_dir.exists():
+        return cfg
+    return cfg.replace(**{"data.data_dir": str(data_dir.resolve())})
+
+
+def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
+    """Train ``cfg`` on the connected Ray cluster, tracked in MLflow; resume if the run exists.
+
+    Creates (or, for a resumed Ray run, reopens) the MLflow run with the flat config as params, fits the
+    trainer (rank 0 logs per-epoch metrics live), then logs ``final_*`` metrics and the final
+    checkpoint's ``model.pt`` as artifact ``checkpoint/model.pt``.
+    """
+    if check_data:
+        _check_local_data(cfg)
+    cfg = localize_paths(cfg)
+    name = cfg.run.name or default_run_name(cfg)
+    storage = resolve_storage_path(cfg.run.storage_path)
+    run_path = f"{storage.rstrip('/')}/{name}"
+    tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
+    previous = latest_checkpoint(run_path)
+    resume_from = _checkpoint_uri(previous, run_path) if previous is not None else None
+    previous_run_id = None
+    if resume_from is not None:
+        previous_run_id = _previous_mlflow_run(cfg.run.experiment, run_path, tracking_uri)
+    tags = {RUN_PATH_TAG: run_path, "adre_ray.job": "train", "adre_ray.loss": cfg.loss.name,
+            "adre_ray.model": cfg.model}
+    with mlflow_run(cfg.run.experiment, name, tracking_uri=tracking_uri, run_id=previous_run_id,
+                    tags=None if previous_run_id else tags) as run:
+        run_id = run.info.run_id
+        log_config(cfg, run_id=run_id or None, tracking_uri=tracking_uri)
+        if resume_from is not None:
+            print(f"[adre-ray train] resuming run {name!r} from {resume_from}", flush=True)
+        trainer = build_trainer(cfg, run_name=name, resume_from=resume_from,
+                                extra_loop_config={MLFLOW_RUN_ID_KEY: run_id, TRACKING_URI_KEY: tracking_uri})
+        started = time.perf_counter()
+        result = trainer.fit()
+        if getattr(result, "error", None) is not None:
+            raise result.error
+        checkpoint = result.checkpoint or previous  # nothing left to train: the previous one stands
+        if checkpoint is None:
+            raise RuntimeError(f"run {name!r} finished without a checkpoint (schedule.epochs="
+                               f"{cfg.schedule.epochs})")
+        metrics = {key: value for key, value in (result.metrics or {}).items() if key in EPOCH_METRICS
+                   or key in ("train_images", "test_images")}
+        final = {f"final_{key}": value for key, value in metrics.items() if key != "epoch"}
+        final["fit_time_s"] = time.perf_counter() - started
+        log_metrics(final, step=int(metrics.get("epoch", 0)), run_id=run_id or None,
+                    tracking_uri=tracking_uri)
+        if tracking_uri != DISABLED:
+            with checkpoint.as_directory() as directory:
+                log_artifact(Path(directory) / "model.pt", "checkpoint", run_id=run_id,
+                             tracking_uri=tracking_uri)
+    path = _checkpoint_uri(checkpoint, run_path)
+    print(f"[adre-ray train] final checkpoint: {path}" + (f"  (MLflow run {run_id})" if run_id else ""),
+          flush=True)
+    return TrainResult(checkpoint_path=path, mlflow_run_id=run_id, metrics=metrics)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adre-ray train",
+        description="Train a base classifier (Gaussian, ADRE_REG, SmoothAdv, ADRE_ADV) as DDP under "
+                    "Ray Train, tracked in MLflow.")
+    parser.add_argument("--config", help="YAML file with TrainConfig fields (see jobs/configs/train_*.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field with a YAML value, e.g. loss.lam=0.2 (repeatable)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address, or 'local' for a new private local cluster (default: "
+                             "$RAY_ADDRESS, else a running local cluster, else a new local one)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``adre-ray train``: exit 0 on success, 2 on a configuration or data error, 1 when training failed
+    (message on stderr)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(TrainConfig, args.config, args.set)
+        if args.address in (None, "local"):
+            _check_local_data(cfg)
+    except ValueError as err:
+        print(f"adre-ray train: error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    started = connect_ray(args.address)
+    from ray.train import TrainingFailedError
+
+    try:
+        result = run_training(cfg, check_data=False)
+    except ValueError as err:
+        print(f"adre-ray train: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingFailedError as err:  # a worker raised (after run.max_failures restarts)
+        print(f"adre-ray train: training failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(f"checkpoint: {result.checkpoint_path}")
+    if result.mlflow_run_id:
+        print(f"MLflow run: {result.mlflow_run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
