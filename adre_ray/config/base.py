@@ -48,7 +48,8 @@ def check_int_at_least(field: str, value: int, low: int) -> None:
 
 
 def check_open_unit(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and 0 < value < 1, field, value, "must lie in the open interval (0, 1)")
+    check(isinstance(value, (int, float)) and 0 < value < 1, field, value,
+          "must lie in the open interval (0, 1)")
 
 
 def check_choice(field: str, value: str, choices: Iterable[str]) -> None:
@@ -143,7 +144,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"config={str(path)!r}: top level must be a mapping, got {type(loaded).__name__}")
+            raise ValueError(f"config={str(path)!r}: top level must be a mapping, "
+                             f"got {type(loaded).__name__}")
         data = loaded
     valid = _field_paths(cls)
     for key, value in parse_overrides(overrides).items():

@@ -20,6 +20,7 @@ from adre_ray.config.base import (
     check_nonnegative,
     check_positive,
 )
+from adre_ray.config.tune import ValidationSection
 
 DATA_SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
 PER_LOSSES = ("mean", "single")
@@ -178,6 +179,7 @@ class TrainConfig(JobConfig):
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     run: RunSection = field(default_factory=RunSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     @property
     def per_worker_batch_size(self) -> int:
@@ -199,6 +201,7 @@ class TrainConfig(JobConfig):
         self._validate_schedule()
         self._validate_scaling()
         self._validate_run()
+        self.validation.validate(data=self.data)
         workers = self.scaling.num_workers
         check(self.batch_size % workers == 0, "batch_size", self.batch_size,
               f"must be divisible by scaling.num_workers={workers}")

@@ -1,0 +1,330 @@
+"""Config of the hyper-parameter search (``adre-ray tune --space FILE --config FILE``), read from a YAML
+"space file" (format in docs/tune.md; examples in tune_spaces/).
+
+The space file holds WHAT to search (``search``: dotted ``TrainConfig`` keys -> a distribution) and HOW
+(trials, scheduler, resources per trial, the certified-validation objective); the ``--config`` train
+config holds everything that stays fixed. Distributions, one key per entry::
+
+    {grid: [v1, v2, ...]}     every value, crossed with the other grids (Tune grid_search)
+    {choice: [v1, v2, ...]}   one value drawn uniformly per sample
+    {uniform: [lo, hi]}       float drawn uniformly from [lo, hi]
+    {loguniform: [lo, hi]}    float whose log is uniform on [log lo, log hi] (0 < lo < hi)
+    {randint: [lo, hi]}       integer drawn uniformly from lo, ..., hi - 1 (Ray's convention: hi excluded)
+
+optionally with ``scale_by: other.key``: the trial's value is the drawn value times the trial's value of
+``other.key`` (e.g. SmoothAdv-style epsilon = factor * sigma). Unknown keys, malformed distributions and
+keys that are not ``TrainConfig`` fields raise ``ValueError`` naming them.
+
+Pure Python: ``TrainConfig`` is imported lazily (it imports the model registry).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adre_ray.config.base import (
+    TCERTIFY_MODES,
+    JobConfig,
+    check,
+    check_choice,
+    check_int_at_least,
+    check_open_unit,
+    check_positive,
+)
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+SCHEDULERS = ("asha", "fifo")
+MODES = ("min", "max")
+VALIDATION_SPLITS = ("holdout", "test")
+SCALE_BY = "scale_by"
+
+
+@dataclass
+class ValidationSection:
+    """Approximate certified accuracy at the end of training (adre_ray.training.certified_validation).
+
+    enabled     run it after the final epoch and report approx_* metrics with that epoch's metrics
+    split       holdout (train-split images NOT in data.train_subset: never trained on) | test (the test
+                split: then the search has looked at the test set)
+    size        validation images (class-balanced, seeded by ``seed``)
+    n0, n       pilot and estimation draws per image (small n => conservative, lower estimate)
+    alpha       failure probability of each certificate
+    radius      radii r of approx_cert_acc_at_<r> / approx_tcert_acc_at_<r>
+    seed        choice of the images and the noise
+    batch_size  noisy images per forward pass
+    mode        T-CERTIFY's choice of the alpha split (pilot | bonferroni | paper)
+    """
+
+    enabled: bool = False
+    split: str = "holdout"
+    size: int = 500
+    n0: int = 100
+    n: int = 1000
+    alpha: float = 0.001
+    radius: tuple[float, ...] = (0.25, 0.5)
+    seed: int = 0
+    batch_size: int = 1000
+    mode: str = "pilot"
+
+    def validate(self, prefix: str = "validation.", data: Any = None) -> None:
+        """Field checks; with ``data`` (the train config's data section) also that ``holdout`` has images
+        to hold out (``data.train_subset`` set)."""
+        check(isinstance(self.enabled, bool), f"{prefix}enabled", self.enabled, "must be true or false")
+        check_choice(f"{prefix}split", self.split, VALIDATION_SPLITS)
+        if data is not None and self.enabled and self.split == "holdout":
+            check(data.train_subset is not None, f"{prefix}split", self.split,
+                  "holds out the train images outside data.train_subset, but data.train_subset is null "
+                  "(all images are trained on): set data.train_subset or validation.split=test")
+        check_int_at_least(f"{prefix}size", self.size, 1)
+        check_int_at_least(f"{prefix}n0", self.n0, 1)
+        check_int_at_least(f"{prefix}n", self.n, 1)
+        check_open_unit(f"{prefix}alpha", self.alpha)
+        check(len(self.radius) > 0, f"{prefix}radius", self.radius, "must hold at least one radius")
+        for r in self.radius:
+            check(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0,
+                  f"{prefix}radius", self.radius, f"value {r!r} is not a finite number >= 0")
+        check_int_at_least(f"{prefix}seed", self.seed, 0)
+        check_int_at_least(f"{prefix}batch_size", self.batch_size, 1)
+        check_choice(f"{prefix}mode", self.mode, TCERTIFY_MODES)
+
+
+@dataclass
+class SearchValidationSection(ValidationSection):
+    """The space file's ``validation`` section: as ``ValidationSection`` but enabled unless it says not."""
+
+    enabled: bool = True
+
+
+@dataclass
+class SchedulerSection:
+    """name             asha (AsyncHyperBand: stop the worse trials at rungs) | fifo (every trial to the end)
+    metric, mode     per-epoch metric ASHA compares at each rung (reported by every epoch), min | max
+    max_t            last rung, in epochs (ASHA's clock is training_iteration = epochs reported so far);
+                     null = the trials' schedule.epochs (every trial that survives finishes)
+    grace_period     epochs every trial runs before it can be stopped
+    reduction_factor keep the best 1 / reduction_factor at each rung
+    brackets         ASHA brackets
+    """
+
+    name: str = "asha"
+    metric: str = "test_acc_noise"
+    mode: str = "max"
+    max_t: int | None = None
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+    brackets: int = 1
+
+
+@dataclass
+class ResourcesSection:
+    """Resources of ONE trial (its Ray Train workers); null keeps the train config's ``scaling.*`` value.
+    Trials run concurrently as far as the cluster holds them (or ``max_concurrent``)."""
+
+    num_workers: int | None = None
+    use_gpu: bool | None = None
+    cpus_per_worker: int | None = None
+    gpus_per_worker: float | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The non-null fields as dotted ``scaling.*`` overrides of the train config."""
+        return {f"scaling.{name}": value for name, value in vars(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One parsed search entry: ``kind`` in DISTRIBUTIONS, its ``values`` (grid / choice) or ``bounds``
+    (lo, hi), and the optional ``scale_by`` key whose trial value multiplies the drawn value."""
+
+    key: str
+    kind: str
+    values: tuple[Any, ...] = ()
+    bounds: tuple[float, float] = (math.nan, math.nan)
+    scale_by: str | None = None
+
+    @property
+    def endpoints(self) -> tuple[Any, ...]:
+        """Values to validate against the train config: every grid / choice value, or the two bounds
+        (randint: lo and hi - 1, the largest value it draws)."""
+        if self.kind in ("grid", "choice"):
+            return self.values
+        lo, hi = self.bounds
+        return (int(lo), int(hi) - 1) if self.kind == "randint" else (lo, hi)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_distribution(key: str, spec: Any) -> Distribution:
+    """``search.<key>`` -> :class:`Distribution`; ValueError naming ``search.<key>`` if malformed."""
+    name = f"search.{key}"
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{name}={spec!r}: must be a mapping with one of {', '.join(DISTRIBUTIONS)} "
+                         f"(e.g. {{grid: [0.1, 0.2]}})")
+    unknown = sorted(set(spec) - set(DISTRIBUTIONS) - {SCALE_BY})
+    if unknown:
+        raise ValueError(f"{name}.{unknown[0]}={spec[unknown[0]]!r}: unknown distribution "
+                         f"(known: {', '.join(DISTRIBUTIONS)}; optional {SCALE_BY})")
+    kinds = [k for k in DISTRIBUTIONS if k in spec]
+    if len(kinds) != 1:
+        raise ValueError(f"{name}={dict(spec)!r}: needs exactly one of {', '.join(DISTRIBUTIONS)}, "
+                         f"got {len(kinds)}")
+    kind, args = kinds[0], spec[kinds[0]]
+    scale_by = spec.get(SCALE_BY)
+    if scale_by is not None:
+        check(isinstance(scale_by, str) and scale_by != "" and scale_by != key, f"{name}.{SCALE_BY}",
+              scale_by, "must name another config key (e.g. loss.sigma)")
+    if kind in ("grid", "choice"):
+        check(isinstance(args, (list, tuple)) and len(args) > 0, f"{name}.{kind}", args,
+              "must be a non-empty list of values")
+        if scale_by is not None:
+            for v in args:
+                check(_is_number(v), f"{name}.{kind}", args, f"value {v!r}: {SCALE_BY} needs numbers")
+        return Distribution(key, kind, values=tuple(args), scale_by=scale_by)
+    check(isinstance(args, (list, tuple)) and len(args) == 2 and all(_is_number(v) for v in args),
+          f"{name}.{kind}", args, "must be [lo, hi], two finite numbers")
+    lo, hi = args
+    check(lo < hi, f"{name}.{kind}", args, "needs lo < hi")
+    if kind == "loguniform":
+        check(lo > 0, f"{name}.{kind}", args, "needs 0 < lo < hi")
+    if kind == "randint":
+        check(all(isinstance(v, numbers.Integral) for v in args), f"{name}.{kind}", args,
+              "must be [lo, hi], two integers (hi excluded)")
+    return Distribution(key, kind, bounds=(lo, hi), scale_by=scale_by)
+
+
+def train_config_keys() -> list[str]:
+    """Every dotted ``TrainConfig`` field (the keys a search may vary)."""
+    from adre_ray.config.base import _field_paths
+    from adre_ray.config.train import TrainConfig
+
+    return _field_paths(TrainConfig)
+
+
+@dataclass
+class TuneSpace(JobConfig):
+    """A search space file (see the module docstring and docs/tune.md).
+
+    name            search name (MLflow parent run, Tune experiment folder); null = tune_<timestamp>
+    search          dotted TrainConfig key -> distribution
+    num_samples     samples drawn from the space (grids are crossed, then repeated num_samples times)
+    metric, mode    the objective each finished trial is ranked by (reported with its final epoch):
+                    an approx_* certified-validation metric (e.g. approx_acr, approx_cert_acc_at_0.50)
+                    or a per-epoch metric such as test_acc_noise
+    max_concurrent  trials at once; null = as many as the cluster's CPUs / GPUs hold
+    seed            seed of Tune's random sampler (null = unseeded)
+    overrides       dotted TrainConfig keys applied to every trial (after --config, before --set)
+    scheduler, resources, validation   sections (see their classes)
+    output_dir      outputs go to <output_dir>/<name>/: best_config.yaml, trials.csv, Tune state, Train runs
+    experiment      MLflow experiment of the parent run and its trial (child) runs
+    tracking_uri    MLflow store; null = the train config's run.tracking_uri / $MLFLOW_TRACKING_URI
+    """
+
+    name: str | None = None
+    search: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 1
+    metric: str = "approx_acr"
+    mode: str = "max"
+    max_concurrent: int | None = None
+    seed: int | None = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    validation: SearchValidationSection = field(default_factory=SearchValidationSection)
+    output_dir: str = "results/tune"
+    experiment: str = "adre-tune"
+    tracking_uri: str | None = None
+
+    def distributions(self) -> list[Distribution]:
+        return [parse_distribution(str(key), spec) for key, spec in self.search.items()]
+
+    def validate(self) -> None:
+        """Raise ``ValueError("<field>=<value>: <requirement>")`` for the first bad field or search key."""
+        if self.name is not None:
+            check(isinstance(self.name, str) and self.name.strip() != "" and "/" not in self.name, "name",
+                  self.name, "must be a non-empty name without a slash")
+        check(isinstance(self.search, Mapping) and len(self.search) > 0, "search", self.search,
+              "must map at least one dotted config key to a distribution")
+        known = set(train_config_keys())
+        dists = self.distributions()
+        for dist in dists:
+            check(dist.key in known, f"search.{dist.key}", self.search[dist.key],
+                  "not a TrainConfig field (e.g. loss.lam, loss.sigma, loss.k, loss.epsilon, optim.lr)")
+            if dist.scale_by is not None:
+                check(dist.scale_by in known, f"search.{dist.key}.{SCALE_BY}", dist.scale_by,
+                      "not a TrainConfig field")
+                scaler = next((d for d in dists if d.key == dist.scale_by), None)
+                check(scaler is None or scaler.scale_by is None, f"search.{dist.key}.{SCALE_BY}",
+                      dist.scale_by, "must not itself be scaled (no chains)")
+        check(isinstance(self.overrides, Mapping), "overrides", self.overrides, "must be a mapping")
+        for key in self.overrides:
+            check(key in known, f"overrides.{key}", self.overrides[key], "not a TrainConfig field")
+            check(key not in self.search, f"overrides.{key}", self.overrides[key], "is also searched")
+        check_int_at_least("num_samples", self.num_samples, 1)
+        check(isinstance(self.metric, str) and self.metric != "", "metric", self.metric,
+              "must name the reported metric to rank trials by")
+        check_choice("mode", self.mode, MODES)
+        if self.max_concurrent is not None:
+            check_int_at_least("max_concurrent", self.max_concurrent, 1)
+        if self.seed is not None:
+            check_int_at_least("seed", self.seed, 0)
+        self._validate_scheduler()
+        self._validate_resources()
+        self.validation.validate()
+        check(not self.metric.startswith("approx_") or self.validation.enabled, "metric", self.metric,
+              "is a certified-validation metric: needs validation.enabled=true")
+        for name in ("output_dir", "experiment"):
+            value = getattr(self, name)
+            check(isinstance(value, str) and value.strip() != "", name, value, "must be a non-empty string")
+        if self.tracking_uri is not None:
+            check(isinstance(self.tracking_uri, str) and self.tracking_uri != "", "tracking_uri",
+                  self.tracking_uri, "must be an MLflow URI or 'none'")
+
+    def _validate_scheduler(self) -> None:
+        s = self.scheduler
+        check_choice("scheduler.name", s.name, SCHEDULERS)
+        check(isinstance(s.metric, str) and s.metric != "", "scheduler.metric", s.metric,
+              "must name a metric reported every epoch (e.g. test_acc_noise)")
+        check_choice("scheduler.mode", s.mode, MODES)
+        if s.max_t is not None:
+            check_int_at_least("scheduler.max_t", s.max_t, 1)
+        check_int_at_least("scheduler.grace_period", s.grace_period, 1)
+        if s.max_t is not None:
+            check(s.grace_period <= s.max_t, "scheduler.grace_period", s.grace_period,
+                  f"must be <= scheduler.max_t={s.max_t}")
+        check(_is_number(s.reduction_factor) and s.reduction_factor > 1, "scheduler.reduction_factor",
+              s.reduction_factor, "must be a number > 1")
+        check_int_at_least("scheduler.brackets", s.brackets, 1)
+
+    def _validate_resources(self) -> None:
+        r = self.resources
+        if r.num_workers is not None:
+            check_int_at_least("resources.num_workers", r.num_workers, 1)
+        if r.use_gpu is not None:
+            check(isinstance(r.use_gpu, bool), "resources.use_gpu", r.use_gpu, "must be true, false or null")
+        if r.cpus_per_worker is not None:
+            check_int_at_least("resources.cpus_per_worker", r.cpus_per_worker, 1)
+        if r.gpus_per_worker is not None:
+            check_positive("resources.gpus_per_worker", r.gpus_per_worker)
+
+
+def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TuneSpace:
+    """Read and validate a space file; ``overrides`` replace top-level fields (e.g. ``num_samples``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"space={str(path)!r}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"space={str(path)!r}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"space={str(path)!r}: top level must be a mapping, got {type(data).__name__}")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TuneSpace.from_dict(data)
