@@ -51,6 +51,10 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"
 RUN_PATH_TAG = "adre_ray.train_path"
 EPOCH_METRICS = ("epoch", "l_per", "l_adre", "loss", "train_acc_noise", "test_acc_noise", "test_acc_clean",
                  "epoch_time_s", "images_per_s", "images_per_s_total", "lr", "epsilon")
+FAULT_KILL_ENV = "ADRE_RAY_FAULT_KILL"
+"""Test-only fault injection, read on the driver: ``epoch=E,rank=R,batch=B`` (see :class:`FaultKill`)."""
+FAULT_MARKER_ENV = "ADRE_RAY_FAULT_MARKER"
+FAULT_MARKER_NAME = ".adre_ray_fault_fired"
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,111 @@ class TrainResult:
     checkpoint_path: str
     mlflow_run_id: str
     metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FaultKill:
+    """A deterministic worker crash for fault-tolerance tests; production never sets it.
+
+    Enabled only when ``$ADRE_RAY_FAULT_KILL="epoch=E,rank=R,batch=B"`` is set where the trainer is built
+    (:func:`build_trainer` then passes it, with ``marker`` = ``<run folder>/.adre_ray_fault_fired``, to
+    the workers through ``RunConfig(worker_runtime_env=...)``). Worker ``rank`` R, in epoch E, just
+    before training batch B (0-based, so B steps of the epoch are done), creates ``marker`` with
+    ``O_CREAT | O_EXCL`` and calls ``os._exit(1)``; it fires at most once per run folder, so the restarted
+    worker group (``run.max_failures >= 1``) trains on.
+    """
+
+    epoch: int
+    rank: int
+    batch: int
+    marker: str = ""
+
+    @classmethod
+    def parse(cls, text: str, marker: str = "") -> FaultKill:
+        """``"epoch=1,rank=1,batch=2"`` -> FaultKill; ValueError naming the text otherwise."""
+        fields: dict[str, int] = {}
+        for item in text.split(","):
+            key, _, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            is_count = value.isascii() and value.isdigit()
+            if key not in ("epoch", "rank", "batch") or key in fields or not is_count:
+                raise ValueError(f"{FAULT_KILL_ENV}={text!r}: expected epoch=E,rank=R,batch=B "
+                                 "(integers >= 0, each once)")
+            fields[key] = int(value)
+        if len(fields) != 3:
+            raise ValueError(f"{FAULT_KILL_ENV}={text!r}: expected epoch=E,rank=R,batch=B "
+                             "(integers >= 0, each once)")
+        return cls(marker=marker, **fields)
+
+    @classmethod
+    def from_env(cls) -> FaultKill | None:
+        """The fault a worker was given (both variables set by :func:`build_trainer`), else None."""
+        text, marker = os.environ.get(FAULT_KILL_ENV), os.environ.get(FAULT_MARKER_ENV)
+        return cls.parse(text, marker) if text and marker else None
+
+    def wrap(self, loader: Any, *, epoch: int, rank: int) -> Any:
+        """``loader``, or for (epoch, rank) = (E, R) an iterable of the same batches that fires before B."""
+        return _KillBeforeBatch(loader, self) if (epoch, rank) == (self.epoch, self.rank) else loader
+
+    def fire(self) -> None:
+        """Crash this worker process, unless the marker shows the fault already fired in this run."""
+        Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"epoch={self.epoch},rank={self.rank},batch={self.batch}\n")
+        _wait_for_reports_collected()
+        _say(f"[adre-ray train] fault injection: rank {self.rank} exits in epoch {self.epoch} "
+             f"before batch {self.batch}")
+        os._exit(1)
+
+
+class _KillBeforeBatch:
+    """The batches of ``loader`` (same length); ``fault.fire()`` runs before batch ``fault.batch``."""
+
+    def __init__(self, loader: Any, fault: FaultKill) -> None:
+        self.loader, self.fault = loader, fault
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for position, batch in enumerate(self.loader):
+            if position == self.fault.batch:
+                self.fault.fire()
+            yield batch
+
+
+def _wait_for_reports_collected(timeout_s: float = 60.0) -> None:
+    """Block until the Ray Train V2 controller has collected this worker's earlier reports (its result
+    queue is empty), so the crash happens after the last checkpoint was committed, as in a real failure
+    between two epochs' reports. Returns at once outside Ray Train V2."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        result_queue = get_train_context().get_result_queue()
+    except Exception:  # noqa: BLE001 - V1, or not inside a Ray Train worker
+        return
+    deadline = time.monotonic() + timeout_s
+    while not result_queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def fault_worker_env(run_path: str) -> dict[str, str]:
+    """Env vars for the workers: empty unless ``$ADRE_RAY_FAULT_KILL`` is set here (then validated; the
+    marker lives in the local run folder ``run_path``)."""
+    text = os.environ.get(FAULT_KILL_ENV)
+    if not text:
+        return {}
+    FaultKill.parse(text)
+    if not is_local_storage(run_path):
+        raise ValueError(f"{FAULT_KILL_ENV}={text!r}: fault injection needs a local run.storage_path, "
+                         f"not {run_path!r}")
+    if not train_v2_enabled():
+        raise ValueError(f"{FAULT_KILL_ENV}={text!r}: fault injection needs Ray Train V2")
+    return {FAULT_KILL_ENV: text, FAULT_MARKER_ENV: f"{run_path.removeprefix('file://')}/{FAULT_MARKER_NAME}"}
 
 
 # -- the loop every Ray Train worker runs -------------------------------------------------------------
@@ -173,8 +282,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         evaluate_under_noise,
         train_one_epoch,
     )
+    from adre_ray.training.certified_validation import run_validation
 
     cfg = config_from_loop_config(config)
+    fault = FaultKill.from_env()  # None unless a fault-tolerance test asked for a crash
     if not cfg.run.verbose:
         _quiet_ray_train_reports()
     mlflow_run_id = str(config.get(MLFLOW_RUN_ID_KEY) or "")
@@ -253,7 +364,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.schedule.epochs):
         _seed_everything(cfg.run.seed, epoch, rank)
         sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(ddp_model, train_loader, loss_fn, optimizer, scheduler, device=device,
+        loader = train_loader if fault is None else fault.wrap(train_loader, epoch=epoch, rank=rank)
+        train_stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, device=device,
                                       epoch=epoch, amp_dtype=amp_dtype, max_batches=cfg.run.train_max_batches,
                                       progress=cfg.run.progress and rank == 0)
         _broadcast_buffers(model, world_size)  # every rank evaluates exactly the model rank 0 checkpoints
@@ -285,6 +397,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_images": images,
             "test_images": test_images,
         }
+        if cfg.validation.enabled and epoch == cfg.schedule.epochs - 1:  # approx certified accuracy
+            metrics.update(run_validation(eval_model, cfg.validation, cfg.data, loss.sigma, rank=rank,
+                                          world_size=world_size, amp_dtype=amp_dtype,
+                                          channels_last=on_gpu and cfg.run.channels_last))
         with tempfile.TemporaryDirectory(prefix="adre_ckpt_") as tmp:
             ray_checkpoint = None
             if rank == 0:
@@ -369,7 +485,8 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     storage_path, keep ``run.checkpoints_to_keep`` checkpoints, FailureConfig(max_failures)), backend
     nccl on GPU and gloo on CPU. ``extra_loop_config`` is merged into the loop's config dict (MLflow run
     id, tracking URI, or dotted overrides). ``resume_from`` (a checkpoint folder path or URI) is where
-    training starts when Ray Train has no checkpoint of this run.
+    training starts when Ray Train has no checkpoint of this run. With ``$ADRE_RAY_FAULT_KILL`` set (tests
+    only), the workers get it through ``worker_runtime_env`` (:class:`FaultKill`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -388,6 +505,9 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
         failure_config=FailureConfig(max_failures=cfg.run.max_failures))
     scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                           resources_per_worker=resources)
+    fault_env = fault_worker_env(f"{run_kwargs['storage_path'].rstrip('/')}/{name}")
+    if fault_env:
+        run_kwargs["worker_runtime_env"] = {"env_vars": fault_env}
     if train_v2_enabled():  # Ray Train's own INFO lines (one per report and rank) only when verbose
         from ray.train import LoggingConfig
 
@@ -430,10 +550,13 @@ def _check_local_data(cfg: TrainConfig) -> None:
     """On a local Ray (no cluster address), fail early with a ValueError if the data is not there."""
     if os.environ.get("RAY_ADDRESS"):
         return
-    from adre_ray.data import resolve_source
+    from adre_ray.data import build_dataset, resolve_source
 
     for split in ("train", "test"):
-        resolve_source(cfg.data.dataset, cfg.data.data_dir, split, cfg.data.source, cfg.data.download)
+        data = cfg.data
+        source = resolve_source(data.dataset, data.data_dir, split, data.source, data.download)
+        if source == "parquet":  # reads footers and labels only: an unreadable file fails here, not in Ray
+            build_dataset(data.dataset, data.data_dir, split, source=source)
 
 
 def localize_paths(cfg: TrainConfig) -> TrainConfig:
