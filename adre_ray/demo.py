@@ -55,7 +55,7 @@ def train_config(cfg: DemoConfig, loss: str, data_dir: str, source: str, downloa
         "loss": {"name": loss, "sigma": cfg.sigma, "k": cfg.k if loss == "adre_reg" else 1,
                  "lam": cfg.lam if loss == "adre_reg" else 0.0},
         "optim": {"lr": cfg.lr, "momentum": 0.9, "weight_decay": 5e-4},
-        "schedule": {"name": "cosine", "epochs": cfg.epochs, "warmup_epochs": 1},
+        "schedule": {"name": "cosine", "epochs": cfg.epochs, "warmup_epochs": min(1, cfg.epochs - 1)},
         "scaling": {"num_workers": cfg.num_workers, "use_gpu": False, "cpus_per_worker": 1},
         "run": {"name": f"demo_{loss}", "experiment": cfg.experiment, "storage_path": str(out / "runs"),
                 "tracking_uri": tracking_uri, "seed": cfg.seed, "amp": False, "channels_last": False},
