@@ -1,0 +1,410 @@
+"""Certification results as Parquet: one row per certified image, written in small atomic parts.
+
+Layout of an output folder::
+
+    out_dir/run.json                         the run manifest (settings every row was made with)
+    out_dir/part-000000020-<uuid>.parquet    finished images, named by the part's first idx
+
+Guarantees:
+
+- ``write_part`` is atomic: the part is written to a hidden temporary file in ``out_dir``, flushed to
+  disk and moved into place with ``os.replace``. A reader sees a whole part or none of it, and a run
+  killed mid-write leaves at most a ``.tmp`` file that readers ignore.
+- ``read_results`` never silently drops data: a part that cannot be read raises ``ValueError`` naming
+  the file (``strict=False`` skips it with a ``RuntimeWarning`` instead). Files written by older
+  versions of this schema are read: missing columns become nulls, or are derived where the stored
+  columns determine them (see ``_DERIVED``); columns this version does not know are kept.
+- ``ensure_manifest`` refuses to put rows made with different settings into one folder: a re-run with
+  different settings raises ``ValueError`` naming the differing field; the same settings resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 2
+"""Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts."""
+
+MANIFEST_NAME = "run.json"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+TMP_SUFFIX = ".tmp"
+
+MANIFEST_FIELDS = ("checkpoint", "dataset", "split", "sigma", "n0", "n", "alpha", "seed", "mode", "grid",
+                   "shard_size")
+"""Settings that determine every row's values: a folder holds rows of one setting only."""
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("idx", pa.int64(), nullable=False),       # index of the image in its split
+        pa.field("label", pa.int64()),                      # true class
+        pa.field("predict", pa.int64()),                    # PREDICT's class on the main counts, -1 abstain
+        pa.field("correct", pa.bool_()),                    # CERTIFY's class == label (False on abstain)
+        pa.field("correct_tcertify", pa.bool_()),           # T-CERTIFY's class == label (False on abstain)
+        pa.field("certify_predict", pa.int64()),            # CERTIFY's class, -1 abstain
+        pa.field("tcertify_predict", pa.int64()),           # T-CERTIFY's class, -1 abstain
+        pa.field("radius_certify", pa.float64()),           # sigma * Phi^-1(pA_lower), 0 on abstain
+        pa.field("radius_tcertify", pa.float64()),          # T-CERTIFY radius, 0 on abstain
+        pa.field("tcertify_mode", pa.string()),             # paper | bonferroni | pilot
+        pa.field("pA_lower", pa.float64()),                 # T-CERTIFY's bounds at its chosen alpha'
+        pa.field("pB_upper", pa.float64()),
+        pa.field("alpha_prime", pa.float64()),
+        pa.field("pA_lower_certify", pa.float64()),         # CERTIFY's Clopper-Pearson bound at alpha
+        pa.field("counts", pa.list_(pa.int64())),           # main-stream counts of every class (sum n)
+        pa.field("pilot_counts", pa.list_(pa.int64())),     # pilot-stream counts of every class (sum n0)
+        pa.field("n0", pa.int64()),
+        pa.field("n", pa.int64()),
+        pa.field("alpha", pa.float64()),
+        pa.field("sigma", pa.float64()),
+        pa.field("seed", pa.int64()),
+        pa.field("time_s", pa.float64()),                   # wall time from first shard sent to last summed
+        pa.field("checkpoint", pa.string()),                # model checkpoint path
+        pa.field("train_run_id", pa.string()),              # MLflow run id of the training run, if known
+        pa.field("schema_version", pa.int64()),             # version of the writer of this row
+    ],
+    metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
+)
+
+_OPTIONAL_ROW_KEYS = frozenset({"schema_version"})
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table) -> Path:
+    """Atomically write ``rows`` (dicts with every ``RESULT_SCHEMA`` column) as one new Parquet part.
+
+    The file is ``out_dir/part-<first idx, 9 digits>-<uuid>.parquet``; it appears complete or not at all.
+    Raises ``ValueError`` for no rows, a missing or unknown column, or a null ``idx``.
+    """
+    out_dir = Path(out_dir)
+    table = rows if isinstance(rows, pa.Table) else _rows_to_table(rows)
+    if table.num_rows == 0:
+        raise ValueError("rows=[]: a part must hold at least one row")
+    if table.schema.names != RESULT_SCHEMA.names:
+        raise ValueError(f"rows: columns {table.schema.names} differ from RESULT_SCHEMA "
+                         f"{RESULT_SCHEMA.names}")
+    table = table.cast(RESULT_SCHEMA)
+    if table.column("idx").null_count:
+        raise ValueError("rows: idx must not be null")
+    first = int(pc.min(table.column("idx")).as_py())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    final = out_dir / f"{PART_PREFIX}{first:09d}-{token}{PART_SUFFIX}"
+    tmp = out_dir / f".{final.name}{TMP_SUFFIX}"
+    try:
+        with open(tmp, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(out_dir)
+    return final
+
+
+def _rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    names = set(RESULT_SCHEMA.names)
+    required = names - _OPTIONAL_ROW_KEYS
+    clean = []
+    for position, row in enumerate(rows):
+        keys = set(row)
+        missing, unknown = sorted(required - keys), sorted(keys - names)
+        if missing:
+            raise ValueError(f"rows[{position}]: missing column(s) {', '.join(missing)}")
+        if unknown:
+            raise ValueError(f"rows[{position}]: unknown column(s) {', '.join(unknown)}")
+        row = {key: _plain(value) for key, value in row.items()}
+        row.setdefault("schema_version", SCHEMA_VERSION)
+        clean.append(row)
+    try:
+        return pa.Table.from_pylist(clean, schema=RESULT_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ValueError(f"rows: values do not fit RESULT_SCHEMA ({err})") from err
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars / arrays -> Python values that pyarrow converts without surprises."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def part_files(out_dir: str | Path) -> list[Path]:
+    """The finished parts in ``out_dir`` (temporary files and the manifest excluded), sorted by name."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir()
+                  if p.is_file() and p.name.startswith(PART_PREFIX) and p.name.endswith(PART_SUFFIX))
+
+
+def _result_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return part_files(path)
+    raise ValueError(f"path={str(path)!r}: no such file or directory")
+
+
+def _read_file(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    try:
+        if columns is not None:
+            available = pq.read_schema(path).names
+            columns = [c for c in columns if c in available]
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"result part {str(path)!r} is corrupt or unreadable: {err}") from err
+
+
+def read_results(path: str | Path, *, strict: bool = True) -> pa.Table:
+    """All rows of a result file or folder as one table with ``RESULT_SCHEMA``'s columns first, sorted by idx.
+
+    Older files: missing columns are derived when the stored ones determine them, else null; columns
+    unknown to this version are kept after the schema's columns (null in parts that lack them).
+    ``strict=True`` (default): a corrupt part or an idx present twice raises ``ValueError`` naming the
+    file(s). ``strict=False``: a corrupt part is skipped with a ``RuntimeWarning`` naming it, and of
+    duplicated idx the row from the first part (by name) is kept, with a warning.
+    An empty folder gives an empty table.
+    """
+    tables: list[pa.Table] = []
+    sources: list[Path] = []
+    for file in _result_files(path):
+        try:
+            table = _read_file(file)
+        except ValueError as err:
+            if strict:
+                raise
+            warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=2)
+            continue
+        try:
+            tables.append(upgrade_table(table))
+        except ValueError as err:
+            if strict:
+                raise ValueError(f"result part {str(file)!r}: {err}") from err
+            warnings.warn(f"skipping result part {str(file)!r}: {err}", RuntimeWarning, stacklevel=2)
+            continue
+        sources.append(file)
+    if not tables:
+        return RESULT_SCHEMA.empty_table()
+    extra: dict[str, pa.DataType] = {}
+    for table in tables:
+        for field in table.schema:
+            if field.name not in RESULT_SCHEMA.names and field.name not in extra:
+                extra[field.name] = field.type
+    full_schema = pa.schema(list(RESULT_SCHEMA) + [pa.field(k, t) for k, t in extra.items()],
+                            metadata=RESULT_SCHEMA.metadata)
+    aligned = []
+    for table in tables:
+        columns = [table.column(f.name).cast(f.type) if f.name in table.schema.names
+                   else pa.nulls(table.num_rows, f.type) for f in full_schema]
+        aligned.append(pa.Table.from_arrays(columns, schema=full_schema))
+    merged = pa.concat_tables(aligned)
+    merged = _check_duplicates(merged, aligned, sources, strict)
+    order = pc.sort_indices(merged, sort_keys=[("idx", "ascending")])
+    return merged.take(order)
+
+
+def _check_duplicates(
+    merged: pa.Table, tables: list[pa.Table], sources: list[Path], strict: bool
+) -> pa.Table:
+    idx = merged.column("idx").to_numpy()
+    unique, first_pos, counts = np.unique(idx, return_index=True, return_counts=True)
+    if len(unique) == len(idx):
+        return merged
+    dup = int(unique[counts > 1][0])
+    owners = [str(src) for src, t in zip(sources, tables, strict=True)
+              if dup in set(t.column("idx").to_pylist())]
+    message = f"idx={dup} appears {int(counts[counts > 1][0])} times, in {', '.join(owners)}"
+    if strict:
+        raise ValueError(message)
+    warnings.warn(f"{message}; keeping the first", RuntimeWarning, stacklevel=3)
+    return merged.take(pa.array(np.sort(first_pos)))
+
+
+# Columns a writer of an older version may lack, and how this version fills them in. Each function gets
+# the table (already holding every earlier column of RESULT_SCHEMA) and returns the column or None.
+def _derive_correct(t: pa.Table) -> pa.Array | None:
+    if "certify_predict" in t.schema.names and "label" in t.schema.names:
+        return pc.fill_null(pc.equal(t.column("certify_predict"), t.column("label")), False)
+    return None
+
+
+def _derive_correct_tcertify(t: pa.Table) -> pa.Array | None:
+    if "tcertify_predict" in t.schema.names and "label" in t.schema.names:
+        return pc.fill_null(pc.equal(t.column("tcertify_predict"), t.column("label")), False)
+    return None
+
+
+def _derive_sum(source: str) -> Any:
+    def derive(t: pa.Table) -> pa.Array | None:
+        if source not in t.schema.names:
+            return None
+        values = t.column(source).to_pylist()
+        return pa.array([None if v is None else int(sum(v)) for v in values], pa.int64())
+    return derive
+
+
+_DERIVED = {
+    "correct": _derive_correct,                    # certify class == label
+    "correct_tcertify": _derive_correct_tcertify,  # tcertify class == label
+    "n": _derive_sum("counts"),                    # the main counts sum to n
+    "n0": _derive_sum("pilot_counts"),             # the pilot counts sum to n0
+}
+
+
+def upgrade_table(table: pa.Table) -> pa.Table:
+    """``table`` with every ``RESULT_SCHEMA`` column (cast to its type), derived or null where missing.
+
+    Columns the schema does not know stay, after the schema's. ``ValueError`` if a present column cannot
+    be cast to its schema type or ``idx`` is missing.
+    """
+    if "idx" not in table.schema.names:
+        raise ValueError("no idx column")
+    present = dict(zip(table.schema.names, table.columns, strict=True))
+    for field in RESULT_SCHEMA:
+        if field.name in present:
+            continue
+        derive = _DERIVED.get(field.name)
+        value = derive(table) if derive else None
+        if field.name == "schema_version" and value is None:
+            meta = table.schema.metadata or {}
+            version = meta.get(b"adre_ray.schema_version")
+            value = pa.array([int(version) if version else 1] * table.num_rows, pa.int64())
+        if value is None:
+            value = pa.nulls(table.num_rows, field.type)
+        present[field.name] = value
+        table = table.append_column(field.name, value)
+    columns, fields = [], []
+    for field in RESULT_SCHEMA:
+        try:
+            columns.append(present[field.name].cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+            raise ValueError(f"column {field.name}: cannot read as {field.type} ({err})") from err
+        fields.append(field)
+    for name, column in present.items():
+        if name not in RESULT_SCHEMA.names:
+            columns.append(column)
+            fields.append(pa.field(name, column.type))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=RESULT_SCHEMA.metadata))
+
+
+def completed_indices(out_dir: str | Path) -> set[int]:
+    """The idx of every image already in ``out_dir``'s parts; a corrupt part raises ``ValueError``."""
+    done: set[int] = set()
+    for file in part_files(out_dir):
+        table = _read_file(file, columns=["idx"])
+        if "idx" not in table.schema.names:
+            raise ValueError(f"result part {str(file)!r} is corrupt or unreadable: no idx column")
+        done.update(int(i) for i in table.column("idx").to_pylist())
+    return done
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+
+
+def _normalise(value: Any) -> Any:
+    """JSON-stable form: tuples -> lists, numpy scalars -> Python, ints that are floats stay floats."""
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return _plain(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
+    """``out_dir/run.json`` as a dict, or None when absent. ``ValueError`` naming the file if unreadable."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"manifest {str(path)!r} is corrupt or unreadable: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"manifest {str(path)!r}: top level must be an object")
+    return data
+
+
+def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
+    """Write ``run.json`` for a new run, or check that a resumed run has the same settings.
+
+    ``settings`` must hold every key of ``MANIFEST_FIELDS`` (other keys are stored, not compared).
+    Returns True when an existing manifest matched (a resume), False when a new one was written.
+    Raises ``ValueError`` naming the first differing field, e.g.
+    ``output_dir='out': sigma=0.5 differs from the run already there (sigma=0.25); use a new output_dir``.
+    Parts without a manifest are refused too: their settings are unknown.
+    """
+    out_dir = Path(out_dir)
+    missing = [k for k in MANIFEST_FIELDS if k not in settings]
+    if missing:
+        raise ValueError(f"settings: missing manifest field(s) {', '.join(missing)}")
+    wanted = {k: _normalise(v) for k, v in settings.items()}
+    existing = read_manifest(out_dir)
+    if existing is not None:
+        for key in MANIFEST_FIELDS:
+            if key not in existing or not _same(existing[key], wanted[key]):
+                old = existing.get(key, "<absent>")
+                raise ValueError(f"output_dir={str(out_dir)!r}: {key}={wanted[key]!r} differs from the run "
+                                 f"already there ({key}={old!r}); use a new output_dir")
+        return True
+    if part_files(out_dir):
+        raise ValueError(f"output_dir={str(out_dir)!r}: holds result parts but no {MANIFEST_NAME}, so their "
+                         "settings are unknown; use a new output_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**wanted, "schema_version": SCHEMA_VERSION}
+    tmp = out_dir / f".{MANIFEST_NAME}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+    try:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out_dir / MANIFEST_NAME)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return False
+
+
+__all__ = [
+    "MANIFEST_FIELDS", "MANIFEST_NAME", "RESULT_SCHEMA", "SCHEMA_VERSION", "completed_indices",
+    "ensure_manifest", "part_files", "read_manifest", "read_results", "upgrade_table", "write_part",
+]

@@ -1,0 +1,585 @@
+"""Distributed certification: the n0 + n Monte Carlo draws of each image sharded over a pool of Ray actors.
+
+Algorithm of the driver (``run_certification``):
+
+1. select images start, start + skip, ... (at most ``max_images``), drop those already in the output
+   folder (resume), and check/write the folder's manifest (``adre_ray.analysis.results``);
+2. cut the n0 pilot draws and the n estimation draws of each image into shards of ``shard_size``; the
+   shard (idx, stream, s) is sampled with noise seeded by (seed, idx, stream, s), so the summed counts,
+   and hence every row, are the same whatever the number of actors, the order or a re-run;
+3. keep ~2 shards queued per actor, admitting new images as earlier ones drain;
+4. when an image's shards are all summed, compute PREDICT (main counts), CERTIFY and T-CERTIFY (pilot +
+   main counts) with ``adre_ray.smoothing``, and buffer the row; write buffered rows as an atomic Parquet
+   part every ``flush_images`` images or ``flush_seconds``;
+5. a task that fails because its actor died is re-queued and the actor replaced (up to
+   ``actor_restarts`` times per slot), so the output equals an undisturbed run;
+6. summarize (certified accuracy at 0, 0.25, ..., 2.0, ACR, abstain rates) and log to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+from tqdm import tqdm
+
+from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
+from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
+from adre_ray.config.base import load_config
+from adre_ray.config.certify import CertifyConfig
+from adre_ray.data import build_dataset, dataset_info, load_images
+from adre_ray.distributed._common import connect_ray
+from adre_ray.distributed.actors import CertifyActor
+from adre_ray.models.checkpoint import read_checkpoint
+from adre_ray.smoothing import (
+    MAIN_STREAM,
+    PILOT_STREAM,
+    certify_counts,
+    predict_counts,
+    tcertify_counts,
+)
+from adre_ray.tracking import log_artifact, log_config, log_metrics, mlflow_run, set_tags
+
+TASKS_PER_ACTOR = 2
+"""Shards queued per actor: one running, one ready, so an actor never waits for the driver."""
+
+LOAD_CHUNK = 64
+"""Images decoded per ``load_images`` call (memory stays bounded on ImageNet)."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: ``num`` draws of ``stream`` (pilot or main) for image ``idx``, shard ``shard``."""
+
+    idx: int
+    stream: int
+    shard: int
+    num: int
+
+
+@dataclass
+class CertifyResult:
+    """What ``run_certification`` returns: the result folder, the summary of its selected images, the run."""
+
+    output_dir: Path
+    summary: dict[str, float]
+    mlflow_run_id: str | None
+    images_certified: int = 0
+    samples_per_s: float = 0.0
+
+
+@dataclass
+class CertifyHooks:
+    """Test / monitoring hooks, called on the driver. An exception raised in a hook stops the run after
+    the finished images are written (the run then resumes cleanly).
+
+    on_shard_done(pool, task)  after a shard's counts were summed
+    on_part_written(path)      after each Parquet part is in place
+    """
+
+    on_shard_done: Callable[[CertifyPool, ShardTask], None] | None = None
+    on_part_written: Callable[[Path], None] | None = None
+
+
+# --------------------------------------------------------------------------------------------- planning
+
+
+def shard_plan(idx: int, n0: int, n: int, shard_size: int) -> list[ShardTask]:
+    """The shards of one image: ceil(n0 / shard_size) pilot ones, then ceil(n / shard_size) main ones.
+
+    Every shard holds ``shard_size`` draws except the last of each stream (the remainder).
+    """
+    tasks = []
+    for stream, total in ((PILOT_STREAM, n0), (MAIN_STREAM, n)):
+        for shard, begin in enumerate(range(0, total, shard_size)):
+            tasks.append(ShardTask(idx, stream, shard, min(shard_size, total - begin)))
+    return tasks
+
+
+def select_indices(cfg: CertifyConfig, split_size: int) -> list[int]:
+    """Images start, start + skip, ... below ``split_size``, at most ``max_images`` of them."""
+    chosen = range(cfg.start, split_size, cfg.skip)
+    if cfg.max_images is not None:
+        chosen = chosen[: cfg.max_images]
+    return list(chosen)
+
+
+def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarray, *, sigma: float,
+               alpha: float, mode: str, grid: Sequence[float], seed: int, time_s: float, checkpoint: str,
+               train_run_id: str | None) -> dict[str, Any]:
+    """One ``RESULT_SCHEMA`` row: PREDICT on ``counts``, CERTIFY and T-CERTIFY on (pilot_counts, counts).
+
+    CERTIFY and T-CERTIFY see the same counts and the same pilot class cA, so T-CERTIFY's radius is
+    >= CERTIFY's whenever the grid holds 1.0 (mode paper; see adre_ray.smoothing.certify).
+    """
+    pilot_counts = np.asarray(pilot_counts, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    predicted = predict_counts(counts, alpha)
+    certified = certify_counts(pilot_counts, counts, sigma, alpha)
+    tcertified = tcertify_counts(pilot_counts, counts, sigma, alpha, mode=mode, grid=tuple(grid))
+    return {
+        "idx": int(idx), "label": int(label),
+        "predict": int(predicted.predict),
+        "correct": bool(certified.predict == label),
+        "correct_tcertify": bool(tcertified.predict == label),
+        "certify_predict": int(certified.predict),
+        "tcertify_predict": int(tcertified.predict),
+        "radius_certify": float(certified.radius),
+        "radius_tcertify": float(tcertified.radius),
+        "tcertify_mode": mode,
+        "pA_lower": float(tcertified.pA_lower),
+        "pB_upper": float(tcertified.pB_upper),
+        "alpha_prime": float(tcertified.alpha_prime),
+        "pA_lower_certify": float(certified.pA_lower),
+        "counts": counts.tolist(),
+        "pilot_counts": pilot_counts.tolist(),
+        "n0": int(pilot_counts.sum()), "n": int(counts.sum()),
+        "alpha": float(alpha), "sigma": float(sigma), "seed": int(seed),
+        "time_s": float(time_s),
+        "checkpoint": checkpoint,
+        "train_run_id": train_run_id,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- pool
+
+
+class CertifyPool:
+    """Actor slots holding one model each; a slot whose actor died gets a fresh actor (``replace``).
+
+    ``actors[i]`` is the current actor of slot i; ``generation[i]`` counts its replacements, so the
+    several failed tasks of one dead actor replace it only once. A pool may serve several runs of the
+    same checkpoint (``run_certification(cfg, pool=pool)``): actors stay warm, ``configure`` sets each
+    run's sigma, seed and batch size.
+    """
+
+    def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int, use_gpu: bool,
+                 sigma: float, seed: int = 0, batch_size: int = 1000, amp: bool = True,
+                 channels_last: bool = True, max_replacements: int = 3) -> None:
+        if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
+            raise ValueError(f"num_actors={num_actors!r}: must be an integer >= 1")
+        self.checkpoint = str(Path(checkpoint).expanduser().resolve())
+        self.num_classes = num_classes
+        self.use_gpu = use_gpu
+        self.actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0,
+                                              "max_restarts": 0}
+        self.actor_kwargs: dict[str, Any] = {
+            "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
+            "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
+            "channels_last": channels_last, "cpu_threads": 1}
+        self.max_replacements = max_replacements
+        self.actors = [self._new_actor() for _ in range(num_actors)]
+        self.generation = [0] * num_actors
+        self.load = [0] * num_actors
+        self.replacements = 0
+
+    def _new_actor(self) -> Any:
+        return CertifyActor.options(**self.actor_options).remote(**self.actor_kwargs)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def configure(self, *, sigma: float, seed: int, batch_size: int) -> None:
+        """Set a run's settings on every actor (ordered before its tasks; replacements get them too)."""
+        self.actor_kwargs.update(sigma=sigma, seed=seed, batch_size=batch_size)
+        for actor in self.actors:
+            actor.configure.remote(sigma=sigma, seed=seed, batch_size=batch_size)
+        self.load = [0] * len(self.actors)
+
+    def submit(self, slot: int, image_ref: Any, task: ShardTask) -> Any:
+        self.load[slot] += 1
+        return self.actors[slot].count_timed.remote(image_ref, task.idx, task.stream, task.shard, task.num)
+
+    def replace(self, slot: int, generation: int, error: BaseException) -> None:
+        """Give slot ``slot`` a new actor, unless that already happened since ``generation``."""
+        if self.generation[slot] != generation:
+            return
+        if self.generation[slot] >= self.max_replacements:
+            raise RuntimeError(f"certification actor slot {slot} died {self.generation[slot] + 1} times "
+                               f"(actor_restarts={self.max_replacements}); last error: {error}") from error
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._new_actor()
+        self.generation[slot] += 1
+        self.replacements += 1
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+def make_pool(cfg: CertifyConfig) -> CertifyPool:
+    """A pool for ``cfg`` (sigma resolved): ``num_actors`` actors, or one per GPU / CPU of the cluster."""
+    _ensure_ray()
+    if cfg.sigma is None:
+        cfg, _ = resolve_settings(cfg)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    return CertifyPool(cfg.checkpoint, num_actors=_pool_size(cfg, use_gpu),
+                       num_classes=dataset_info(cfg.dataset).num_classes, use_gpu=use_gpu,
+                       sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
+                       amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts)
+
+
+@dataclass
+class _Image:
+    idx: int
+    label: int
+    ref: Any
+    remaining: int
+    pilot: np.ndarray
+    counts: np.ndarray
+    time_s: float = 0.0
+
+
+@dataclass
+class _Progress:
+    done: int = 0
+    abstain_certify: int = 0
+    abstain_tcertify: int = 0
+    samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def samples_per_s(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        return self.samples / elapsed if elapsed > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        connect_ray()
+
+
+def checkpoint_facts(checkpoint: str, num_classes: int) -> tuple[float | None, str | None]:
+    """(training sigma, training MLflow run id) from the checkpoint's ``extra``, each None if absent.
+
+    sigma is the shallowest ``sigma`` (or ``<section>.sigma``) key in ``extra`` and its nested dicts
+    (e.g. ``extra["sigma"]`` or ``extra["config"]["loss"]["sigma"]``); the run id is
+    ``extra["mlflow_run_id"]``. Reads the file only (no model is built).
+    """
+    record = read_checkpoint(checkpoint)
+    if record["num_classes"] != num_classes:
+        raise ValueError(f"checkpoint={checkpoint!r}: num_classes={record['num_classes']} but the dataset "
+                         f"has {num_classes} classes")
+    extra = record.get("extra") or {}
+    run_id = extra.get("mlflow_run_id")
+    sigma = None
+    level: list[dict[str, Any]] = [extra]
+    while level and sigma is None:
+        for section in level:
+            for key, value in section.items():
+                if (key == "sigma" or str(key).endswith(".sigma")) and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
+                    sigma = float(value)
+                    break
+            if sigma is not None:
+                break
+        level = [v for section in level for v in section.values() if isinstance(v, dict)]
+    return sigma, (str(run_id) if run_id else None)
+
+
+def _pool_size(cfg: CertifyConfig, use_gpu: bool) -> int:
+    if cfg.num_actors is not None:
+        return cfg.num_actors
+    resources = ray.cluster_resources()
+    key = "GPU" if use_gpu else "CPU"
+    available = int(resources.get(key, 0))
+    if available < 1:
+        raise ValueError(f"num_actors=None: the Ray cluster has no {key} yet to size the pool from; "
+                         "set num_actors")
+    return available
+
+
+def resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None]:
+    """``cfg`` with sigma filled from the checkpoint when null, and the training run id (if recorded)."""
+    num_classes = dataset_info(cfg.dataset).num_classes
+    ckpt_sigma, train_run_id = checkpoint_facts(cfg.checkpoint, num_classes)
+    if cfg.sigma is None:
+        if ckpt_sigma is None:
+            raise ValueError(f"sigma=None: checkpoint {cfg.checkpoint!r} records no training sigma; "
+                             "set sigma")
+        cfg = dataclasses.replace(cfg, sigma=ckpt_sigma)
+        cfg.validate()
+    return cfg, train_run_id
+
+
+def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
+    """The settings that determine the rows (``MANIFEST_FIELDS``), plus the dataset location."""
+    return {
+        "checkpoint": str(Path(cfg.checkpoint).expanduser().resolve()), "dataset": cfg.dataset,
+        "split": cfg.split, "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+        "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
+        "data_dir": cfg.data_dir,
+    }
+
+
+def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
+                      pool: CertifyPool | None = None) -> CertifyResult:
+    """Certify the selected images of ``cfg`` into ``cfg.output_dir``; resume what is already there.
+
+    Every selected image ends up in the folder exactly once, with the values an undisturbed
+    single-actor run would give (time_s aside). ``ValueError`` for bad settings, a folder holding a
+    different run, or a corrupt part. ``pool``: warm actors of the same checkpoint to use (its first
+    ``num_actors`` slots, all when null); it is left running. Without it a pool is made and shut down.
+    """
+    cfg.validate()
+    hooks = hooks or CertifyHooks()
+    cfg, train_run_id = resolve_settings(cfg)
+    assert cfg.sigma is not None
+    out_dir = Path(cfg.output_dir).expanduser()
+    num_classes = dataset_info(cfg.dataset).num_classes
+    split_size = len(build_dataset(cfg.dataset, cfg.data_dir, cfg.split, augment=False))  # type: ignore[arg-type]
+    selected = select_indices(cfg, split_size)
+    if not selected:
+        raise ValueError(f"start={cfg.start}: beyond the {split_size} images of the {cfg.split!r} split")
+    ensure_manifest(out_dir, manifest_settings(cfg))
+    done_before = completed_indices(out_dir)
+    todo = [i for i in selected if i not in done_before]
+
+    tags = {"job": "certify", **({"train_run_id": train_run_id} if train_run_id else {})}
+    run_name = f"certify-{Path(cfg.checkpoint).stem}-sigma{cfg.sigma:g}"
+    with mlflow_run(cfg.experiment, run_name=run_name, tracking_uri=cfg.tracking_uri, tags=tags) as run:
+        run_id = run.info.run_id or None
+        if run_id:
+            log_config({**cfg.flat_dict(), "num_images_selected": len(selected),
+                        "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
+        progress = _certify_images(cfg, todo, num_classes, train_run_id, out_dir, hooks, run_id, pool)
+        table = read_results(out_dir)
+        chosen = set(selected)
+        keep = [i for i, idx in enumerate(table.column("idx").to_pylist()) if idx in chosen]
+        table = table.take(keep)
+        summary = summarize(table, DEFAULT_RADII)
+        summary["samples_per_s"] = progress.samples_per_s()
+        summary["images_certified_this_run"] = float(progress.done)
+        if run_id:
+            log_metrics(mlflow_metrics(summary), step=len(table), tracking_uri=cfg.tracking_uri)
+            set_tags({"output_dir": str(out_dir.resolve())}, tracking_uri=cfg.tracking_uri)
+            log_artifact(out_dir, "results", tracking_uri=cfg.tracking_uri)
+    print(format_summary(summary, out_dir))
+    return CertifyResult(output_dir=out_dir, summary=summary, mlflow_run_id=run_id,
+                         images_certified=progress.done, samples_per_s=summary["samples_per_s"])
+
+
+def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train_run_id: str | None,
+                    out_dir: Path, hooks: CertifyHooks, run_id: str | None,
+                    given_pool: CertifyPool | None) -> _Progress:
+    """The scheduling loop (steps 2-5 of the module docstring). Finished rows are written even when the
+    loop stops on an exception (a hook's, a KeyboardInterrupt), so a re-run only redoes unfinished images."""
+    progress = _Progress()
+    if not todo:
+        return progress
+    _ensure_ray()
+    checkpoint_id = str(Path(cfg.checkpoint).expanduser().resolve())
+    if given_pool is None:
+        pool = make_pool(cfg)
+    else:
+        pool = given_pool
+        if pool.checkpoint != checkpoint_id or pool.num_classes != num_classes:
+            raise ValueError(f"pool: holds checkpoint={pool.checkpoint!r} ({pool.num_classes} classes), "
+                             f"not checkpoint={checkpoint_id!r} ({num_classes} classes)")
+        if cfg.num_actors is not None and cfg.num_actors > len(pool):
+            raise ValueError(f"num_actors={cfg.num_actors}: the given pool has only {len(pool)} actors")
+        pool.configure(sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size)  # type: ignore[arg-type]
+    num_actors = min(len(pool), cfg.num_actors or len(pool))
+    shards_per_image = cfg.num_shards(cfg.n0) + cfg.num_shards(cfg.n)
+    in_flight_limit = cfg.images_in_flight or max(
+        2, math.ceil(TASKS_PER_ACTOR * num_actors / shards_per_image) + 1)
+
+    waiting: collections.deque[int] = collections.deque(todo)  # images not yet admitted
+    loaded: collections.deque[tuple[int, Any, int]] = collections.deque()  # decoded, not yet admitted
+    images: dict[int, _Image] = {}
+    queue: collections.deque[ShardTask] = collections.deque()
+    running: dict[Any, tuple[ShardTask, int, int]] = {}  # ref -> (task, slot, slot generation)
+    buffer: list[dict[str, Any]] = []
+    last_flush = time.monotonic()
+    bar = tqdm(total=len(todo), unit="img", desc="certify", disable=not cfg.progress, dynamic_ncols=True)
+
+    def flush() -> None:
+        nonlocal buffer, last_flush
+        last_flush = time.monotonic()
+        if not buffer:
+            return
+        rows, buffer = sorted(buffer, key=lambda r: r["idx"]), []
+        path = write_part(out_dir, rows)
+        if run_id:
+            log_metrics({"images_done": progress.done, "samples_per_s": progress.samples_per_s()},
+                        step=progress.done, tracking_uri=cfg.tracking_uri)
+        if hooks.on_part_written is not None:
+            hooks.on_part_written(path)
+
+    def admit() -> None:
+        while waiting or loaded:
+            if len(images) >= in_flight_limit or len(queue) >= TASKS_PER_ACTOR * num_actors:
+                return
+            if not loaded:
+                chunk = [waiting.popleft() for _ in range(min(LOAD_CHUNK, len(waiting)))]
+                pixels, labels = load_images(cfg.dataset, cfg.data_dir, cfg.split, chunk)
+                loaded.extend((i, pixels[k].clone(), int(labels[k])) for k, i in enumerate(chunk))
+            idx, pixels, label = loaded.popleft()
+            plan = shard_plan(idx, cfg.n0, cfg.n, cfg.shard_size)
+            images[idx] = _Image(idx, label, ray.put(pixels), len(plan), np.zeros(num_classes, np.int64),
+                                 np.zeros(num_classes, np.int64))
+            queue.extend(plan)
+
+    def dispatch() -> None:
+        while queue:
+            slot = min(range(num_actors), key=lambda s: pool.load[s])
+            if pool.load[slot] >= TASKS_PER_ACTOR:
+                return
+            task = queue.popleft()
+            ref = pool.submit(slot, images[task.idx].ref, task)
+            running[ref] = (task, slot, pool.generation[slot])
+
+    def finish(image: _Image) -> None:
+        row = result_row(image.idx, image.label, image.pilot, image.counts, sigma=cfg.sigma,  # type: ignore[arg-type]
+                         alpha=cfg.alpha, mode=cfg.tcertify_mode, grid=cfg.grid, seed=cfg.seed,
+                         time_s=image.time_s, checkpoint=checkpoint_id, train_run_id=train_run_id)
+        buffer.append(row)
+        del images[image.idx]
+        progress.done += 1
+        progress.abstain_certify += row["certify_predict"] < 0
+        progress.abstain_tcertify += row["tcertify_predict"] < 0
+        bar.update(1)
+        bar.set_postfix(abstain=progress.abstain_certify, abstain_t=progress.abstain_tcertify,
+                        samples_s=f"{progress.samples_per_s():.0f}", refresh=False)
+
+    try:
+        admit()
+        dispatch()
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in ready:
+                task, slot, generation = running.pop(ref)
+                pool.load[slot] -= 1
+                try:
+                    counts, seconds = ray.get(ref)
+                except RayActorError as err:  # actor lost: the shard is re-run, the actor replaced
+                    pool.replace(slot, generation, err)
+                    queue.appendleft(task)
+                    continue
+                image = images[task.idx]
+                target = image.pilot if task.stream == PILOT_STREAM else image.counts
+                target += np.asarray(counts, dtype=np.int64)
+                image.time_s += float(seconds)
+                image.remaining -= 1
+                progress.samples += task.num
+                if image.remaining == 0:
+                    finish(image)
+                if hooks.on_shard_done is not None:
+                    hooks.on_shard_done(pool, task)
+            overdue = time.monotonic() - last_flush >= cfg.flush_seconds
+            if len(buffer) >= cfg.flush_images or (buffer and overdue):
+                flush()
+            admit()
+            dispatch()
+    finally:
+        try:
+            flush()
+        finally:
+            bar.close()
+            if given_pool is None:
+                pool.shutdown()
+            else:  # a shared pool: drop this run's leftover tasks
+                for ref in running:
+                    ray.cancel(ref)
+                pool.load = [0] * len(pool)
+    return progress
+
+
+def format_summary(summary: dict[str, float], out_dir: Path) -> str:
+    """A short text table: certified accuracy per radius for CERTIFY and T-CERTIFY, ACR, abstain rates."""
+    radii = [r for r in DEFAULT_RADII]
+    head = "radius      " + " ".join(f"{r:>5.2f}" for r in radii) + "    ACR  abstain"
+    lines = [f"results: {out_dir}  ({int(summary.get('certify/num_images', 0))} images, "
+             f"{summary.get('samples_per_s', 0.0):.0f} samples/s this run)", head]
+    for method in ("certify", "tcertify"):
+        accs = " ".join(f"{summary[f'{method}/cert_acc@{r:.2f}']:>5.3f}" for r in radii)
+        lines.append(f"{method:<11} {accs}  {summary[f'{method}/acr']:.3f}  "
+                     f"{summary[f'{method}/abstain_rate']:.3f}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+_FLAGS: tuple[tuple[str, str, Any], ...] = (
+    ("--checkpoint", "checkpoint", str), ("--dataset", "dataset", str), ("--data-dir", "data_dir", str),
+    ("--sigma", "sigma", float), ("--n0", "n0", int), ("--n", "n", int), ("--alpha", "alpha", float),
+    ("--skip", "skip", int), ("--start", "start", int), ("--max-images", "max_images", int),
+    ("--mode", "tcertify_mode", str), ("--grid", "grid", str), ("--actors", "num_actors", int),
+    ("--batch-size", "batch_size", int), ("--shard-size", "shard_size", int), ("--seed", "seed", int),
+    ("--output-dir", "output_dir", str), ("--experiment", "experiment", str),
+    ("--tracking-uri", "tracking_uri", str),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adre-ray certify",
+        description="PREDICT / CERTIFY / T-CERTIFY of a checkpoint on Ray actors (results as Parquet).")
+    parser.add_argument("--config", help="YAML file with CertifyConfig fields")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (YAML value), repeatable")
+    for flag, dest, kind in _FLAGS:
+        parser.add_argument(flag, dest=dest, type=kind, default=None,
+                            help=f"config field {dest}" + (" (comma-separated)" if dest == "grid" else ""))
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(argv: Sequence[str]) -> CertifyConfig:
+    """YAML file, then ``--set`` overrides, then the convenience flags (the last word wins).
+
+    Flag values are passed on as JSON (valid YAML), so a path is never re-interpreted as YAML.
+    """
+    args = build_parser().parse_args(list(argv))
+    overrides = list(args.set)
+    for _flag, dest, _kind in _FLAGS:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if dest == "grid":
+            try:
+                value = [float(v) for v in str(value).strip("[]() ").split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(f"grid={getattr(args, dest)!r}: expected comma-separated numbers") from None
+        overrides.append(f"{dest}={json.dumps(value)}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(CertifyConfig, args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``adre-ray certify``: exit 0 on success, 2 on a configuration or data error (message on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    started = False
+    try:
+        cfg = config_from_args(argv)
+        started = connect_ray()
+        result = run_certification(cfg)
+    except ValueError as err:
+        print(f"adre-ray certify: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    if result.mlflow_run_id:
+        print(f"MLflow run: {result.mlflow_run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
