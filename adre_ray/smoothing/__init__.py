@@ -27,8 +27,10 @@ from adre_ray.smoothing.sampler import (
     NOISE_BLOCK,
     PILOT_STREAM,
     effective_batch_size,
+    fast_bf16_available,
     model_device,
     noise_seed,
+    prepare_model,
     sample_counts,
 )
 from adre_ray.smoothing.smoothed import Certification, SmoothedClassifier
@@ -36,6 +38,7 @@ from adre_ray.smoothing.smoothed import Certification, SmoothedClassifier
 __all__ = [
     "ABSTAIN", "DEFAULT_GRID", "MAIN_STREAM", "NOISE_BLOCK", "PILOT_STREAM", "TCERTIFY_MODES",
     "Certification", "SmoothedClassifier", "SmoothingResult", "bonferroni_level", "certify_counts",
-    "cp_upper", "effective_batch_size", "model_device", "noise_seed", "pA_lower", "pB_upper", "pilot_choice",
+    "cp_upper", "effective_batch_size", "fast_bf16_available", "model_device", "noise_seed",
+    "prepare_model", "pA_lower", "pB_upper", "pilot_choice",
     "predict_counts", "sample_counts", "split_margin", "split_radius", "tcertify_counts",
 ]
