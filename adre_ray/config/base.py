@@ -23,6 +23,8 @@ C = TypeVar("C", bound="JobConfig")
 DATASETS = ("cifar10", "imagenet")
 LOSSES = ("gaussian", "adre_reg", "smoothadv", "adre_adv")
 TCERTIFY_MODES = ("paper", "bonferroni", "pilot")
+PER_LOSSES = ("mean", "single")
+SCHEDULES = ("step", "cosine")
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 

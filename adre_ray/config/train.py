@@ -13,6 +13,8 @@ from typing import Any
 from adre_ray.config.base import (
     DATASETS,
     LOSSES,
+    PER_LOSSES,
+    SCHEDULES,
     JobConfig,
     check,
     check_choice,
@@ -23,8 +25,7 @@ from adre_ray.config.base import (
 from adre_ray.config.tune import ValidationSection
 
 DATA_SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
-PER_LOSSES = ("mean", "single")
-SCHEDULES = ("step", "cosine")
+
 ADVERSARIAL_LOSSES = ("smoothadv", "adre_adv")
 
 

@@ -7,9 +7,14 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from adre_ray.config.base import check, check_choice, check_int_at_least, check_nonnegative, check_positive
-
-SCHEDULES = ("step", "cosine")
+from adre_ray.config.base import (
+    SCHEDULES,
+    check,
+    check_choice,
+    check_int_at_least,
+    check_nonnegative,
+    check_positive,
+)
 
 
 def lr_factor(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from adre_ray.config.base import check_choice, check_nonnegative
+from adre_ray.config.base import (
+    PER_LOSSES,
+    check_choice,
+    check_nonnegative,
+)
 from adre_ray.training.losses.base import LossFn, LossOutput, adre_reg_loss, first_draw_correct, noisy_logits
-
-PER_LOSSES = ("mean", "single")
 
 
 class AdreRegLoss(LossFn):
