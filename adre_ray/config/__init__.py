@@ -13,6 +13,8 @@ from adre_ray.config.base import (
     check_nonnegative,
     check_open_unit,
     check_positive,
+    config_field,
+    field_help,
     flatten,
     load_config,
     parse_overrides,
@@ -21,5 +23,6 @@ from adre_ray.config.base import (
 __all__ = [
     "DATASETS", "DEFAULT_GRID", "LOSSES", "TCERTIFY_MODES", "JobConfig", "check", "check_choice",
     "check_grid", "check_int_at_least", "check_nonnegative", "check_open_unit", "check_positive",
+    "config_field", "field_help",
     "flatten", "load_config", "parse_overrides",
 ]

@@ -8,6 +8,7 @@ its ``validate()``, which raises ``ValueError`` naming the bad field and value.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -26,6 +27,25 @@ TCERTIFY_MODES = ("paper", "bonferroni", "pilot")
 PER_LOSSES = ("mean", "single")
 SCHEDULES = ("step", "cosine")
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def config_field(default: Any, help: str) -> Any:
+    """A config field with its one-line meaning: ``n: int = config_field(100_000, "estimation draws")``.
+
+    The text is the single source of ``--help`` and the docs tables; mutable defaults are copied.
+    """
+    metadata = {"help": help}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_help(cls: type, name: str) -> str:
+    """The one-line meaning of field ``name`` of config dataclass ``cls`` ("" when none was given)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return str(f.metadata.get("help", ""))
+    raise KeyError(name)
 
 
 def check(condition: bool, field: str, value: Any, requirement: str) -> None:
