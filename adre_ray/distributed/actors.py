@@ -18,7 +18,7 @@ import ray
 import torch
 
 from adre_ray.models.checkpoint import load_model_checkpoint
-from adre_ray.smoothing.sampler import sample_counts
+from adre_ray.smoothing.sampler import NonFiniteLogitsError, sample_counts
 
 
 class CertifyWorker:
@@ -34,6 +34,7 @@ class CertifyWorker:
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
         self.device = torch.device(device)
+        self.checkpoint = str(checkpoint)
         model, meta = load_model_checkpoint(checkpoint, map_location=str(self.device),
                                             expected_num_classes=num_classes)
         model = model.to(self.device).eval()
@@ -54,11 +55,18 @@ class CertifyWorker:
         self.batch_size = int(batch_size)
 
     def count(self, image: Any, idx: int, stream: int, shard: int, num: int) -> np.ndarray:
-        """Counts (int64, length num_classes) of argmax f(image + d) over the ``num`` draws of this shard."""
+        """Counts (int64, length num_classes) of argmax f(image + d) over the ``num`` draws of this shard.
+
+        A NaN / infinite logit fails the shard with ``NonFiniteLogitsError`` naming the checkpoint.
+        """
         x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
-        counts = sample_counts(self.model, x, num, self.num_classes, self.sigma, batch_size=self.batch_size,
-                               seed=self.seed, idx=idx, shard=shard, stream=stream,
-                               amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+        try:
+            counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
+                                   batch_size=self.batch_size, seed=self.seed, idx=idx, shard=shard,
+                                   stream=stream, amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+        except NonFiniteLogitsError as err:
+            raise NonFiniteLogitsError(f"checkpoint={self.checkpoint!r}: {err} (NaN or infinite weights, "
+                                       "or a model that overflows; no certificate can come from it)") from None
         return counts.numpy()
 
     def count_timed(self, image: Any, idx: int, stream: int, shard: int,

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
@@ -357,7 +357,8 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
         if run_id:
             log_config({**cfg.flat_dict(), "num_images_selected": len(selected),
                         "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
-        progress = _certify_images(cfg, todo, num_classes, train_run_id, out_dir, hooks, run_id, pool)
+        progress = _certify_images_or_job_error(cfg, todo, num_classes, train_run_id, out_dir, hooks, run_id,
+                                                pool)
         table = read_results(out_dir)
         chosen = set(selected)
         keep = [i for i, idx in enumerate(table.column("idx").to_pylist()) if idx in chosen]
@@ -372,6 +373,18 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     print(format_summary(summary, out_dir))
     return CertifyResult(output_dir=out_dir, summary=summary, mlflow_run_id=run_id,
                          images_certified=progress.done, samples_per_s=summary["samples_per_s"])
+
+
+def _certify_images_or_job_error(*args: Any) -> _Progress:
+    """``_certify_images``, with an actor's ``ValueError`` (e.g. ``NonFiniteLogitsError`` naming the
+    checkpoint) re-raised as itself rather than wrapped in Ray's ``RayTaskError`` and its remote traceback,
+    so ``adre-ray certify`` prints the one message and exits 2. The failed image is not written."""
+    try:
+        return _certify_images(*args)
+    except RayTaskError as err:
+        if isinstance(err.cause, ValueError):
+            raise err.cause from None
+        raise
 
 
 def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train_run_id: str | None,

@@ -26,6 +26,7 @@ from adre_ray.smoothing.sampler import (
     MAIN_STREAM,
     NOISE_BLOCK,
     PILOT_STREAM,
+    NonFiniteLogitsError,
     effective_batch_size,
     fast_bf16_available,
     model_device,
@@ -37,6 +38,7 @@ from adre_ray.smoothing.smoothed import Certification, SmoothedClassifier
 
 __all__ = [
     "ABSTAIN", "DEFAULT_GRID", "MAIN_STREAM", "NOISE_BLOCK", "PILOT_STREAM", "TCERTIFY_MODES",
+    "NonFiniteLogitsError",
     "Certification", "SmoothedClassifier", "SmoothingResult", "bonferroni_level", "certify_counts",
     "cp_upper", "effective_batch_size", "fast_bf16_available", "model_device", "noise_seed",
     "prepare_model", "pA_lower", "pB_upper", "pilot_choice",

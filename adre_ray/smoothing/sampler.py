@@ -30,6 +30,14 @@ PILOT_STREAM = 0
 MAIN_STREAM = 1
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model returned a NaN or infinite logit: its argmax is meaningless, so no count may be kept.
+
+    (A model with NaN weights predicts class 0 for every draw; counting those draws would certify class 0
+    with a large radius.)
+    """
+
+
 def noise_seed(seed: int, idx: int, shard: int = 0, stream: int = MAIN_STREAM) -> int:
     """A 63-bit generator seed mixed from (seed, idx, stream, shard) by numpy's SeedSequence."""
     for name, value in (("seed", seed), ("idx", idx), ("shard", shard), ("stream", stream)):
@@ -174,10 +182,16 @@ def sample_counts(
     generator = torch.Generator(device=device)
     generator.manual_seed(generator_seed)
     ones = torch.ones(min(batch, num), dtype=torch.int64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # draws with a NaN / inf logit
     with _autocast(device, amp_dtype):
         for noisy in _noise_batches(x, num, float(sigma), batch, generator, channels_last):
             logits = model(noisy)
             if logits.dim() != 2 or logits.shape[1] != num_classes:
                 raise ValueError(f"model output shape {tuple(logits.shape)}: expected (batch, {num_classes})")
             counts.index_add_(0, logits.argmax(dim=1), ones[:logits.shape[0]])
+            nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
+    bad = int(nonfinite)  # the one host read of the flag, next to the counts' own transfer
+    if bad:
+        raise NonFiniteLogitsError(f"model output: {bad} of {num} draws gave a NaN or infinite logit "
+                                   f"(image idx={idx}, stream={stream}, shard={shard}); nothing counted")
     return counts.cpu()

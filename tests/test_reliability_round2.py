@@ -1,0 +1,88 @@
+"""Reliability, round 2 (issue 16): no certificate from non-finite logits or wrongly sized images, jobs that
+do not interfere (private Ray clusters, an output-folder lock), nothing that hangs (actors above capacity),
+clean interrupts and unwritable outputs, MLflow run states on resume, Tune restore, strict ``analyze``.
+
+Each test here failed before its fix (see docs/reliability.md, "What was tried").
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from adre_ray import cli
+from adre_ray.analysis.results import part_files
+from adre_ray.models import build_model, save_model_checkpoint
+from adre_ray.smoothing import NonFiniteLogitsError, sample_counts
+
+
+def certify_args(checkpoint: Path, data_dir: Path, out: Path, **more: object) -> list[str]:
+    settings = {"checkpoint": checkpoint, "data_dir": data_dir, "output_dir": out, "sigma": 0.25, "n0": 32,
+                "n": 64, "max_images": 2, "progress": "false", "shard_size": 32, **more}
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture(scope="module")
+def small_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A finite 10-class small_cnn checkpoint and the same with every weight NaN."""
+    root = tmp_path_factory.mktemp("ckpts16")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, "cifar10")
+    saved = {"good": save_model_checkpoint(root / "good.pt", model, model_name="small_cnn", num_classes=10,
+                                           dataset="cifar10", extra={"sigma": 0.25})}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))
+    saved["nan"] = save_model_checkpoint(root / "nan.pt", model, model_name="small_cnn", num_classes=10,
+                                         dataset="cifar10", extra={"sigma": 0.25})
+    return saved
+
+
+# ------------------------------------------------------------------------------ 1. non-finite logits
+
+
+class _OneBadDraw(torch.nn.Module):
+    """Finite logits except for one draw (row ``bad_row`` of the second batch), which gets +inf / NaN."""
+
+    def __init__(self, value: float, bad_row: int = 3) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.value, self.bad_row, self.calls = value, bad_row, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], 10)
+        logits[:, 0] = 1.0
+        if self.calls == 1:
+            logits[self.bad_row, 4] = self.value
+        self.calls += 1
+        return logits
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_sampler_refuses_a_single_non_finite_logit(value):
+    x = torch.rand(3, 8, 8)
+    with pytest.raises(NonFiniteLogitsError, match=r"1 of 128 draws gave a NaN or infinite logit"):
+        sample_counts(_OneBadDraw(value).eval(), x, 128, 10, 0.25, batch_size=64)
+    counts = sample_counts(_OneBadDraw(1.0).eval(), x, 128, 10, 0.25, batch_size=64)  # control: finite
+    assert counts.tolist() == [128] + [0] * 9
+
+
+def test_nan_weights_fail_the_job_naming_the_checkpoint(ray_cluster, small_checkpoints, cifar10_dir, tmp_path,
+                                                        capsys, monkeypatch):
+    """Before: every draw's argmax was class 0, so class-0 images were 'certified'. Now: exit 2 naming the
+    checkpoint, and no row is written."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = tmp_path / "out"
+    code = cli.main(["certify", *certify_args(small_checkpoints["nan"], cifar10_dir, out, num_actors=1)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"checkpoint='{small_checkpoints['nan']}'" in err and "NaN or infinite logit" in err, err
+    assert "Traceback" not in err
+    assert part_files(out) == []
