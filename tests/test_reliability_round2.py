@@ -86,3 +86,49 @@ def test_nan_weights_fail_the_job_naming_the_checkpoint(ray_cluster, small_check
     assert f"checkpoint='{small_checkpoints['nan']}'" in err and "NaN or infinite logit" in err, err
     assert "Traceback" not in err
     assert part_files(out) == []
+
+
+# ------------------------------------------------------------------------------- 2. image shape check
+
+
+def _png(size: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _cifar_layout(folder: Path, sizes: list[int]) -> Path:
+    """``folder/test.parquet`` in the CIFAR-10 layout (PNG bytes + label), row groups of 2 rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"image": pa.array([_png(s, i) for i, s in enumerate(sizes)], pa.binary()),
+                      "label": pa.array([i % 10 for i in range(len(sizes))], pa.int64())})
+    pq.write_table(table, folder / "test.parquet", row_group_size=2)
+    return folder / "test.parquet"
+
+
+@pytest.mark.parametrize("sizes, bad_row", [([64, 64, 64, 64], 0), ([32, 32, 32, 64, 32], 3)],
+                         ids=["all_64x64", "mixed_sizes"])
+def test_image_of_another_size_is_refused_naming_file_row_group_and_row(tmp_path, sizes, bad_row):
+    from adre_ray.data import load_images
+
+    path = _cifar_layout(tmp_path / "data", sizes)
+    group, row = divmod(bad_row, 2)
+    with pytest.raises(ValueError, match=rf"parquet='{path}': row {row} of row group {group} \(image idx "
+                                         rf"{bad_row}\): image shape \(3, 64, 64\).*\(3, 32, 32\)"):
+        load_images("cifar10", tmp_path / "data", "test", list(range(len(sizes))))
+    good = [i for i, s in enumerate(sizes) if s == 32]
+    if good:  # control: the 32x32 rows of the same file load
+        assert tuple(load_images("cifar10", tmp_path / "data", "test", good)[0].shape) == (len(good), 3, 32, 32)
+
+
+def test_certify_refuses_a_64x64_image_before_sampling_it(ray_cluster, small_checkpoints, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = _cifar_layout(tmp_path / "data", [64, 32])
+    out = tmp_path / "out"
+    code = cli.main(["certify", *certify_args(small_checkpoints["good"], tmp_path / "data", out,
+                                              num_actors=1, skip=1)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"parquet='{path}': row 0 of row group 0" in err and "(3, 64, 64)" in err, err
+    assert part_files(out) == []

@@ -241,7 +241,9 @@ def load_images(dataset: str, data_dir: str | Path, split: str, indices: Sequenc
                 source: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``indices`` of a split with the eval transform: (N, C, H, W) float32 in [0, 1], (N,) int64.
 
-    Parquet reads only the row groups holding those rows. The eval dataset of (dataset, data_dir, split,
+    Every image's shape must be (3, S, S), S the dataset's ``image_size`` (after the eval transform:
+    ImageNet is resized and cropped, CIFAR-10 is taken as is); otherwise ``ValueError`` naming the file,
+    row group and row (Parquet) or the index. Parquet reads only the row groups holding those rows. The eval dataset of (dataset, data_dir, split,
     source) is cached per process, so repeated calls (one per image batch of a certification job) do
     not rescan the labels.
     """
@@ -257,5 +259,19 @@ def load_images(dataset: str, data_dir: str | Path, split: str, indices: Sequenc
         size = DATASET_INFOS[dataset].image_size
         return torch.empty(0, 3, size, size), torch.empty(0, dtype=torch.int64)
     pairs = [ds[int(i)] for i in idx]
+    expected = (3, DATASET_INFOS[dataset].image_size, DATASET_INFOS[dataset].image_size)
+    for i, (image, _) in zip(idx, pairs):
+        if tuple(image.shape) != expected:
+            raise ValueError(f"{_image_location(ds, int(i))}: image shape {tuple(image.shape)} after the eval "
+                             f"transform, but {dataset!r} images are {expected} (C, H, W); a certificate of "
+                             "another input size would be about another input space")
     labels = torch.tensor([label for _, label in pairs], dtype=torch.int64)
     return torch.stack([image for image, _ in pairs]), labels
+
+
+def _image_location(ds: Dataset, index: int) -> str:
+    """Where image ``index`` of ``ds`` lives: file, row group and row for Parquet, else the index."""
+    if isinstance(ds, ParquetImageDataset):
+        path, group, offset = ds.locate(index)
+        return f"parquet={str(path)!r}: row {offset} of row group {group} (image idx {index})"
+    return f"image idx {index}"
