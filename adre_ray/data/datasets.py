@@ -243,9 +243,9 @@ def load_images(dataset: str, data_dir: str | Path, split: str, indices: Sequenc
 
     Every image's shape must be (3, S, S), S the dataset's ``image_size`` (after the eval transform:
     ImageNet is resized and cropped, CIFAR-10 is taken as is); otherwise ``ValueError`` naming the file,
-    row group and row (Parquet) or the index. Parquet reads only the row groups holding those rows. The eval dataset of (dataset, data_dir, split,
-    source) is cached per process, so repeated calls (one per image batch of a certification job) do
-    not rescan the labels.
+    row group and row (Parquet) or the index. Parquet reads only the row groups holding those rows.
+    The eval dataset of (dataset, data_dir, split, source) is cached per process, so repeated calls (one
+    per image batch of a certification job) do not rescan the labels.
     """
     _check_args(dataset, split, source)
     data_dir = str(Path(data_dir).expanduser().resolve())
@@ -260,11 +260,11 @@ def load_images(dataset: str, data_dir: str | Path, split: str, indices: Sequenc
         return torch.empty(0, 3, size, size), torch.empty(0, dtype=torch.int64)
     pairs = [ds[int(i)] for i in idx]
     expected = (3, DATASET_INFOS[dataset].image_size, DATASET_INFOS[dataset].image_size)
-    for i, (image, _) in zip(idx, pairs):
+    for i, (image, _) in zip(idx, pairs, strict=True):
         if tuple(image.shape) != expected:
-            raise ValueError(f"{_image_location(ds, int(i))}: image shape {tuple(image.shape)} after the eval "
-                             f"transform, but {dataset!r} images are {expected} (C, H, W); a certificate of "
-                             "another input size would be about another input space")
+            raise ValueError(f"{_image_location(ds, int(i))}: image shape {tuple(image.shape)} after the "
+                             f"eval transform, but {dataset!r} images are {expected} (C, H, W); a "
+                             "certificate of another input size would be about another input space")
     labels = torch.tensor([label for _, label in pairs], dtype=torch.int64)
     return torch.stack([image for image, _ in pairs]), labels
 

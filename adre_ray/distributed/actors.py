@@ -65,8 +65,8 @@ class CertifyWorker:
                                    batch_size=self.batch_size, seed=self.seed, idx=idx, shard=shard,
                                    stream=stream, amp_dtype=self.amp_dtype, channels_last=self.channels_last)
         except NonFiniteLogitsError as err:
-            raise NonFiniteLogitsError(f"checkpoint={self.checkpoint!r}: {err} (NaN or infinite weights, "
-                                       "or a model that overflows; no certificate can come from it)") from None
+            raise NonFiniteLogitsError(f"checkpoint={self.checkpoint!r}: {err} (NaN or infinite weights, or "
+                                       "a model that overflows; no certificate can come from it)") from None
         return counts.numpy()
 
     def count_timed(self, image: Any, idx: int, stream: int, shard: int,
