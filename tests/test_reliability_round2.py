@@ -8,6 +8,11 @@ Each test here failed before its fix (see docs/reliability.md, "What was tried")
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +23,11 @@ import torch
 from PIL import Image
 
 from adre_ray import cli
-from adre_ray.analysis.results import part_files
+from adre_ray.analysis.results import part_files, read_results
 from adre_ray.models import build_model, save_model_checkpoint
 from adre_ray.smoothing import NonFiniteLogitsError, sample_counts
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def certify_args(checkpoint: Path, data_dir: Path, out: Path, **more: object) -> list[str]:
@@ -133,3 +140,44 @@ def test_certify_refuses_a_64x64_image_before_sampling_it(ray_cluster, small_che
     err = capsys.readouterr().err
     assert code == 2 and f"parquet='{path}': row 0 of row group 0" in err and "(3, 64, 64)" in err, err
     assert part_files(out) == []
+
+
+# ------------------------------------------------------------------------------ 3. jobs that interfere
+
+
+def _job_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a job started as a user would: no RAY_ADDRESS, this worktree's code, and Ray's
+    temp dir private to the test (so a `ray start` cluster of some other process is not this test's)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r16", dir="/tmp"))
+    env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=str(ray_tmp), OMP_NUM_THREADS="1",
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}")
+    return env
+
+
+def _certify_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "adre_ray.cli", "certify", *args], cwd=log.parent, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_two_certify_jobs_at_once_both_finish_with_all_their_images(small_checkpoints, cifar10_dir, tmp_path):
+    """Before: the second job joined the first job's private cluster (``ray.init(address="auto")``) and died
+    with exit 1 when the first finished and shut it down. Now each starts its own."""
+    env = _job_env(tmp_path)
+    outs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    images = {"a": 2, "b": 5}
+    def args(name: str) -> list[str]:
+        return certify_args(small_checkpoints["good"], cifar10_dir, outs[name], num_actors=1,
+                            max_images=images[name], tracking_uri="none")
+
+    first = _certify_process(args("a"), env, tmp_path / "a.log")
+    deadline = time.monotonic() + 240
+    while not (outs["a"] / "run.json").exists():  # written once job a has its Ray cluster
+        assert first.poll() is None, (tmp_path / "a.log").read_text()
+        assert time.monotonic() < deadline, "job a did not start"
+        time.sleep(0.5)
+    second = _certify_process(args("b"), env, tmp_path / "b.log")
+    for name, proc in (("a", first), ("b", second)):
+        assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()
+    for name, out in outs.items():
+        assert sorted(read_results(out).column("idx").to_pylist()) == [20 * i for i in range(images[name])]

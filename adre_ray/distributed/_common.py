@@ -26,10 +26,23 @@ def train_v2_enabled() -> bool:
     return bool(is_v2_enabled())
 
 
-def connect_ray(address: str | None = None) -> bool:
-    """Connect to ``address``, else ``$RAY_ADDRESS``, else a running local cluster, else start one.
+ADDRESS_HELP = ("Ray cluster to use: an address (host:port, ray://host:10001), 'auto' (any running "
+                "local cluster), or 'local' (a new private one). Default: $RAY_ADDRESS, else the cluster "
+                "started on this machine with `ray start`, else a new private local cluster (never "
+                "another job's private cluster)")
+"""The ``--address`` help of ``adre-ray certify / train / tune``."""
 
-    ``address="local"`` always starts a new private local cluster.
+
+def connect_ray(address: str | None = None) -> bool:
+    """Join the Ray cluster the user named or started, else start a private one; never another job's.
+
+    - ``address`` given: ``"local"`` starts a new private local cluster; ``"auto"`` joins any running
+      local cluster (Ray's meaning, chosen by the user); anything else is joined as given;
+    - else ``$RAY_ADDRESS`` (set by ``ray job submit``) is joined;
+    - else the cluster recorded by ``ray start`` on this machine (Ray's ``ray_current_cluster`` file in
+      its temp dir) is joined if it is alive, and otherwise a new private cluster is started. A cluster
+      that another ``adre-ray`` job started with ``ray.init()`` is never joined: it is not recorded
+      there, and it dies with that job. (``ray.init(address="auto")`` would join it.)
 
     Returns True when this call started or joined Ray (the caller then shuts it down).
     """
@@ -41,7 +54,7 @@ def connect_ray(address: str | None = None) -> bool:
         ray.init(address=address or os.environ["RAY_ADDRESS"])
         return True
     try:
-        ray.init(address="auto")
-    except (ConnectionError, RuntimeError):
-        ray.init()
+        ray.init()  # the `ray start` cluster of this machine, else a new private one
+    except ConnectionError:  # a stale `ray start` record (that cluster is gone): start a private one
+        ray.init(address="local")
     return True

@@ -40,7 +40,7 @@ from adre_ray.analysis.results import completed_indices, ensure_manifest, read_r
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.data import build_dataset, dataset_info, load_images
-from adre_ray.distributed._common import connect_ray
+from adre_ray.distributed._common import ADDRESS_HELP, connect_ray
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import read_checkpoint
 from adre_ray.smoothing import (
@@ -550,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, dest=dest, type=kind, default=None,
                             help=f"config field {dest}" + (" (comma-separated)" if dest == "grid" else ""))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     return parser
 
 
@@ -581,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = False
     try:
         cfg = config_from_args(argv)
-        started = connect_ray()
+        started = connect_ray(build_parser().parse_args(argv).address)
         result = run_certification(cfg)
     except ValueError as err:
         print(f"adre-ray certify: error: {err}", file=sys.stderr)

@@ -31,7 +31,13 @@ from typing import Any
 
 from adre_ray.config import load_config
 from adre_ray.config.train import TrainConfig
-from adre_ray.distributed._common import connect_ray, is_local_storage, resolve_storage_path, train_v2_enabled
+from adre_ray.distributed._common import (
+    ADDRESS_HELP,
+    connect_ray,
+    is_local_storage,
+    resolve_storage_path,
+    train_v2_enabled,
+)
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -630,9 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with TrainConfig fields (see jobs/configs/train_*.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field with a YAML value, e.g. loss.lam=0.2 (repeatable)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address, or 'local' for a new private local cluster (default: "
-                             "$RAY_ADDRESS, else a running local cluster, else a new local one)")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     return parser
 
 

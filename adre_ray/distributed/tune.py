@@ -40,7 +40,7 @@ import yaml
 from adre_ray.config import load_config, parse_overrides
 from adre_ray.config.train import TrainConfig
 from adre_ray.config.tune import Distribution, TuneSpace, load_space
-from adre_ray.distributed._common import connect_ray, is_local_storage, resolve_storage_path
+from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, is_local_storage, resolve_storage_path
 from adre_ray.distributed.train import EPOCH_METRICS, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, build_trainer
 from adre_ray.tracking import (
     DISABLED,
@@ -420,8 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None,
                         help="override the search name (output subfolder, MLflow run name)")
     parser.add_argument("--output-dir", default=None, help="override the space's output_dir")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a "
-                                                        "running local cluster, else a new local one)")
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     return parser
 
 
