@@ -181,3 +181,56 @@ def test_two_certify_jobs_at_once_both_finish_with_all_their_images(small_checkp
         assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()
     for name, out in outs.items():
         assert sorted(read_results(out).column("idx").to_pylist()) == [20 * i for i in range(images[name])]
+
+
+# ---------------------------------------------------------------------------- 4. output-folder lock
+
+_HOLD_LOCK = ("import sys, time\n"
+              "from adre_ray.analysis.output_folder import output_folder_lock\n"
+              "with output_folder_lock(sys.argv[1]):\n"
+              "    print('locked', flush=True)\n"
+              "    time.sleep(600)\n")
+
+
+def _lock_holder(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_output_folder_lock_names_its_holder_and_a_sigkill_never_leaves_it_stuck(tmp_path):
+    from adre_ray.analysis.output_folder import LOCK_NAME, OutputFolderBusyError, output_folder_lock
+
+    folder = tmp_path / "out"
+    holder = _lock_holder(folder)
+    try:
+        busy = rf"output_dir='{folder}': in use by another run \(pid {holder.pid} on "
+        with pytest.raises(OutputFolderBusyError, match=busy), output_folder_lock(folder):
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs in the holder
+        holder.wait()
+    assert (folder / LOCK_NAME).exists()  # the stale file stays, but the OS released the lock
+    with output_folder_lock(folder) as path:
+        assert f'"pid": {os.getpid()}' in path.read_text()
+    assert not (folder / LOCK_NAME).exists()  # a clean release removes the file
+
+
+def test_second_certify_into_a_busy_folder_is_refused_naming_the_holder(ray_cluster, small_checkpoints,
+                                                                       cifar10_dir, tmp_path, capsys):
+    """Before: both runs certified every image, and the duplicate parts blocked every later run."""
+    out = tmp_path / "out"
+    holder = _lock_holder(out)
+    try:
+        code = cli.main(["certify", *certify_args(small_checkpoints["good"], cifar10_dir, out, num_actors=1,
+                                                  tracking_uri="none")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"in use by another run (pid {holder.pid} on" in err, err
+        assert part_files(out) == [] and not (out / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code = cli.main(["certify", *certify_args(small_checkpoints["good"], cifar10_dir, out, num_actors=1,
+                                              tracking_uri="none")])
+    assert code == 0 and len(read_results(out)) == 2

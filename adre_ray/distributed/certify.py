@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
+from adre_ray.analysis.output_folder import output_folder_lock
 from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import CertifyConfig
@@ -51,6 +53,7 @@ from adre_ray.smoothing import (
     tcertify_counts,
 )
 from adre_ray.tracking import log_artifact, log_config, log_metrics, mlflow_run, set_tags
+from adre_ray.tracking.runs import DISABLED, resolve_tracking_uri
 
 TASKS_PER_ACTOR = 2
 """Shards queued per actor: one running, one ready, so an actor never waits for the driver."""
@@ -327,6 +330,38 @@ def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
     }
 
 
+MLFLOW_RUN_FILE = "mlflow_run.json"
+"""In a result folder: the MLflow store and run id of the certification writing it (so a resume continues
+that run instead of leaving it RUNNING and opening another)."""
+
+
+def previous_certify_run(out_dir: Path, tracking_uri: str | None) -> str | None:
+    """The run id recorded in ``out_dir`` if it belongs to the same MLflow store and still exists there
+    (not deleted); None otherwise (a new run is then opened)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    path = out_dir / MLFLOW_RUN_FILE
+    if uri == DISABLED or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("tracking_uri") != uri:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(tracking_uri=uri).get_run(str(record["run_id"]))
+    except Exception:  # unreadable record, unknown run, store moved: start a new run
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else str(run.info.run_id)
+
+
+def record_certify_run(out_dir: Path, tracking_uri: str | None, run_id: str) -> None:
+    """Write ``out_dir/mlflow_run.json`` (atomically) naming the store and the run."""
+    record = {"tracking_uri": resolve_tracking_uri(tracking_uri), "run_id": run_id}
+    tmp = out_dir / f".{MLFLOW_RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, out_dir / MLFLOW_RUN_FILE)
+
+
 def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
                       pool: CertifyPool | None = None) -> CertifyResult:
     """Certify the selected images of ``cfg`` into ``cfg.output_dir``; resume what is already there.
@@ -346,30 +381,35 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     selected = select_indices(cfg, split_size)
     if not selected:
         raise ValueError(f"start={cfg.start}: beyond the {split_size} images of the {cfg.split!r} split")
-    ensure_manifest(out_dir, manifest_settings(cfg))
-    done_before = completed_indices(out_dir)
-    todo = [i for i in selected if i not in done_before]
+    with output_folder_lock(out_dir):  # one run at a time per folder (released by the OS if we die)
+        ensure_manifest(out_dir, manifest_settings(cfg))
+        done_before = completed_indices(out_dir)
+        todo = [i for i in selected if i not in done_before]
 
-    tags = {"job": "certify", **({"train_run_id": train_run_id} if train_run_id else {})}
-    run_name = f"certify-{Path(cfg.checkpoint).stem}-sigma{cfg.sigma:g}"
-    with mlflow_run(cfg.experiment, run_name=run_name, tracking_uri=cfg.tracking_uri, tags=tags) as run:
-        run_id = run.info.run_id or None
-        if run_id:
-            log_config({**cfg.flat_dict(), "num_images_selected": len(selected),
-                        "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
-        progress = _certify_images_or_job_error(cfg, todo, num_classes, train_run_id, out_dir, hooks, run_id,
-                                                pool)
-        table = read_results(out_dir)
-        chosen = set(selected)
-        keep = [i for i, idx in enumerate(table.column("idx").to_pylist()) if idx in chosen]
-        table = table.take(keep)
-        summary = summarize(table, DEFAULT_RADII)
-        summary["samples_per_s"] = progress.samples_per_s()
-        summary["images_certified_this_run"] = float(progress.done)
-        if run_id:
-            log_metrics(mlflow_metrics(summary), step=len(table), tracking_uri=cfg.tracking_uri)
-            set_tags({"output_dir": str(out_dir.resolve())}, tracking_uri=cfg.tracking_uri)
-            log_artifact(out_dir, "results", tracking_uri=cfg.tracking_uri)
+        tags = {"job": "certify", **({"train_run_id": train_run_id} if train_run_id else {})}
+        run_name = f"certify-{Path(cfg.checkpoint).stem}-sigma{cfg.sigma:g}"
+        previous_run_id = previous_certify_run(out_dir, cfg.tracking_uri)
+        with mlflow_run(cfg.experiment, run_name=run_name, tracking_uri=cfg.tracking_uri,
+                        run_id=previous_run_id, tags=None if previous_run_id else tags) as run:
+            run_id = run.info.run_id or None
+            if run_id and run_id != previous_run_id:
+                record_certify_run(out_dir, cfg.tracking_uri, run_id)
+            if run_id:
+                log_config({**cfg.flat_dict(), "num_images_selected": len(selected),
+                            "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
+            progress = _certify_images_or_job_error(cfg, todo, num_classes, train_run_id, out_dir, hooks,
+                                                    run_id, pool)
+            table = read_results(out_dir)
+            chosen = set(selected)
+            keep = [i for i, idx in enumerate(table.column("idx").to_pylist()) if idx in chosen]
+            table = table.take(keep)
+            summary = summarize(table, DEFAULT_RADII)
+            summary["samples_per_s"] = progress.samples_per_s()
+            summary["images_certified_this_run"] = float(progress.done)
+            if run_id:
+                log_metrics(mlflow_metrics(summary), step=len(table), tracking_uri=cfg.tracking_uri)
+                set_tags({"output_dir": str(out_dir.resolve())}, tracking_uri=cfg.tracking_uri)
+                log_artifact(out_dir, "results", tracking_uri=cfg.tracking_uri)
     print(format_summary(summary, out_dir))
     return CertifyResult(output_dir=out_dir, summary=summary, mlflow_run_id=run_id,
                          images_certified=progress.done, samples_per_s=summary["samples_per_s"])
