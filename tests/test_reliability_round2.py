@@ -234,3 +234,44 @@ def test_second_certify_into_a_busy_folder_is_refused_naming_the_holder(ray_clus
     code = cli.main(["certify", *certify_args(small_checkpoints["good"], cifar10_dir, out, num_actors=1,
                                               tracking_uri="none")])
     assert code == 0 and len(read_results(out)) == 2
+
+
+# --------------------------------------------------------------------------- 5. actors above capacity
+
+
+def test_more_actors_than_the_cluster_has_are_refused_at_once(ray_cluster, small_checkpoints, cifar10_dir,
+                                                             tmp_path, capsys):
+    """Before: ``--actors 3`` on 2 CPUs waited forever without a word."""
+    out = tmp_path / "out"
+    began = time.monotonic()
+    args = certify_args(small_checkpoints["good"], cifar10_dir, out, tracking_uri="none")
+    code = cli.main(["certify", *args, "--actors", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_actors=3: the Ray cluster has 2 CPUs in all" in err, err
+    assert time.monotonic() - began < 60 and part_files(out) == []
+
+
+def test_actors_held_by_another_job_are_waited_for_then_refused(ray_cluster, small_checkpoints, capsys):
+    """Both CPUs held (as by another job's actors): the pool size waits visibly, then refuses."""
+    from adre_ray.config import load_config
+    from adre_ray.config.certify import CertifyConfig
+    from adre_ray.distributed.certify import _pool_size
+
+    @ray_cluster.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holders = [Holder.remote() for _ in range(2)]
+    ray_cluster.get([h.ready.remote() for h in holders])
+    try:
+        for actors in (None, 1):
+            cfg = load_config(CertifyConfig, None, [f"checkpoint={small_checkpoints['good']}",
+                                                    f"num_actors={'null' if actors is None else actors}"])
+            with pytest.raises(ValueError, match=rf"num_actors={actors}: only 0 of the cluster's 2 CPUs are "
+                                                 r"free"):
+                _pool_size(cfg, use_gpu=False, wait_s=1.0)
+            assert "waiting up to 1 s for 1 free CPU(s) (0 of 2 free now)" in capsys.readouterr().err
+    finally:
+        for holder in holders:
+            ray_cluster.kill(holder)

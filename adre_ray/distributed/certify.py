@@ -295,16 +295,42 @@ def checkpoint_facts(checkpoint: str, num_classes: int) -> tuple[float | None, s
     return sigma, (str(run_id) if run_id else None)
 
 
-def _pool_size(cfg: CertifyConfig, use_gpu: bool) -> int:
-    if cfg.num_actors is not None:
-        return cfg.num_actors
-    resources = ray.cluster_resources()
+RESOURCE_WAIT_S = 20.0
+"""How long ``_pool_size`` waits for CPUs / GPUs that are in the cluster but held (by a pool just shut
+down, or by another job) before refusing; it prints what it waits for."""
+
+
+def _pool_size(cfg: CertifyConfig, use_gpu: bool, wait_s: float = RESOURCE_WAIT_S) -> int:
+    """Actors the pool gets: ``num_actors``, or one per FREE GPU / CPU (``ray.available_resources``).
+
+    Each actor needs one CPU (or one GPU). More actors than the cluster has are refused at once; more
+    than are free now are waited for, with a message, at most ``wait_s`` seconds, then refused
+    (``ValueError`` naming ``num_actors`` and the counts): an actor that cannot be scheduled would make
+    the job wait forever without a word.
+    """
     key = "GPU" if use_gpu else "CPU"
-    available = int(resources.get(key, 0))
-    if available < 1:
-        raise ValueError(f"num_actors=None: the Ray cluster has no {key} yet to size the pool from; "
-                         "set num_actors")
-    return available
+    total = int(ray.cluster_resources().get(key, 0))
+    wanted = cfg.num_actors if cfg.num_actors is not None else 1
+    if wanted > total:
+        raise ValueError(f"num_actors={cfg.num_actors}: the Ray cluster has {total} {key}s in all and each "
+                         f"actor needs one; use num_actors <= {total}" if total else
+                         f"num_actors={cfg.num_actors}: the Ray cluster has no {key}")
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        free = int(ray.available_resources().get(key, 0))
+        if free >= wanted:
+            return cfg.num_actors if cfg.num_actors is not None else free
+        if time.monotonic() >= deadline:
+            raise ValueError(f"num_actors={cfg.num_actors}: only {free} of the cluster's {total} {key}s are "
+                             f"free (other jobs or actors hold the rest; waited {wait_s:g} s); use "
+                             f"num_actors <= {free}" + ("" if free else " after they finish")
+                             + " or another cluster (--address)")
+        if not said:
+            print(f"adre-ray certify: waiting up to {wait_s:g} s for {wanted} free {key}(s) ({free} of "
+                  f"{total} free now)", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.5)
 
 
 def resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None]:
