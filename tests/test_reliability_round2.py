@@ -275,3 +275,72 @@ def test_actors_held_by_another_job_are_waited_for_then_refused(ray_cluster, sma
     finally:
         for holder in holders:
             ray_cluster.kill(holder)
+
+
+# ------------------------------------------------------------------ 6. Ctrl-C, unwritable output paths
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_the_same_command_resumes(ray_cluster, small_checkpoints,
+                                                                        cifar10_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    """Before: a 20-line traceback. Ctrl-C is raised where a real one lands: in the driver's loop, after
+    the first part is written."""
+    from adre_ray.distributed import certify as certify_mod
+
+    def ctrl_c(path: Path) -> None:
+        raise KeyboardInterrupt
+
+    args = ["certify", *certify_args(small_checkpoints["good"], cifar10_dir, tmp_path / "out", num_actors=1,
+                                     max_images=3, flush_images=1, tracking_uri="none")]
+    with monkeypatch.context() as patch:
+        patch.setattr(certify_mod, "CertifyHooks", _hooks_class(certify_mod.CertifyHooks, ctrl_c))
+        assert cli.main(args) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["adre-ray certify: interrupted; re-run the same command to resume"]
+    assert len(read_results(tmp_path / "out")) == 1
+    assert cli.main(args) == 0
+    assert sorted(read_results(tmp_path / "out").column("idx").to_pylist()) == [0, 20, 40]
+
+
+def _hooks_class(hooks_class: type, on_part_written) -> type:
+    class Interrupting(hooks_class):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__(on_part_written=on_part_written)
+
+    return Interrupting
+
+
+@pytest.mark.parametrize("problem", ["is_a_file", "under_a_file"])
+def test_output_path_that_cannot_be_a_folder_exits_2_before_ray(problem, small_checkpoints, cifar10_dir,
+                                                                tmp_path, capsys, monkeypatch):
+    """Tests run as root, for whom no folder is read-only; a path that is, or lies under, a regular file
+    fails the same way (the check also tests write access and free space)."""
+    from adre_ray.distributed import certify as certify_mod
+
+    monkeypatch.setattr(certify_mod, "connect_ray", lambda *a, **k: pytest.fail("Ray must not start"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    out = blocker if problem == "is_a_file" else blocker / "out"
+    code = cli.main(["certify", *certify_args(small_checkpoints["good"], cifar10_dir, out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"output_dir='{out}'" in err, err
+    assert ("is a file, not a folder" if problem == "is_a_file" else f"'{blocker}' is a file") in err
+    assert blocker.read_text() == "a file"
+
+
+def test_full_disk_while_writing_a_part_exits_2_naming_the_path(ray_cluster, small_checkpoints, cifar10_dir,
+                                                                tmp_path, capsys, monkeypatch):
+    import errno
+
+    from adre_ray.distributed import certify as certify_mod
+
+    def no_space(out_dir: Path, rows: list) -> Path:
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "part-x.parquet"))
+
+    monkeypatch.setattr(certify_mod, "write_part", no_space)
+    out = tmp_path / "out"
+    code = cli.main(["certify", *certify_args(small_checkpoints["good"], cifar10_dir, out, num_actors=1,
+                                              tracking_uri="none")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write '{out / 'part-x.parquet'}': No space left on device" in err, err
+    assert "Traceback" not in err

@@ -33,6 +33,24 @@ ADDRESS_HELP = ("Ray cluster to use: an address (host:port, ray://host:10001), '
 """The ``--address`` help of ``adre-ray certify / train / tune``."""
 
 
+INTERRUPTED_EXIT = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def interrupted(command: str) -> int:
+    """Print the one line a stopped job says, and return the exit status ``INTERRUPTED_EXIT``."""
+    import sys
+
+    print(f"adre-ray {command}: interrupted; re-run the same command to resume", file=sys.stderr, flush=True)
+    return INTERRUPTED_EXIT
+
+
+def os_error_message(err: OSError) -> str:
+    """``<path>: <reason>`` of a failed write (full disk, read-only file system, a file in the way)."""
+    where = err.filename if err.filename is not None else "output"
+    return f"cannot write {str(where)!r}: {err.strerror or err}"
+
+
 def connect_ray(address: str | None = None) -> bool:
     """Join the Ray cluster the user named or started, else start a private one; never another job's.
 

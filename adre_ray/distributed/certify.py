@@ -37,12 +37,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
-from adre_ray.analysis.output_folder import output_folder_lock
+from adre_ray.analysis.output_folder import check_output_dir, output_folder_lock
 from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.data import build_dataset, dataset_info, load_images
-from adre_ray.distributed._common import ADDRESS_HELP, connect_ray
+from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, interrupted, os_error_message
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import read_checkpoint
 from adre_ray.smoothing import (
@@ -643,16 +643,23 @@ def config_from_args(argv: Sequence[str]) -> CertifyConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``adre-ray certify``: exit 0 on success, 2 on a configuration or data error (message on stderr)."""
+    """``adre-ray certify``: exit 0 on success, 2 on a configuration, data or output error (message on
+    stderr), 130 on Ctrl-C (one line; re-running the same command resumes)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     started = False
     try:
         cfg = config_from_args(argv)
+        check_output_dir(cfg.output_dir)  # a file in the way, a read-only folder: before Ray starts
         started = connect_ray(build_parser().parse_args(argv).address)
         result = run_certification(cfg)
     except ValueError as err:
         print(f"adre-ray certify: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. the disk filled up while writing a part (finished parts are kept)
+        print(f"adre-ray certify: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # finished images were written on the way out
+        return interrupted("certify")
     finally:
         if started:
             ray.shutdown()

@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adre_ray.analysis.output_folder import check_output_dir
 from adre_ray.config import load_config
 from adre_ray.config.train import TrainConfig
 from adre_ray.distributed._common import (
     ADDRESS_HELP,
     connect_ray,
+    interrupted,
     is_local_storage,
     resolve_storage_path,
     train_v2_enabled,
@@ -642,12 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``adre-ray train``: exit 0 on success, 2 on a configuration or data error, 1 when training failed
-    (message on stderr)."""
+    (message on stderr), 130 on Ctrl-C (re-running the same command resumes)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = load_config(TrainConfig, args.config, args.set)
         if args.address in (None, "local"):
             _check_local_data(cfg)
+            check_output_dir(cfg.run.storage_path, "run.storage_path")
     except ValueError as err:
         print(f"adre-ray train: error: {err}", file=sys.stderr)
         return 2
@@ -663,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingFailedError as err:  # a worker raised (after run.max_failures restarts)
         print(f"adre-ray train: training failed: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return interrupted("train")
     finally:
         if started:
             import ray

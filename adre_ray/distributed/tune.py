@@ -40,7 +40,13 @@ import yaml
 from adre_ray.config import load_config, parse_overrides
 from adre_ray.config.train import TrainConfig
 from adre_ray.config.tune import Distribution, TuneSpace, load_space
-from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, is_local_storage, resolve_storage_path
+from adre_ray.distributed._common import (
+    ADDRESS_HELP,
+    connect_ray,
+    interrupted,
+    is_local_storage,
+    resolve_storage_path,
+)
 from adre_ray.distributed.train import EPOCH_METRICS, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, build_trainer
 from adre_ray.tracking import (
     DISABLED,
@@ -443,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"adre-ray tune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted("tune")
     finally:
         if started:
             import ray
