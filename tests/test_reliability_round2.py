@@ -344,3 +344,90 @@ def test_full_disk_while_writing_a_part_exits_2_naming_the_path(ray_cluster, sma
     err = capsys.readouterr().err
     assert code == 2 and f"cannot write '{out / 'part-x.parquet'}': No space left on device" in err, err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------- 7. MLflow run states
+
+
+def test_resumed_certification_continues_its_mlflow_run(ray_cluster, small_checkpoints, cifar10_dir,
+                                                        tmp_path):
+    """Before: each resume opened a new run of the same name, the interrupted one left behind."""
+    from mlflow.tracking import MlflowClient
+
+    from adre_ray.config import load_config
+    from adre_ray.config.certify import CertifyConfig
+    from adre_ray.distributed.certify import MLFLOW_RUN_FILE, CertifyHooks, run_certification
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(CertifyConfig, None, [
+        f"checkpoint={small_checkpoints['good']}", f"data_dir={cifar10_dir}",
+        f"output_dir={tmp_path / 'out'}", "sigma=0.25", "n0=32", "n=64", "max_images=3", "shard_size=32",
+        "num_actors=1", "flush_images=1", "progress=false", f"tracking_uri={uri}", "experiment=certify16"])
+
+    def stop(path: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_certification(cfg, hooks=CertifyHooks(on_part_written=stop))
+    assert (tmp_path / "out" / MLFLOW_RUN_FILE).is_file()
+    result = run_certification(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("certify16").experiment_id])
+    assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
+    assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["certify/num_images"] == 3
+
+
+def test_an_epoch_run_again_after_a_restart_is_logged_once(tmp_path):
+    """Before: rank 0 logged epoch e, the group restarted from the checkpoint of e - 1 (e's was not yet
+    committed), and e was logged again: two points at one step."""
+    from mlflow.tracking import MlflowClient
+
+    from adre_ray.distributed.train import _log_epoch
+    from adre_ray.tracking import mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with mlflow_run("train16", "r", tracking_uri=uri) as run:
+        run_id = run.info.run_id
+    metrics = {"epoch": 3, "loss": 1.0, "l_per": 1.0, "l_adre": 0.0, "train_acc_noise": 0.5,
+               "test_acc_noise": 0.4, "test_acc_clean": 0.6, "images_per_s_total": 10.0}
+    _log_epoch(metrics, run_id, uri)
+    _log_epoch({**metrics, "loss": 0.9}, run_id, uri)  # the same epoch, trained again
+    _log_epoch({**metrics, "epoch": 4, "loss": 0.8}, run_id, uri)
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(3, 1.0), (4, 0.8)]
+
+
+def _train_config(storage: Path, name: str, overrides: list[str]):
+    from adre_ray.config import load_config
+    from adre_ray.config.train import TrainConfig
+
+    base = ["model=small_cnn", f"run.name={name}", f"run.storage_path={storage}", "run.tracking_uri=none"]
+    return load_config(TrainConfig, None, [*base, *overrides])
+
+
+def _saved_training_run(storage: Path, name: str, overrides: list[str]):
+    """A training run folder holding one complete checkpoint of the config ``overrides``."""
+    from adre_ray.distributed.train import CHECKPOINT_PREFIX, TRAIN_STATE_FILENAME
+
+    cfg = _train_config(storage, name, overrides)
+    folder = storage / name / f"{CHECKPOINT_PREFIX}000000"
+    folder.mkdir(parents=True)
+    save_model_checkpoint(folder, build_model("small_cnn", 10, "cifar10"), model_name="small_cnn",
+                          num_classes=10, dataset="cifar10", extra={"config": cfg.to_dict(), "epoch": 0})
+    torch.save({"epoch": 0}, folder / TRAIN_STATE_FILENAME)
+    return cfg
+
+
+@pytest.mark.parametrize("change, named", [("loss.lam=0.5", "loss.lam=0.5"), ("model=cifar_resnet20",
+                                           "model='cifar_resnet20'"), ("optim.lr=0.01", "optim.lr=0.01")])
+def test_training_resumed_with_other_settings_is_refused_naming_the_field(change, named, tmp_path):
+    """Before: accepted silently, the MLflow params keeping the old values."""
+    from adre_ray.distributed.train import check_resume_settings, latest_checkpoint, run_training
+
+    cfg = _saved_training_run(tmp_path / "runs", "r16", ["loss.lam=0.2"])
+    with pytest.raises(ValueError, match=rf"{named} differs from the run being resumed"):
+        run_training(_train_config(tmp_path / "runs", "r16", ["loss.lam=0.2", change]), check_data=False)
+    checkpoint = latest_checkpoint(str(tmp_path / "runs" / "r16"))
+    for allowed in ({"schedule.epochs": 300}, {"scaling.num_workers": 4}, {"run.max_failures": 2},
+                    {"data.data_dir": str(tmp_path)}):
+        check_resume_settings(cfg.replace(**allowed), checkpoint, "here")  # allowed on resume

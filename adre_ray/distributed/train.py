@@ -437,6 +437,19 @@ def _say(message: str) -> None:
     print(message, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
+def _logged_epochs(mlflow_run_id: str, tracking_uri: str) -> set[int]:
+    """Steps of the run's ``epoch`` metric already in MLflow.
+
+    An epoch is logged before the controller has committed its checkpoint, so a crash in between (or a
+    stop and resume) re-runs the epoch from the previous checkpoint; checking here keeps one point per
+    step however the run was interrupted.
+    """
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(mlflow_run_id, "epoch")
+    return {int(m.step) for m in history}
+
+
 def _log_epoch(metrics: Mapping[str, Any], mlflow_run_id: str, tracking_uri: str) -> None:
     """One summary line, and the metrics into the driver's MLflow run (a tracking error never stops
     training)."""
@@ -446,6 +459,8 @@ def _log_epoch(metrics: Mapping[str, Any], mlflow_run_id: str, tracking_uri: str
     if not mlflow_run_id or tracking_uri == DISABLED:
         return
     try:
+        if int(metrics["epoch"]) in _logged_epochs(mlflow_run_id, tracking_uri):
+            return  # this epoch was re-run after a restart: its first values stand, never a second point
         log_metrics(metrics, step=int(metrics["epoch"]), run_id=mlflow_run_id, tracking_uri=tracking_uri)
     except Exception as err:  # noqa: BLE001 - tracking is best effort inside the loop
         print(f"[adre-ray train] warning: MLflow logging failed: {err}", file=sys.stderr, flush=True)
@@ -577,6 +592,46 @@ def localize_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(**{"data.data_dir": str(data_dir.resolve())})
 
 
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "schedule.epochs", "scaling.", "data.data_dir", "data.source", "data.download", "data.loader_workers",
+    "data.test_subset", "validation.", "run.name", "run.experiment", "run.storage_path", "run.tracking_uri",
+    "run.max_failures", "run.checkpoints_to_keep", "run.channels_last", "run.compile",
+    "run.eval_max_batches", "run.progress", "run.verbose",
+)
+"""Settings a resumed run may change (a trailing dot: the whole section): more epochs, the resources, where
+data and outputs live, evaluation, and speed-only switches. Any other field (model, batch size, loss,
+optimizer, the rest of the schedule, seed, amp, training data) would silently mix two trainings in one
+run: refused."""
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_resume_settings(cfg: TrainConfig, checkpoint: Any, where: str) -> None:
+    """``ValueError`` naming the first field that differs between ``cfg`` and the config stored in the
+    checkpoint being resumed (``extra["config"]``), unless ``RESUME_MAY_CHANGE`` allows it."""
+    from adre_ray.models.checkpoint import read_checkpoint
+
+    with checkpoint.as_directory() as directory:
+        stored = (read_checkpoint(directory).get("extra") or {}).get("config")
+    if not isinstance(stored, Mapping):
+        return  # a checkpoint from elsewhere: nothing recorded to compare
+    old, new = _flat(stored), _flat(cfg.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUME_MAY_CHANGE) or old.get(key) == new.get(key):
+            continue
+        raise ValueError(f"{key}={new.get(key)!r} differs from the run being resumed ({key}="
+                         f"{old.get(key)!r}, checkpoint {where}); a resumed run may change only "
+                         f"{', '.join(RESUME_MAY_CHANGE)}; use a new run.name for other settings")
+
+
 def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     """Train ``cfg`` on the connected Ray cluster, tracked in MLflow; resume if the run exists.
 
@@ -595,6 +650,7 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     resume_from = _checkpoint_uri(previous, run_path) if previous is not None else None
     previous_run_id = None
     if resume_from is not None:
+        check_resume_settings(cfg, previous, resume_from)
         previous_run_id = _previous_mlflow_run(cfg.run.experiment, run_path, tracking_uri)
     tags = {RUN_PATH_TAG: run_path, "adre_ray.job": "train", "adre_ray.loss": cfg.loss.name,
             "adre_ray.model": cfg.model}
