@@ -29,18 +29,16 @@ from adre_ray.analysis.results import ensure_manifest, part_files, write_part
 from adre_ray.config import load_config
 from adre_ray.config.train import TrainConfig
 from adre_ray.distributed import certify as certify_mod
-from adre_ray.distributed import train as train_mod
+from adre_ray.distributed import faults as faults_mod
 from adre_ray.distributed.certify import manifest_settings, result_row
-from adre_ray.distributed.train import (
-    CHECKPOINT_PREFIX,
+from adre_ray.distributed.faults import (
     FAULT_KILL_ENV,
     FAULT_MARKER_ENV,
     FAULT_MARKER_NAME,
-    TRAIN_STATE_FILENAME,
     FaultKill,
     fault_worker_env,
-    run_training,
 )
+from adre_ray.distributed.train import CHECKPOINT_PREFIX, TRAIN_STATE_FILENAME, run_training
 from adre_ray.models import build_model, load_model_checkpoint, save_model_checkpoint
 from adre_ray.smoothing import certify_counts, pA_lower, tcertify_counts
 
@@ -86,7 +84,7 @@ def test_fault_fires_once_at_the_given_batch_only(monkeypatch, tmp_path):
     def fake_exit(code):
         raise _Exited(code)
 
-    monkeypatch.setattr(train_mod.os, "_exit", fake_exit)
+    monkeypatch.setattr(faults_mod.os, "_exit", fake_exit)
     fault = FaultKill(epoch=1, rank=1, batch=2, marker=str(tmp_path / FAULT_MARKER_NAME))
     batches = list(range(5))
     assert fault.wrap(batches, epoch=0, rank=1) is batches and fault.wrap(batches, epoch=1, rank=0) is batches

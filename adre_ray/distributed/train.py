@@ -40,6 +40,7 @@ from adre_ray.distributed._common import (
     resolve_storage_path,
     train_v2_enabled,
 )
+from adre_ray.distributed.faults import FaultKill, fault_worker_env
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -59,12 +60,6 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"
 RUN_PATH_TAG = "adre_ray.train_path"
 EPOCH_METRICS = ("epoch", "l_per", "l_adre", "loss", "train_acc_noise", "test_acc_noise", "test_acc_clean",
                  "epoch_time_s", "images_per_s", "images_per_s_total", "lr", "epsilon")
-FAULT_KILL_ENV = "ADRE_RAY_FAULT_KILL"
-"""Test-only fault injection, read on the driver: ``epoch=E,rank=R,batch=B`` (see :class:`FaultKill`)."""
-FAULT_MARKER_ENV = "ADRE_RAY_FAULT_MARKER"
-FAULT_MARKER_NAME = ".adre_ray_fault_fired"
-
-
 @dataclass(frozen=True)
 class TrainResult:
     """Where the trained model is: the final checkpoint folder (holding model.pt), its MLflow run, and the
@@ -73,111 +68,6 @@ class TrainResult:
     checkpoint_path: str
     mlflow_run_id: str
     metrics: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class FaultKill:
-    """A deterministic worker crash for fault-tolerance tests; production never sets it.
-
-    Enabled only when ``$ADRE_RAY_FAULT_KILL="epoch=E,rank=R,batch=B"`` is set where the trainer is built
-    (:func:`build_trainer` then passes it, with ``marker`` = ``<run folder>/.adre_ray_fault_fired``, to
-    the workers through ``RunConfig(worker_runtime_env=...)``). Worker ``rank`` R, in epoch E, just
-    before training batch B (0-based, so B steps of the epoch are done), creates ``marker`` with
-    ``O_CREAT | O_EXCL`` and calls ``os._exit(1)``; it fires at most once per run folder, so the restarted
-    worker group (``run.max_failures >= 1``) trains on.
-    """
-
-    epoch: int
-    rank: int
-    batch: int
-    marker: str = ""
-
-    @classmethod
-    def parse(cls, text: str, marker: str = "") -> FaultKill:
-        """``"epoch=1,rank=1,batch=2"`` -> FaultKill; ValueError naming the text otherwise."""
-        fields: dict[str, int] = {}
-        for item in text.split(","):
-            key, _, value = item.partition("=")
-            key, value = key.strip(), value.strip()
-            is_count = value.isascii() and value.isdigit()
-            if key not in ("epoch", "rank", "batch") or key in fields or not is_count:
-                raise ValueError(f"{FAULT_KILL_ENV}={text!r}: expected epoch=E,rank=R,batch=B "
-                                 "(integers >= 0, each once)")
-            fields[key] = int(value)
-        if len(fields) != 3:
-            raise ValueError(f"{FAULT_KILL_ENV}={text!r}: expected epoch=E,rank=R,batch=B "
-                             "(integers >= 0, each once)")
-        return cls(marker=marker, **fields)
-
-    @classmethod
-    def from_env(cls) -> FaultKill | None:
-        """The fault a worker was given (both variables set by :func:`build_trainer`), else None."""
-        text, marker = os.environ.get(FAULT_KILL_ENV), os.environ.get(FAULT_MARKER_ENV)
-        return cls.parse(text, marker) if text and marker else None
-
-    def wrap(self, loader: Any, *, epoch: int, rank: int) -> Any:
-        """``loader``, or for (epoch, rank) = (E, R) an iterable of the same batches that fires before B."""
-        return _KillBeforeBatch(loader, self) if (epoch, rank) == (self.epoch, self.rank) else loader
-
-    def fire(self) -> None:
-        """Crash this worker process, unless the marker shows the fault already fired in this run."""
-        Path(self.marker).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"epoch={self.epoch},rank={self.rank},batch={self.batch}\n")
-        _wait_for_reports_collected()
-        _say(f"[adre-ray train] fault injection: rank {self.rank} exits in epoch {self.epoch} "
-             f"before batch {self.batch}")
-        os._exit(1)
-
-
-class _KillBeforeBatch:
-    """The batches of ``loader`` (same length); ``fault.fire()`` runs before batch ``fault.batch``."""
-
-    def __init__(self, loader: Any, fault: FaultKill) -> None:
-        self.loader, self.fault = loader, fault
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Any:
-        for position, batch in enumerate(self.loader):
-            if position == self.fault.batch:
-                self.fault.fire()
-            yield batch
-
-
-def _wait_for_reports_collected(timeout_s: float = 60.0) -> None:
-    """Block until the Ray Train V2 controller has collected this worker's earlier reports (its result
-    queue is empty), so the crash happens after the last checkpoint was committed, as in a real failure
-    between two epochs' reports. Returns at once outside Ray Train V2."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        result_queue = get_train_context().get_result_queue()
-    except Exception:  # noqa: BLE001 - V1, or not inside a Ray Train worker
-        return
-    deadline = time.monotonic() + timeout_s
-    while not result_queue.empty() and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def fault_worker_env(run_path: str) -> dict[str, str]:
-    """Env vars for the workers: empty unless ``$ADRE_RAY_FAULT_KILL`` is set here (then validated; the
-    marker lives in the local run folder ``run_path``)."""
-    text = os.environ.get(FAULT_KILL_ENV)
-    if not text:
-        return {}
-    FaultKill.parse(text)
-    if not is_local_storage(run_path):
-        raise ValueError(f"{FAULT_KILL_ENV}={text!r}: fault injection needs a local run.storage_path, "
-                         f"not {run_path!r}")
-    if not train_v2_enabled():
-        raise ValueError(f"{FAULT_KILL_ENV}={text!r}: fault injection needs Ray Train V2")
-    return {FAULT_KILL_ENV: text, FAULT_MARKER_ENV: f"{run_path.removeprefix('file://')}/{FAULT_MARKER_NAME}"}
 
 
 # -- the loop every Ray Train worker runs -------------------------------------------------------------
@@ -293,7 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from adre_ray.training.certified_validation import run_validation
 
     cfg = config_from_loop_config(config)
-    fault = FaultKill.from_env()  # None unless a fault-tolerance test asked for a crash
+    fault = FaultKill.from_env()  # the one test hook: None unless a fault-tolerance test asked for a crash
     if not cfg.run.verbose:
         _quiet_ray_train_reports()
     mlflow_run_id = str(config.get(MLFLOW_RUN_ID_KEY) or "")
