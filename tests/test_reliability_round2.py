@@ -450,3 +450,60 @@ def test_the_training_module_defines_no_fault_machinery():
     assert not defined & moved, defined & moved
     assert train.FaultKill is faults.FaultKill and train.fault_worker_env is faults.fault_worker_env
     assert "FAULT_KILL_ENV" not in vars(train)
+
+
+# ------------------------------------------------------------------------- 9. analyze refuses mixtures
+
+
+def _analysis_row(idx: int, **changes: object) -> dict:
+    counts = [1] * 10
+    counts[0] = 991
+    row = {"idx": idx, "label": 0, "predict": 0, "correct": True, "correct_tcertify": True,
+           "certify_predict": 0, "tcertify_predict": 0, "radius_certify": 0.5, "radius_tcertify": 0.6,
+           "tcertify_mode": "pilot", "pA_lower": 0.9, "pB_upper": 0.05, "alpha_prime": 0.001,
+           "pA_lower_certify": 0.9, "counts": counts, "pilot_counts": counts, "n0": 1000, "n": 1000,
+           "alpha": 0.001, "sigma": 0.25, "seed": 0, "time_s": 0.1, "checkpoint": "c.pt", "train_run_id": ""}
+    return {**row, **changes}
+
+
+@pytest.mark.parametrize("second, named", [({"sigma": 0.5}, "rows mix sigma=0.25, sigma=0.5"),
+                                           ({"n": 500}, "rows mix n=1000, n=500")])
+def test_analyze_refuses_a_folder_mixing_settings(second, named, tmp_path, capsys):
+    """Before: rows of sigma 0.25 and 0.5 were averaged into one curve."""
+    from adre_ray.analysis.report import main as analyze
+    from adre_ray.analysis.results import write_part
+
+    counts = list(second.values())[0]
+    rows = [_analysis_row(i) for i in range(2)] + [_analysis_row(2, **second)]
+    if "n" in second:
+        rows[2]["counts"] = [counts - 9] + [1] * 9
+    write_part(tmp_path / "mixed", rows)
+    assert analyze([str(tmp_path / "mixed"), "--output-dir", str(tmp_path / "report")]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def test_analyze_refuses_an_unknown_newer_schema_and_rows_that_contradict_run_json(tmp_path, capsys):
+    """Before: a newer writer's folder was read as 0 % certified."""
+    import json
+
+    from adre_ray.analysis.report import main as analyze
+    from adre_ray.analysis.results import SCHEMA_VERSION, write_part
+
+    newer = SCHEMA_VERSION + 7
+    write_part(tmp_path / "new", [_analysis_row(0, schema_version=newer)])
+    assert analyze([str(tmp_path / "new"), "--output-dir", str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err
+    assert f"schema_version={newer}, newer than this adre-ray reads ({SCHEMA_VERSION})" in err, err
+
+    folder = tmp_path / "manifest"
+    write_part(folder, [_analysis_row(0)])
+    manifest = {"sigma": 0.25, "n0": 1000, "n": 1000, "alpha": 0.001, "mode": "pilot"}
+    (folder / "run.json").write_text(json.dumps({**manifest, "schema_version": newer}))
+    assert analyze([str(folder), "--output-dir", str(tmp_path / "r2")]) == 2
+    assert f"run.json: schema_version={newer} is newer" in capsys.readouterr().err
+    (folder / "run.json").write_text(json.dumps({**manifest, "sigma": 0.5, "schema_version": SCHEMA_VERSION}))
+    assert analyze([str(folder), "--output-dir", str(tmp_path / "r3")]) == 2
+    assert "rows have sigma=0.25 but run.json says sigma=0.5" in capsys.readouterr().err
+    (folder / "run.json").write_text(json.dumps({**manifest, "schema_version": SCHEMA_VERSION}))
+    assert analyze([str(folder), "--output-dir", str(tmp_path / "r4")]) == 0  # control: consistent

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -29,7 +30,7 @@ import pyarrow.compute as pc
 
 from adre_ray.analysis.metrics import check_radii, mlflow_metrics, summarize
 from adre_ray.analysis.plots import plot_certified_accuracy, plot_certify_vs_tcertify
-from adre_ray.analysis.results import part_files, read_results
+from adre_ray.analysis.results import MANIFEST_NAME, SCHEMA_VERSION, part_files, read_manifest, read_results
 from adre_ray.analysis.tables import (
     METHOD_CHOICES,
     TABLE_RADII,
@@ -99,7 +100,57 @@ def read_result_path(path: str | Path, spec: str | None = None) -> pa.Table:
     if table is None or table.num_rows == 0:
         raise ValueError(f"result={name!r}: no result rows found "
                          "(expected the Parquet parts of a certification run)")
+    manifests = [path] if path.is_dir() and read_manifest(path) is not None else \
+        sorted(m.parent for m in path.rglob(MANIFEST_NAME)) if path.is_dir() else []
+    for folder in manifests:
+        check_manifest(read_manifest(folder) or {}, str(folder / MANIFEST_NAME))
+    check_rows(table, name)
+    if len(manifests) == 1:
+        check_rows_match_manifest(table, read_manifest(manifests[0]) or {}, name)
     return table
+
+
+SETTING_COLUMNS = ("sigma", "n0", "n", "alpha", "tcertify_mode")
+"""Row columns that must hold one value per result: averaging rows of two noise levels or sample sizes
+into one curve would describe no run."""
+
+_MANIFEST_KEYS = {"sigma": "sigma", "n0": "n0", "n": "n", "alpha": "alpha", "tcertify_mode": "mode"}
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """``ValueError`` naming the file if ``run.json`` was written by a newer schema than this reader's."""
+    version = manifest.get("schema_version")
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise ValueError(f"{where}: schema_version={version} is newer than this adre-ray reads "
+                         f"({SCHEMA_VERSION}); upgrade adre-ray to analyze it")
+
+
+def check_rows(table: pa.Table, name: str) -> None:
+    """``ValueError`` naming ``name`` when rows come from a newer schema, or mix settings (naming the
+    column and its values)."""
+    versions = sorted({v for v in table.column("schema_version").to_pylist() if v is not None})
+    if versions and versions[-1] > SCHEMA_VERSION:
+        raise ValueError(f"result={name!r}: rows with schema_version={versions[-1]}, newer than this "
+                         f"adre-ray reads ({SCHEMA_VERSION}); upgrade adre-ray to analyze them")
+    for column in SETTING_COLUMNS:
+        values = sorted({v for v in table.column(column).to_pylist() if v is not None}, key=str)
+        if len(values) > 1:
+            shown = ", ".join(f"{column}={v!r}" for v in values[:5])
+            raise ValueError(f"result={name!r}: rows mix {shown}; give each setting as its own result")
+
+
+def check_rows_match_manifest(table: pa.Table, manifest: dict, name: str) -> None:
+    """``ValueError`` when the rows' settings differ from the folder's ``run.json``."""
+    for column, key in _MANIFEST_KEYS.items():
+        if key not in manifest or manifest[key] is None:
+            continue
+        wanted = manifest[key]
+        for value in {v for v in table.column(column).to_pylist() if v is not None}:
+            same = value == wanted or (isinstance(value, float) and isinstance(wanted, (int, float))
+                                       and math.isclose(value, wanted, rel_tol=1e-12))
+            if not same:
+                raise ValueError(f"result={name!r}: rows have {column}={value!r} but run.json says "
+                                 f"{key}={wanted!r}")
 
 
 def _download_run(run_id: str, artifact_path: str, spec: str, tracking_uri: str,
