@@ -64,6 +64,8 @@ SEARCH_TAG = "adre_ray.search"
 BEST_CONFIG_FILENAME = "best_config.yaml"
 TRIALS_FILENAME = "trials.csv"
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
+TUNE_DIRNAME = "tune"
+"""Tune's experiment folder under the search's storage; ``Tuner.restore`` resumes from it."""
 """The trial function only waits on its Ray Train run: no CPU (Tune rejects an empty request)."""
 
 
@@ -185,8 +187,11 @@ def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dists: Sequence[
     run_name = f"{search}_{trial_id}"
     tags = {TRIAL_ID_TAG: trial_id, SEARCH_TAG: search, "adre_ray.job": "tune-trial",
             "adre_ray.loss": cfg.loss.name, "adre_ray.model": cfg.model}
-    with mlflow_run(experiment, run_name, tracking_uri=tracking_uri, parent_run_id=parent_run_id or None,
-                    tags=tags) as run:
+    earlier = _earlier_run(experiment, tracking_uri,
+                           {TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": parent_run_id})
+    with mlflow_run(experiment, run_name, tracking_uri=tracking_uri, run_id=earlier,
+                    parent_run_id=None if earlier else (parent_run_id or None),
+                    tags=None if earlier else tags) as run:
         run_id = run.info.run_id
         log_config(cfg, run_id=run_id or None, tracking_uri=tracking_uri)
         trainer = build_trainer(cfg, run_name=trial_id,
@@ -195,6 +200,23 @@ def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dists: Sequence[
         result = trainer.fit()
         if getattr(result, "error", None) is not None:
             raise result.error
+
+
+def _earlier_run(experiment: str, tracking_uri: str, tags: Mapping[str, str]) -> str | None:
+    """The newest MLflow run of ``experiment`` carrying all ``tags`` (a run of an interrupted search, to
+    continue), or None (also with tracking off or without a parent id)."""
+    if tracking_uri == DISABLED or not all(tags.values()):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs([found.experiment_id], filter_string=query,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 # -- the search ----------------------------------------------------------------------------------------
@@ -323,7 +345,8 @@ def _close_child_runs(rows: list[dict[str, Any]], parent_run_id: str, experiment
     runs = client.search_runs([found.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=10_000)
-    by_trial = {run.data.tags.get(TRIAL_ID_TAG, ""): run for run in runs}
+    by_trial = {run.data.tags.get(TRIAL_ID_TAG, ""): run  # the newest run of a trial wins
+                for run in sorted(runs, key=lambda r: r.info.start_time or 0)}
     final_status = {"COMPLETED": "FINISHED", "STOPPED": "KILLED", "ERROR": "FAILED"}
     for row in rows:
         run = by_trial.get(str(row["trial_id"]))
@@ -351,13 +374,18 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
     out_dir.mkdir(parents=True, exist_ok=True)
     # Tune state and Train checkpoints: beside the outputs, or under the train config's cloud storage URI
     # (a multi-node cluster needs storage every node reaches)
-    storage = str(out_dir) if is_local_storage(train.run.storage_path) else \
-        f"{train.run.storage_path.rstrip('/')}/{name}"
-    tracking_uri = resolve_tracking_uri(space.tracking_uri or train.run.tracking_uri)
+    storage = str(out_dir) if is_local_storage(base.run.storage_path) else \
+        f"{base.run.storage_path.rstrip('/')}/{name}"
+    # base, not train: a --set run.tracking_uri=... must be honoured (best_config.yaml records it)
+    tracking_uri = resolve_tracking_uri(space.tracking_uri or base.run.tracking_uri)
     dists = space.distributions()
     max_concurrent = space.max_concurrent or auto_max_concurrent(base)
-    with mlflow_run(space.experiment, name, tracking_uri=tracking_uri,
-                    tags={"adre_ray.job": "tune", SEARCH_TAG: name}) as parent:
+    experiment_path = f"{resolve_storage_path(storage).rstrip('/')}/{TUNE_DIRNAME}"
+    restoring = ray.tune.Tuner.can_restore(experiment_path)
+    search_tags = {"adre_ray.job": "tune", SEARCH_TAG: name}
+    earlier_parent = _earlier_run(space.experiment, tracking_uri, search_tags) if restoring else None
+    with mlflow_run(space.experiment, name, tracking_uri=tracking_uri, run_id=earlier_parent,
+                    tags=None if earlier_parent else search_tags) as parent:
         parent_id = parent.info.run_id
         params = {**{f"space.{k}": v for k, v in space.flat_dict().items()},
                   **{f"base.{k}": v for k, v in base.flat_dict().items() if not k.startswith("validation.")},
@@ -367,14 +395,20 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
             _run_trial, base=base.to_dict(), dists=dists, search=name, experiment=space.experiment,
             tracking_uri=tracking_uri, parent_run_id=parent_id, storage_path=f"{storage}/train")
         search_alg = BasicVariantGenerator(random_state=space.seed, max_concurrent=max_concurrent)
-        tuner = ray.tune.Tuner(
-            ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
-            param_space=param_space(space),
-            tune_config=ray.tune.TuneConfig(num_samples=space.num_samples, scheduler=_scheduler(space, base),
-                                            search_alg=search_alg),
-            run_config=ray.tune.RunConfig(name="tune", storage_path=resolve_storage_path(storage),
-                                          verbose=verbose),
-        )
+        if restoring:  # an interrupted run of this search: Tune's own restore, finished trials kept
+            tuner = ray.tune.Tuner.restore(experiment_path, ray.tune.with_resources(trainable,
+                                                                                    TRIAL_DRIVER_RESOURCES),
+                                           resume_unfinished=True, resume_errored=True)
+            print(f"[adre-ray tune] resuming search {name!r} from {experiment_path}", flush=True)
+        else:
+            tuner = ray.tune.Tuner(
+                ray.tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+                param_space=param_space(space),
+                tune_config=ray.tune.TuneConfig(num_samples=space.num_samples,
+                                                scheduler=_scheduler(space, base), search_alg=search_alg),
+                run_config=ray.tune.RunConfig(name=TUNE_DIRNAME, storage_path=resolve_storage_path(storage),
+                                              verbose=verbose),
+            )
         print(f"[adre-ray tune] search {name!r}: {len(dists)} searched key(s), up to {max_concurrent} "
               f"trial(s) at once; outputs in {out_dir}", flush=True)
         results = tuner.fit()
@@ -391,7 +425,7 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
         if best is not None:
             overrides = {d.key: best[d.key] for d in dists}
             best_cfg = base.replace(**overrides,
-                                    **{"run.name": None, "run.storage_path": train.run.storage_path})
+                                    **{"run.name": None, "run.storage_path": base.run.storage_path})
             write_best_config(out_dir / BEST_CONFIG_FILENAME, best_cfg, best, space.metric)
             summary.update({f"best_{k}": v for k, v in best.items()
                             if k.startswith("approx_") or k in EPOCH_METRICS})
