@@ -404,17 +404,18 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
 def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     """Write ``run.json`` for a new run, or check that a resumed run has the same settings.
 
-    ``settings`` must hold every key of ``MANIFEST_FIELDS`` (other keys are stored, not compared).
+    ``settings`` must hold every key of ``MANIFEST_FIELDS`` (other keys are stored, not compared); a key
+    of ``MANIFEST_DEFAULTS`` left out of ``settings`` or absent from an older manifest takes its default.
     Returns True when an existing manifest matched (a resume), False when a new one was written.
     Raises ``ValueError`` naming the first differing field, e.g.
     ``output_dir='out': sigma=0.5 differs from the run already there (sigma=0.25); use a new output_dir``.
     Parts without a manifest are refused too: their settings are unknown.
     """
     out_dir = Path(out_dir)
-    missing = [k for k in MANIFEST_FIELDS if k not in settings]
+    missing = [k for k in MANIFEST_FIELDS if k not in settings and k not in MANIFEST_DEFAULTS]
     if missing:
         raise ValueError(f"settings: missing manifest field(s) {', '.join(missing)}")
-    wanted = {k: _normalise(v) for k, v in settings.items()}
+    wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
     existing = read_manifest(out_dir)
     if existing is not None:
         for key in MANIFEST_FIELDS:
