@@ -139,3 +139,17 @@ def test_version_2_rows_and_manifests_still_read(tmp_path):
     assert ensure_manifest(tmp_path, {**settings, **defaults}) is True
     with pytest.raises(ValueError, match="skip_misclassified=True differs"):
         ensure_manifest(tmp_path, {**settings, **defaults, "skip_misclassified": True})
+
+
+def test_shortcut_simulation_runs_and_skip_keeps_the_table(monkeypatch, capsys):
+    """benchmarks/shortcut_simulation.py end to end in a tiny setting: skip and skip+early keep the table."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    module = importlib.import_module("shortcut_simulation")
+    assert module.main(["--images", "30", "--n", "20000", "--shard-size", "2000", "--sigmas", "0.5"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "x |" in line}
+    for variant in ("skip", "early", "skip+early"):
+        assert "| yes |" in rows[variant], rows[variant]
