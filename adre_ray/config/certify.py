@@ -56,6 +56,10 @@ class CertifyConfig(JobConfig):
     actor_restarts    times Ray restarts a lost actor; its shards are re-run either way
     output_dir        result folder (Parquet parts + run.json); a re-run with equal settings resumes
     experiment, tracking_uri   MLflow experiment and store ("none" disables tracking)
+    pb_bound          T-CERTIFY's runner-up bound: sum (eq. 14) or max (never looser; paper mode: sum)
+    skip_misclassified, early_abstain, early_abstain_delta, early_abstain_wave, n_policy,
+    iss_max_radius_loss   evaluation shortcuts (adre_ray.smoothing.shortcuts); they change rows, so
+                      they are part of the manifest
     """
 
     checkpoint: str = ""
