@@ -92,12 +92,12 @@ def test_markdown_and_csv(runs, tmp_path):
     lines = markdown.strip().splitlines()
     assert (tmp_path / "t.md").read_text() == markdown
     assert lines[0] == ("| run | method | sigma | n | images | 0.00 | 0.25 | 0.50 | 0.75 | 1.00 | ACR "
-                        "| abstain % |")
+                        "| abstain % | samples / image |")
     assert len(lines) == 2 + 4
     # the best value of each column is bold, ties included: B has the best CA at 0 (66.7) and at 0.5-1.0
     # (33.3 > A's 25.0); A's 50.0 wins at 0.25; B T-CERTIFY has the best ACR, 1.3 / 3 = 0.433.
     assert lines[4] == ("| B | CERTIFY | 0.5 | 1000 | 3 | **66.7** | 33.3 | **33.3** | **33.3** | **33.3** "
-                        "| 0.400 | 33.3 |")
+                        "| 0.400 | 33.3 | 2000 |")
     assert "| **0.433** |" in lines[-1]
     to_csv(rows, tmp_path / "t.csv")
     with open(tmp_path / "t.csv") as handle:

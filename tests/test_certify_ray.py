@@ -18,7 +18,7 @@ from adre_ray.config.certify import CertifyConfig
 from adre_ray.data import load_images
 from adre_ray.distributed.certify import CertifyHooks, main, make_pool, run_certification
 from adre_ray.models import build_model, save_model_checkpoint
-from adre_ray.smoothing import MAIN_STREAM, pA_lower, pB_upper, sample_counts
+from adre_ray.smoothing import MAIN_STREAM, pA_lower, pB_upper_max, sample_counts
 
 SIGMA = 0.25
 TRAIN_RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -131,7 +131,9 @@ def test_stored_radii_follow_from_stored_counts(reference):
         a_prime = row["alpha_prime"]
         assert any(np.isclose(a_prime, t * 0.001, rtol=1e-12, atol=0) for t in grid)
         pa_t = pA_lower(int(counts[c_a]), 2_000, a_prime)
-        pb_t = min(pB_upper(np.delete(counts, c_a), 2_000, 0.001 - a_prime), 1.0 - pa_t)
+        assert row["pb_bound"] == cfg.pb_bound == "max" and row["shortcut"] == "none"
+        assert row["samples_used"] == 2_100
+        pb_t = min(pB_upper_max(np.delete(counts, c_a), 2_000, 0.001 - a_prime), 1.0 - pa_t)
         assert row["pA_lower"] == pa_t and row["pB_upper"] == pb_t
         if pa_t <= 0.5:
             expected = 0.0
@@ -148,6 +150,64 @@ def test_stored_radii_follow_from_stored_counts(reference):
     # the checks above are only meaningful if the model gives non-trivial outcomes
     assert any(r["radius_certify"] > 0 for r in rows) and any(r["certify_predict"] == -1 for r in rows)
     assert any(np.count_nonzero(r["counts"]) >= 2 for r in rows)
+
+
+def test_skip_misclassified_keeps_the_table_with_fewer_samples(reference, pool, checkpoint, cifar10_dir,
+                                                                tmp_path):
+    """Same seed, --skip-misclassified: certified accuracy at every radius and ACR equal the plain run's;
+    images whose pilot class is the label get identical rows; the others make no main draws."""
+    cfg, result, ref_table, _ = reference
+    out = run_certification(make_cfg(checkpoint, cifar10_dir, tmp_path / "skip", num_actors=2,
+                                     skip_misclassified=True), pool=pool)
+    table = read_results(out.output_dir)
+    ref_rows = {r["idx"]: r for r in comparable(ref_table)}
+    skipped = 0
+    for row in comparable(table):
+        ref = ref_rows[row["idx"]]
+        assert row["pilot_counts"] == ref["pilot_counts"]
+        if int(np.argmax(row["pilot_counts"])) != row["label"]:
+            skipped += 1
+            assert row["shortcut"] == "skipped_misclassified" and row["n"] == 0 and row["samples_used"] == 100
+            assert not row["correct"] and not row["correct_tcertify"] and row["radius_certify"] == 0.0
+            assert not ref["correct"] and not ref["correct_tcertify"]  # the full run's row is not correct
+        else:
+            assert row == ref
+    assert 0 < skipped < 10, "the fixture model must have both kinds of image for this test to bite"
+    for key, value in result.summary.items():
+        if "cert_acc" in key or key.endswith("/acr"):
+            assert out.summary[key] == value, key
+    assert out.summary["samples/per_image"] < result.summary["samples/per_image"] == 2_100
+    assert out.summary["shortcut/skipped_misclassified_rate"] == skipped / 10
+
+
+def test_early_abstain_keeps_the_table_and_iss_stays_on_the_shard_grid(reference, pool, checkpoint,
+                                                                        cifar10_dir, tmp_path):
+    """Early abstain (delta = 1e-3, one 500-draw shard per wave): stopped images abstained in the plain run
+    too (a change has probability <= 1e-3 per image; the seed is fixed), the others' rows are identical,
+    so the table is exact. ISS: n a multiple of shard_size, <= n."""
+    cfg, result, ref_table, _ = reference
+    ref_rows = {r["idx"]: r for r in comparable(ref_table)}
+    early = run_certification(make_cfg(checkpoint, cifar10_dir, tmp_path / "early", num_actors=2,
+                                       early_abstain=True, early_abstain_delta=1e-3), pool=pool)
+    rows = comparable(read_results(early.output_dir))
+    assert any(r["shortcut"] == "early_abstain" for r in rows)
+    for row in rows:
+        ref = ref_rows[row["idx"]]
+        if row["shortcut"] == "early_abstain":
+            assert ref["certify_predict"] == -1 and ref["tcertify_predict"] == -1  # it abstained anyway
+            assert row["n"] < 2_000 and row["samples_used"] == 100 + row["n"]
+        else:
+            assert row == ref
+    for key, value in result.summary.items():
+        if "cert_acc" in key or key.endswith("/acr"):
+            assert early.summary[key] == value, key
+    iss = run_certification(make_cfg(checkpoint, cifar10_dir, tmp_path / "iss", num_actors=2,
+                                     n_policy="iss", iss_max_radius_loss=0.05), pool=pool)
+    for row in comparable(read_results(iss.output_dir)):
+        ref = ref_rows[row["idx"]]
+        assert row["n"] % 500 == 0 and row["n"] <= 2_000
+        assert (row["shortcut"] == "iss") == (row["n"] < 2_000)
+        assert row["counts"] == ref["counts"] or row["n"] < 2_000
 
 
 def test_mlflow_run_has_params_metrics_artifacts_and_training_link(reference):
@@ -244,3 +304,4 @@ def test_cli_bad_values_exit_2_and_a_lost_part_is_recomputed(reference, pool, tm
     new_parts = set(part_files(out)) - kept
     assert {i for p in new_parts for i in read_results(p).column("idx").to_pylist()} == lost_idx
     assert comparable(read_results(out)) == comparable(ref_table)
+

@@ -27,7 +27,8 @@ from adre_ray.smoothing import ABSTAIN, certify_counts, tcertify_counts
 
 SIGMA = 0.5
 N0 = 100
-MODES = ("certify", "paper", "bonferroni", "pilot")
+MODES = ("certify", "paper", "bonferroni", "pilot", "bonferroni_max", "pilot_max")
+"""``*_max``: the same mode with the Clopper-Pearson bound of the largest other count (``pb_bound="max"``)."""
 
 
 def long_tail(top: float, runner_up: float, classes: int) -> np.ndarray:
@@ -68,6 +69,8 @@ def simulate(name: str) -> dict[str, float]:
                    "certify_2.5alpha": certify_counts(pilot, counts, SIGMA, 2.5 * alpha)}
         for mode in ("paper", "bonferroni", "pilot"):
             results[mode] = tcertify_counts(pilot, counts, SIGMA, alpha, mode=mode)
+        for mode in ("bonferroni", "pilot"):
+            results[f"{mode}_max"] = tcertify_counts(pilot, counts, SIGMA, alpha, mode=mode, pb_bound="max")
         for key, res in results.items():
             failures[key] += failed(res.predict, res.radius, true_class, true_radius)
     return {key: value / trials for key, value in failures.items()}
@@ -75,7 +78,7 @@ def simulate(name: str) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(DISTRIBUTIONS))
-@pytest.mark.parametrize("mode", ["certify", "bonferroni", "pilot"])
+@pytest.mark.parametrize("mode", ["certify", "bonferroni", "pilot", "bonferroni_max", "pilot_max"])
 def test_valid_modes_fail_at_most_alpha(name, mode):
     _, alpha, _, trials = DISTRIBUTIONS[name]
     rate = simulate(name)[mode]

@@ -120,7 +120,7 @@ def test_summarize_keys_and_values(result_table):
     expected_keys = {f"{m}/cert_acc@{r:.2f}" for m in ("certify", "tcertify") for r in DEFAULT_RADII}
     expected_keys |= {f"{m}/{k}" for m in ("certify", "tcertify")
                       for k in ("acr", "abstain_rate", "num_images")}
-    expected_keys |= {"predict/abstain_rate", "predict/accuracy"}
+    expected_keys |= {"predict/abstain_rate", "predict/accuracy", "samples/per_image"}
     assert set(summary) == expected_keys
     assert summary["certify/cert_acc@0.00"] == 0.5
     assert summary["certify/cert_acc@0.50"] == 0.5      # 0.5 >= 0.5 and 1.0

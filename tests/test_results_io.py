@@ -29,7 +29,7 @@ def make_row(idx: int, **changes) -> dict:
         "tcertify_mode": "pilot", "pA_lower": 0.8, "pB_upper": 0.15, "alpha_prime": 0.0005,
         "pA_lower_certify": 0.79, "counts": counts, "pilot_counts": [1, 8, 1], "n0": 10, "n": sum(counts),
         "alpha": 0.001, "sigma": 0.25, "seed": 3, "time_s": 1.5, "checkpoint": "/ckpt/model.pt",
-        "train_run_id": None,
+        "train_run_id": None, "pb_bound": "max", "samples_used": 10 + sum(counts), "shortcut": "none",
     }
     row.update(changes)
     return row

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from adre_ray.config.certify import ABSTAINING_SHORTCUTS
+
 ABSTAIN = -1
 """Class index that PREDICT / CERTIFY / T-CERTIFY write for an abstention (Cohen et al.'s convention)."""
 
@@ -160,6 +162,9 @@ def method_columns(table: Any, method: str) -> tuple[np.ndarray, np.ndarray, np.
             fallback = np.array([bool(v) if v is not None else False for v in base]) & certified
         correct_list = [fallback[i] if correct_null[i] else correct_list[i] for i in range(n)]
     correct = np.array([bool(v) for v in correct_list], dtype=bool)
+    shortcut_list, _ = _nullable(_column(table, "shortcut"), n)
+    abstained_by_shortcut = np.array([v in ABSTAINING_SHORTCUTS for v in shortcut_list], dtype=bool)
+    correct &= ~abstained_by_shortcut  # a skipped / early-abstained row is never certified-correct
     predict_list, predict_null = _nullable(_column(table, _PREDICT_COLUMN[method]), n)
     predict = np.array([(0 if certified[i] else ABSTAIN) if predict_null[i] else int(predict_list[i])
                         for i in range(n)], dtype=np.int64)
@@ -171,7 +176,10 @@ def summarize(table: Any, radii: Sequence[float] = DEFAULT_RADII) -> dict[str, f
 
     Keys: ``{method}/cert_acc@{r:.2f}`` (fraction in [0, 1]), ``{method}/acr``, ``{method}/abstain_rate``,
     ``{method}/num_images`` for method in ``METHODS``, plus ``predict/abstain_rate`` and
-    ``predict/accuracy`` (PREDICT's class == label) over the rows whose ``predict`` is not null.
+    ``predict/accuracy`` (PREDICT's class == label) over the rows whose ``predict`` is not null, and the
+    sample cost: ``samples/per_image`` (mean pilot + main draws made; n0 + n where ``samples_used`` is
+    null) and ``shortcut/<name>_rate`` (fraction of rows per shortcut taken). Rows whose shortcut is
+    ``skipped_misclassified`` or ``early_abstain`` count as abstentions, never as certified-correct.
     ``table`` is a pyarrow Table or a mapping of column name -> 1-D values. ValueError if empty.
     MLflow rejects '@' in metric names: log the result with ``mlflow_metrics(summary)``.
     """
@@ -198,7 +206,28 @@ def summarize(table: Any, radii: Sequence[float] = DEFAULT_RADII) -> dict[str, f
         if not label_null[known].any():
             labels = np.array([int(v) for v, k in zip(label_list, known, strict=True) if k], dtype=np.int64)
             summary["predict/accuracy"] = float(np.mean(predict == labels))
+    summary.update(sample_summary(table, num_images))
     return summary
+
+
+def sample_summary(table: Any, num_images: int) -> dict[str, float]:
+    """``samples/per_image`` (mean draws per image) and ``shortcut/<name>_rate`` per shortcut taken."""
+    out: dict[str, float] = {}
+    used, used_null = _nullable(_column(table, "samples_used"), num_images)
+    n0, _ = _nullable(_column(table, "n0"), num_images)
+    n, _ = _nullable(_column(table, "n"), num_images)
+    samples = []
+    for i in range(num_images):
+        if not used_null[i]:
+            samples.append(float(used[i]))
+        elif n0[i] is not None and n[i] is not None:
+            samples.append(float(n0[i]) + float(n[i]))
+    if samples:
+        out["samples/per_image"] = float(np.mean(samples))
+    shortcuts, _ = _nullable(_column(table, "shortcut"), num_images)
+    for name in sorted({v for v in shortcuts if v not in (None, "none")}):
+        out[f"shortcut/{name}_rate"] = float(np.mean([v == name for v in shortcuts]))
+    return out
 
 
 

@@ -34,8 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
-"""Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts."""
+SCHEMA_VERSION = 3
+"""Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts;
+3: evaluation shortcuts (``samples_used``, ``shortcut``) and the runner-up bound (``pb_bound``)."""
 
 MANIFEST_NAME = "run.json"
 PART_PREFIX = "part-"
@@ -43,8 +44,15 @@ PART_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 
 MANIFEST_FIELDS = ("checkpoint", "dataset", "split", "sigma", "n0", "n", "alpha", "seed", "mode", "grid",
-                   "shard_size")
+                   "shard_size", "pb_bound", "skip_misclassified", "early_abstain", "early_abstain_delta",
+                   "early_abstain_wave", "n_policy", "iss_max_radius_loss")
 """Settings that determine every row's values: a folder holds rows of one setting only."""
+
+MANIFEST_DEFAULTS: dict[str, Any] = {
+    "pb_bound": "sum", "skip_misclassified": False, "early_abstain": False, "early_abstain_delta": 1e-4,
+    "early_abstain_wave": 1, "n_policy": "fixed", "iss_max_radius_loss": 0.05,
+}
+"""What a manifest written before a field existed means by its absence (the behaviour of that version)."""
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -73,11 +81,17 @@ RESULT_SCHEMA = pa.schema(
         pa.field("checkpoint", pa.string()),                # model checkpoint path
         pa.field("train_run_id", pa.string()),              # MLflow run id of the training run, if known
         pa.field("schema_version", pa.int64()),             # version of the writer of this row
+        pa.field("pb_bound", pa.string()),                  # T-CERTIFY runner-up bound: sum (eq. 14) | max
+        pa.field("samples_used", pa.int64()),               # pilot + main draws actually made
+        pa.field("shortcut", pa.string()),                  # none | skipped_misclassified | early_abstain
+                                                            # | iss (see adre_ray.smoothing.shortcuts)
     ],
     metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
-_OPTIONAL_ROW_KEYS = frozenset({"schema_version"})
+_OPTIONAL_ROW_KEYS = frozenset({"schema_version", "pb_bound", "samples_used", "shortcut"})
+"""Row keys ``write_part`` fills when absent: the writer's version, pb_bound null, samples_used = n0 + n,
+shortcut "none" (a row made without shortcuts)."""
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -130,6 +144,11 @@ def _rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
             raise ValueError(f"rows[{position}]: unknown column(s) {', '.join(unknown)}")
         row = {key: _plain(value) for key, value in row.items()}
         row.setdefault("schema_version", SCHEMA_VERSION)
+        row.setdefault("pb_bound", None)
+        if "samples_used" not in row:
+            n0, n = row.get("n0"), row.get("n")
+            row["samples_used"] = None if n0 is None or n is None else int(n0) + int(n)
+        row.setdefault("shortcut", "none")
         clean.append(row)
     try:
         return pa.Table.from_pylist(clean, schema=RESULT_SCHEMA)
@@ -279,11 +298,26 @@ def _derive_sum(source: str) -> Any:
     return derive
 
 
+def _derive_samples_used(t: pa.Table) -> pa.Array | None:
+    if "n0" not in t.schema.names or "n" not in t.schema.names:
+        return None
+    return pc.add(t.column("n0").cast(pa.int64()), t.column("n").cast(pa.int64()))
+
+
+def _constant(value: str) -> Any:
+    def derive(t: pa.Table) -> pa.Array:
+        return pa.array([value] * t.num_rows, pa.string())
+    return derive
+
+
 _DERIVED = {
     "correct": _derive_correct,                    # certify class == label
     "correct_tcertify": _derive_correct_tcertify,  # tcertify class == label
     "n": _derive_sum("counts"),                    # the main counts sum to n
     "n0": _derive_sum("pilot_counts"),             # the pilot counts sum to n0
+    "pb_bound": _constant("sum"),                  # before version 3 T-CERTIFY always used eq. 14
+    "samples_used": _derive_samples_used,          # before version 3 every image made n0 + n draws
+    "shortcut": _constant("none"),                 # ... and took no shortcut
 }
 
 
@@ -370,22 +404,24 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
 def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     """Write ``run.json`` for a new run, or check that a resumed run has the same settings.
 
-    ``settings`` must hold every key of ``MANIFEST_FIELDS`` (other keys are stored, not compared).
+    ``settings`` must hold every key of ``MANIFEST_FIELDS`` (other keys are stored, not compared); a key
+    of ``MANIFEST_DEFAULTS`` left out of ``settings`` or absent from an older manifest takes its default.
     Returns True when an existing manifest matched (a resume), False when a new one was written.
     Raises ``ValueError`` naming the first differing field, e.g.
     ``output_dir='out': sigma=0.5 differs from the run already there (sigma=0.25); use a new output_dir``.
     Parts without a manifest are refused too: their settings are unknown.
     """
     out_dir = Path(out_dir)
-    missing = [k for k in MANIFEST_FIELDS if k not in settings]
+    missing = [k for k in MANIFEST_FIELDS if k not in settings and k not in MANIFEST_DEFAULTS]
     if missing:
         raise ValueError(f"settings: missing manifest field(s) {', '.join(missing)}")
-    wanted = {k: _normalise(v) for k, v in settings.items()}
+    wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
     existing = read_manifest(out_dir)
     if existing is not None:
         for key in MANIFEST_FIELDS:
-            if key not in existing or not _same(existing[key], wanted[key]):
-                old = existing.get(key, "<absent>")
+            old = existing.get(key, _normalise(MANIFEST_DEFAULTS[key]) if key in MANIFEST_DEFAULTS
+                               else "<absent>")
+            if key not in existing and key not in MANIFEST_DEFAULTS or not _same(old, wanted[key]):
                 raise ValueError(f"output_dir={str(out_dir)!r}: {key}={wanted[key]!r} differs from the run "
                                  f"already there ({key}={old!r}); use a new output_dir")
         return True
@@ -405,6 +441,7 @@ def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
 
 
 __all__ = [
-    "MANIFEST_FIELDS", "MANIFEST_NAME", "RESULT_SCHEMA", "SCHEMA_VERSION", "completed_indices",
+    "MANIFEST_DEFAULTS", "MANIFEST_FIELDS", "MANIFEST_NAME", "RESULT_SCHEMA", "SCHEMA_VERSION",
+    "completed_indices",
     "ensure_manifest", "part_files", "read_manifest", "read_results", "upgrade_table", "write_part",
 ]

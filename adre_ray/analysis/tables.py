@@ -22,6 +22,7 @@ from adre_ray.analysis.metrics import (
     certified_accuracy,
     check_radii,
     method_columns,
+    sample_summary,
 )
 
 METHOD_NAMES: dict[str, str] = {"certify": "CERTIFY", "tcertify": "T-CERTIFY"}
@@ -32,6 +33,10 @@ METHOD_CHOICES: tuple[str, ...] = (*METHODS, "both")
 
 ID_COLUMNS: tuple[str, ...] = ("run", "method", "sigma", "n", "images")
 """Leading columns of every row; then one column per radius (``radius_column``), ``ACR``, ``abstain %``."""
+
+
+SAMPLES_COLUMN = "samples / image"
+"""Last column: mean Monte Carlo draws per image (``metrics.sample_summary``)."""
 
 
 def radius_column(r: float) -> str:
@@ -61,7 +66,8 @@ def certified_accuracy_table(
 
     Each row maps ``run``, ``method`` (CERTIFY / T-CERTIFY), ``sigma``, ``n`` (distinct values in the
     run), ``images`` (N), ``radius_column(r)`` -> round(100 * CA(r), 1) for r in ``radii``,
-    ``ACR`` -> round(ACR, 3) and ``abstain %`` -> round(100 * abstain rate, 1).
+    ``ACR`` -> round(ACR, 3), ``abstain %`` -> round(100 * abstain rate, 1) and ``samples / image`` ->
+    the mean pilot + main draws made per image (evaluation shortcuts make fewer; "" if unknown).
     """
     if not runs:
         raise ValueError("runs: no result tables given")
@@ -81,6 +87,8 @@ def certified_accuracy_table(
                                                                                         strict=True)})
             row["ACR"] = round(average_certified_radius(radius, correct), 3)
             row["abstain %"] = round(100 * abstain_rate(predict), 1)
+            samples = sample_summary(table, table.num_rows).get("samples/per_image")
+            row[SAMPLES_COLUMN] = "" if samples is None else int(round(samples))
             rows.append(row)
     return rows
 
@@ -106,7 +114,7 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], path: str | Path | None = Non
     paper's Table 1 (ties all bold; not for a best of 0, nor when there is only one row).
     """
     columns = _columns(rows)
-    metric_columns = [c for c in columns if c not in ID_COLUMNS and c != "abstain %"]
+    metric_columns = [c for c in columns if c not in ID_COLUMNS and c not in ("abstain %", SAMPLES_COLUMN)]
     best = {c: max(float(r[c]) for r in rows) for c in metric_columns} if len(rows) > 1 else {}
     lines = ["| " + " | ".join(columns) + " |",
              "|" + "|".join(":---" if c in ("run", "method") else "---:" for c in columns) + "|"]

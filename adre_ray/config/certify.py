@@ -21,9 +21,18 @@ from adre_ray.config.base import (
     check_grid,
     check_int_at_least,
     check_open_unit,
+    config_field,
 )
 
 SPLITS = ("train", "test")
+PB_BOUNDS = ("sum", "max")
+"""T-CERTIFY runner-up bounds (adre_ray.smoothing.bounds): sum = eq. 14, max = CP bound of the top other."""
+N_POLICIES = ("fixed", "iss")
+"""Per-image sample size (adre_ray.smoothing.shortcuts): fixed = n for all, iss = chosen from the pilot."""
+SHORTCUTS = ("none", "skipped_misclassified", "early_abstain", "iss")
+"""Values of a result row's ``shortcut`` column (the last shortcut that changed the image's draws)."""
+ABSTAINING_SHORTCUTS = ("skipped_misclassified", "early_abstain")
+"""Shortcuts whose rows are abstentions by construction (never certified-correct)."""
 
 
 @dataclass
@@ -47,6 +56,10 @@ class CertifyConfig(JobConfig):
     actor_restarts    times Ray restarts a lost actor; its shards are re-run either way
     output_dir        result folder (Parquet parts + run.json); a re-run with equal settings resumes
     experiment, tracking_uri   MLflow experiment and store ("none" disables tracking)
+    pb_bound          T-CERTIFY's runner-up bound: sum (eq. 14) or max (never looser; paper mode: sum)
+    skip_misclassified, early_abstain, early_abstain_delta, early_abstain_wave, n_policy,
+    iss_max_radius_loss   evaluation shortcuts (adre_ray.smoothing.shortcuts); they change rows, so
+                      they are part of the manifest
     """
 
     checkpoint: str = ""
@@ -77,6 +90,19 @@ class CertifyConfig(JobConfig):
     experiment: str = "certify"
     tracking_uri: str | None = None
     progress: bool = True
+    pb_bound: str = config_field(
+        "max", "T-CERTIFY runner-up bound: sum (eq. 14) or max (CP bound of the largest other count); "
+               "paper mode always uses sum")
+    skip_misclassified: bool = config_field(
+        False, "skip the n main draws of an image whose pilot class is not its label (table unchanged)")
+    early_abstain: bool = config_field(
+        False, "stop an image's main draws (in waves of shards) once a test shows it will abstain")
+    early_abstain_delta: float = config_field(
+        1e-4, "per-image probability that early abstain changes the outcome (0: only certain stops)")
+    early_abstain_wave: int = config_field(1, "main shards per early-abstain wave (a check after each)")
+    n_policy: str = config_field("fixed", "per-image n: fixed (n) or iss (chosen from the pilot counts)")
+    iss_max_radius_loss: float = config_field(
+        0.05, "ISS: largest tolerated loss of the plug-in CERTIFY radius (l2 units, like the radii)")
 
     def validate(self) -> None:
         check(isinstance(self.checkpoint, str) and self.checkpoint != "", "checkpoint", self.checkpoint,
@@ -119,6 +145,24 @@ class CertifyConfig(JobConfig):
         check(isinstance(self.experiment, str) and self.experiment != "", "experiment", self.experiment,
               "must be a non-empty MLflow experiment name")
         check(isinstance(self.progress, bool), "progress", self.progress, "must be true or false")
+        self._validate_shortcuts()
+
+    def _validate_shortcuts(self) -> None:
+        check_choice("pb_bound", self.pb_bound, PB_BOUNDS)
+        for name in ("skip_misclassified", "early_abstain"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
+        delta = self.early_abstain_delta
+        check(isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 <= delta < 1,
+              "early_abstain_delta", delta, "must be a number in [0, 1)")
+        check_int_at_least("early_abstain_wave", self.early_abstain_wave, 1)
+        check_choice("n_policy", self.n_policy, N_POLICIES)
+        loss = self.iss_max_radius_loss
+        check(isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
+              and loss >= 0, "iss_max_radius_loss", loss, "must be a finite number >= 0")
+
+    def uses_shortcuts(self) -> bool:
+        """True when a shortcut may change an image's draws (then pilot shards run before main ones)."""
+        return self.skip_misclassified or self.early_abstain or self.n_policy != "fixed"
 
     def num_shards(self, total: int) -> int:
         """Shards that ``total`` draws are cut into: ceil(total / shard_size)."""

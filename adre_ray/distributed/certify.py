@@ -40,17 +40,25 @@ from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
 from adre_ray.analysis.output_folder import check_output_dir, output_folder_lock
 from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
 from adre_ray.config.base import load_config
-from adre_ray.config.certify import CertifyConfig
+from adre_ray.config.certify import ABSTAINING_SHORTCUTS, CertifyConfig
 from adre_ray.data import build_dataset, dataset_info, load_images
 from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, interrupted, os_error_message
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import read_checkpoint
 from adre_ray.smoothing import (
+    ABSTAIN,
     MAIN_STREAM,
     PILOT_STREAM,
     certify_counts,
     predict_counts,
     tcertify_counts,
+)
+from adre_ray.smoothing.certify import effective_pb_bound
+from adre_ray.smoothing.shortcuts import (
+    certify_threshold,
+    iss_sample_size,
+    should_stop_early,
+    wave_level,
 )
 from adre_ray.tracking import log_artifact, log_config, log_metrics, mlflow_run, set_tags
 from adre_ray.tracking.runs import DISABLED, resolve_tracking_uri
@@ -121,17 +129,36 @@ def select_indices(cfg: CertifyConfig, split_size: int) -> list[int]:
 
 def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarray, *, sigma: float,
                alpha: float, mode: str, grid: Sequence[float], seed: int, time_s: float, checkpoint: str,
-               train_run_id: str | None) -> dict[str, Any]:
+               train_run_id: str | None, pb_bound: str = "sum", shortcut: str = "none") -> dict[str, Any]:
     """One ``RESULT_SCHEMA`` row: PREDICT on ``counts``, CERTIFY and T-CERTIFY on (pilot_counts, counts).
 
     CERTIFY and T-CERTIFY see the same counts and the same pilot class cA, so T-CERTIFY's radius is
     >= CERTIFY's whenever the grid holds 1.0 (mode paper; see adre_ray.smoothing.certify).
+    ``counts`` are the main draws actually made (``n`` = their sum, ``samples_used`` = n0 + n).
+    ``shortcut`` in ``ABSTAINING_SHORTCUTS`` (skipped_misclassified: no main draws; early_abstain: the
+    draws made before the stop) gives an abstention row: both methods -1, radius 0, not correct, the
+    bounds NaN; ``predict`` is then PREDICT on the draws made (the pilot's when there are none).
     """
     pilot_counts = np.asarray(pilot_counts, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
+    samples = {"samples_used": int(pilot_counts.sum() + counts.sum()), "shortcut": shortcut}
+    if shortcut in ABSTAINING_SHORTCUTS:
+        predicted = predict_counts(counts if counts.sum() > 0 else pilot_counts, alpha)
+        return {
+            "idx": int(idx), "label": int(label), "predict": int(predicted.predict),
+            "correct": False, "correct_tcertify": False, "certify_predict": ABSTAIN,
+            "tcertify_predict": ABSTAIN, "radius_certify": 0.0, "radius_tcertify": 0.0,
+            "tcertify_mode": mode, "pA_lower": math.nan, "pB_upper": math.nan, "alpha_prime": math.nan,
+            "pA_lower_certify": math.nan, "counts": counts.tolist(), "pilot_counts": pilot_counts.tolist(),
+            "n0": int(pilot_counts.sum()), "n": int(counts.sum()),
+            "alpha": float(alpha), "sigma": float(sigma), "seed": int(seed), "time_s": float(time_s),
+            "checkpoint": checkpoint, "train_run_id": train_run_id,
+            "pb_bound": effective_pb_bound(mode, pb_bound), **samples,
+        }
     predicted = predict_counts(counts, alpha)
     certified = certify_counts(pilot_counts, counts, sigma, alpha)
-    tcertified = tcertify_counts(pilot_counts, counts, sigma, alpha, mode=mode, grid=tuple(grid))
+    tcertified = tcertify_counts(pilot_counts, counts, sigma, alpha, mode=mode, grid=tuple(grid),
+                                 pb_bound=pb_bound)
     return {
         "idx": int(idx), "label": int(label),
         "predict": int(predicted.predict),
@@ -153,6 +180,7 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
         "time_s": float(time_s),
         "checkpoint": checkpoint,
         "train_run_id": train_run_id,
+        "pb_bound": tcertified.pb_bound, **samples,
     }
 
 
@@ -244,6 +272,13 @@ class _Image:
     pilot: np.ndarray
     counts: np.ndarray
     time_s: float = 0.0
+    main_todo: list[ShardTask] = field(default_factory=list)  # main shards not yet queued (shortcuts)
+    main_started: bool = False  # main shards were planned (shortcut runs plan them after the pilot)
+    n: int = 0  # main draws this image makes at most (cfg.n, or its ISS choice)
+    made: int = 0  # main draws summed so far
+    threshold: int = 0  # early abstain: CERTIFY certifies iff N_A >= threshold (at this image's n)
+    level: float = 0.0  # early abstain: level of each check
+    shortcut: str = "none"
 
 
 @dataclass
@@ -352,7 +387,17 @@ def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
         "checkpoint": str(Path(cfg.checkpoint).expanduser().resolve()), "dataset": cfg.dataset,
         "split": cfg.split, "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
-        "data_dir": cfg.data_dir,
+        "data_dir": cfg.data_dir, **shortcut_settings(cfg),
+    }
+
+
+def shortcut_settings(cfg: CertifyConfig) -> dict[str, Any]:
+    """The manifest entries of the runner-up bound and the evaluation shortcuts (they change rows)."""
+    return {
+        "pb_bound": effective_pb_bound(cfg.tcertify_mode, cfg.pb_bound),
+        "skip_misclassified": cfg.skip_misclassified, "early_abstain": cfg.early_abstain,
+        "early_abstain_delta": cfg.early_abstain_delta, "early_abstain_wave": cfg.early_abstain_wave,
+        "n_policy": cfg.n_policy, "iss_max_radius_loss": cfg.iss_max_radius_loss,
     }
 
 
@@ -475,8 +520,12 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
         pool.configure(sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size)  # type: ignore[arg-type]
     num_actors = min(len(pool), cfg.num_actors or len(pool))
     shards_per_image = cfg.num_shards(cfg.n0) + cfg.num_shards(cfg.n)
+    shortcuts = cfg.uses_shortcuts()
+    if shortcuts:  # an image offers one stage (pilot, then wave by wave) at a time: admit more images
+        shards_per_image = max(1, min(cfg.num_shards(cfg.n0),
+                                      cfg.early_abstain_wave if cfg.early_abstain else cfg.num_shards(cfg.n)))
     in_flight_limit = cfg.images_in_flight or max(
-        2, math.ceil(TASKS_PER_ACTOR * num_actors / shards_per_image) + 1)
+        2, (2 if shortcuts else 1) * math.ceil(TASKS_PER_ACTOR * num_actors / shards_per_image) + 1)
 
     waiting: collections.deque[int] = collections.deque(todo)  # images not yet admitted
     loaded: collections.deque[tuple[int, Any, int]] = collections.deque()  # decoded, not yet admitted
@@ -509,9 +558,9 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
                 pixels, labels = load_images(cfg.dataset, cfg.data_dir, cfg.split, chunk)
                 loaded.extend((i, pixels[k].clone(), int(labels[k])) for k, i in enumerate(chunk))
             idx, pixels, label = loaded.popleft()
-            plan = shard_plan(idx, cfg.n0, cfg.n, cfg.shard_size)
+            plan = shard_plan(idx, cfg.n0, 0 if shortcuts else cfg.n, cfg.shard_size)
             images[idx] = _Image(idx, label, ray.put(pixels), len(plan), np.zeros(num_classes, np.int64),
-                                 np.zeros(num_classes, np.int64))
+                                 np.zeros(num_classes, np.int64), n=cfg.n, main_started=not shortcuts)
             queue.extend(plan)
 
     def dispatch() -> None:
@@ -526,7 +575,8 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
     def finish(image: _Image) -> None:
         row = result_row(image.idx, image.label, image.pilot, image.counts, sigma=cfg.sigma,  # type: ignore[arg-type]
                          alpha=cfg.alpha, mode=cfg.tcertify_mode, grid=cfg.grid, seed=cfg.seed,
-                         time_s=image.time_s, checkpoint=checkpoint_id, train_run_id=train_run_id)
+                         time_s=image.time_s, checkpoint=checkpoint_id, train_run_id=train_run_id,
+                         pb_bound=cfg.pb_bound, shortcut=image.shortcut)
         buffer.append(row)
         del images[image.idx]
         progress.done += 1
@@ -556,8 +606,15 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
                 image.time_s += float(seconds)
                 image.remaining -= 1
                 progress.samples += task.num
+                if task.stream == MAIN_STREAM:
+                    image.made += task.num
                 if image.remaining == 0:
-                    finish(image)
+                    next_wave = _next_stage(cfg, image)
+                    if next_wave:
+                        image.remaining = len(next_wave)
+                        queue.extendleft(reversed(next_wave))  # finish started images first
+                    else:
+                        finish(image)
                 if hooks.on_shard_done is not None:
                     hooks.on_shard_done(pool, task)
             overdue = time.monotonic() - last_flush >= cfg.flush_seconds
@@ -579,6 +636,43 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
     return progress
 
 
+def _next_stage(cfg: CertifyConfig, image: _Image) -> list[ShardTask]:
+    """The shards to queue after all queued shards of a shortcut-run image were summed ([] = finished).
+
+    After the pilot: skip the image (``skip_misclassified``, pilot class != label), or plan its main
+    shards, n = cfg.n or the ISS choice from the pilot counts; then release them one wave at a time
+    (``early_abstain``), checking after each wave but the last whether the image will abstain. Every
+    decision is a function of counts only, and the shards are those of the full run (same noise).
+    """
+    if not image.main_started:
+        image.main_started = True
+        cA = int(np.argmax(image.pilot))
+        if cfg.skip_misclassified and cA != image.label:
+            image.shortcut = "skipped_misclassified"
+            return []
+        if cfg.n_policy == "iss":
+            image.n = iss_sample_size(image.pilot, cfg.n, cfg.shard_size, cfg.sigma,  # type: ignore[arg-type]
+                                      cfg.alpha, cfg.iss_max_radius_loss)
+            if image.n < cfg.n:
+                image.shortcut = "iss"
+        image.main_todo = shard_plan(image.idx, 0, image.n, cfg.shard_size)
+        if not cfg.early_abstain:
+            todo, image.main_todo = image.main_todo, []
+            return todo
+        waves = -(-len(image.main_todo) // cfg.early_abstain_wave)
+        image.level = wave_level(cfg.early_abstain_delta, waves - 1)
+        image.threshold = certify_threshold(image.n, cfg.alpha)
+    elif not image.main_todo:
+        return []
+    elif should_stop_early(int(image.counts[int(np.argmax(image.pilot))]), image.made, image.n,
+                           image.threshold, image.level):
+        image.shortcut = "early_abstain"
+        image.main_todo = []
+        return []
+    wave, image.main_todo = image.main_todo[:cfg.early_abstain_wave], image.main_todo[cfg.early_abstain_wave:]
+    return wave
+
+
 def format_summary(summary: dict[str, float], out_dir: Path) -> str:
     """A short text table: certified accuracy per radius for CERTIFY and T-CERTIFY, ACR, abstain rates."""
     radii = [r for r in DEFAULT_RADII]
@@ -589,6 +683,11 @@ def format_summary(summary: dict[str, float], out_dir: Path) -> str:
         accs = " ".join(f"{summary[f'{method}/cert_acc@{r:.2f}']:>5.3f}" for r in radii)
         lines.append(f"{method:<11} {accs}  {summary[f'{method}/acr']:.3f}  "
                      f"{summary[f'{method}/abstain_rate']:.3f}")
+    if "samples/per_image" in summary:
+        taken = ", ".join(f"{key.split('/', 1)[1][:-5]} {value:.3f}" for key, value in summary.items()
+                          if key.startswith("shortcut/"))
+        lines.append(f"samples per image: {summary['samples/per_image']:.0f}"
+                     + (f"  (shortcut rates: {taken})" if taken else ""))
     return "\n".join(lines)
 
 
@@ -602,6 +701,10 @@ _FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--batch-size", "batch_size", int), ("--shard-size", "shard_size", int), ("--seed", "seed", int),
     ("--output-dir", "output_dir", str), ("--experiment", "experiment", str),
     ("--tracking-uri", "tracking_uri", str),
+    ("--pb-bound", "pb_bound", str), ("--skip-misclassified", "skip_misclassified", bool),
+    ("--early-abstain", "early_abstain", bool), ("--early-abstain-delta", "early_abstain_delta", float),
+    ("--early-abstain-wave", "early_abstain_wave", int), ("--n-policy", "n_policy", str),
+    ("--iss-max-radius-loss", "iss_max_radius_loss", float),
 )
 
 
@@ -613,6 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (YAML value), repeatable")
     for flag, dest, kind in _FLAGS:
+        if kind is bool:  # a switch: present -> true (the config's default otherwise)
+            parser.add_argument(flag, dest=dest, action="store_true", default=None,
+                                help=f"config field {dest}")
+            continue
         parser.add_argument(flag, dest=dest, type=kind, default=None,
                             help=f"config field {dest}" + (" (comma-separated)" if dest == "grid" else ""))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

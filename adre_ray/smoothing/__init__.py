@@ -8,7 +8,7 @@ Notebook use::
     cert.certify.radius, cert.tcertify.radius
 """
 
-from adre_ray.smoothing.bounds import cp_upper, pA_lower, pB_upper
+from adre_ray.smoothing.bounds import PB_BOUNDS, cp_upper, pA_lower, pB_upper, pB_upper_max
 from adre_ray.smoothing.certify import (
     ABSTAIN,
     DEFAULT_GRID,
@@ -37,8 +37,8 @@ from adre_ray.smoothing.sampler import (
 from adre_ray.smoothing.smoothed import Certification, SmoothedClassifier
 
 __all__ = [
-    "ABSTAIN", "DEFAULT_GRID", "MAIN_STREAM", "NOISE_BLOCK", "PILOT_STREAM", "TCERTIFY_MODES",
-    "NonFiniteLogitsError",
+    "ABSTAIN", "DEFAULT_GRID", "MAIN_STREAM", "NOISE_BLOCK", "PB_BOUNDS", "PILOT_STREAM", "TCERTIFY_MODES",
+    "NonFiniteLogitsError", "pB_upper_max",
     "Certification", "SmoothedClassifier", "SmoothingResult", "bonferroni_level", "certify_counts",
     "cp_upper", "effective_batch_size", "fast_bf16_available", "model_device", "noise_seed",
     "prepare_model", "pA_lower", "pB_upper", "pilot_choice",

@@ -8,6 +8,10 @@
     For the true p_B = max_j p_j (attained at class j*): p_B > pB_upper implies S(p_B) <= beta, hence
     P(Bin(n, p_B) <= N_j*) <= beta, an event of probability <= beta. So P(pB_upper < p_B) <= beta.
     With one other class it is the plain Clopper-Pearson upper bound at level beta.
+``pB_upper_max``: the one-sided Clopper-Pearson upper bound of the largest other count M = max_j N_j,
+    cp_upper(M, n, beta). Valid: N_j* <= M and cp_upper grows with the count, so
+    P(cp_upper(M) < p_B) <= P(cp_upper(N_j*) < p_B) <= beta. Never looser than eq. 14: S(p) >=
+    P(Bin(n, p) <= M), so every p with S(p) <= beta also has P(Bin(n, p) <= M) <= beta.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize, special
+
+from adre_ray.config.certify import PB_BOUNDS
 
 ROOT_XTOL = 1e-15
 """Absolute tolerance of the root finder in ``pB_upper`` (the result is then rounded up to be safe)."""
@@ -85,6 +91,41 @@ def cp_upper(N: int, n: int, beta: float) -> float:
     if n <= N:
         return 1.0
     return float(special.betaincinv(N + 1, n - N, 1.0 - beta))
+
+
+# PB_BOUNDS: ``sum`` = eq. 14 (``pB_upper``), ``max`` = CP bound of the largest other count.
+
+
+def pB_upper_max(other_counts: Sequence[int] | np.ndarray, n: int, beta: float) -> float:
+    """cp_upper(max_j N_j, n, beta): inf { p : P(Bin(n, p) <= max_j N_j) <= beta }.
+
+    Guarantee: P(pB_upper_max < max_j p_j) <= beta (see the module docstring), and it is <= ``pB_upper``
+    on the same counts and level. Edge cases as ``pB_upper``: no other classes -> 0; ``beta <= 0`` -> 1;
+    ``beta >= 1`` -> 0.
+    """
+    n = _check_n(n)
+    counts = as_count_array("other_counts", other_counts)
+    if counts.size and counts.max() > n:
+        raise ValueError(f"other_counts={_short(other_counts)}: counts must be <= n={n} "
+                         f"(found {int(counts.max())})")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or math.isnan(beta):
+        raise ValueError(f"beta={beta!r}: must be a number")
+    if counts.size == 0:
+        return 0.0
+    if beta <= 0:
+        return 1.0
+    if beta >= 1:
+        return 0.0
+    return cp_upper(int(counts.max()), n, float(beta))
+
+
+def runner_up_upper(other_counts: Sequence[int] | np.ndarray, n: int, beta: float, bound: str) -> float:
+    """The runner-up bound named ``bound`` (``PB_BOUNDS``): ``pB_upper`` (sum) or ``pB_upper_max`` (max)."""
+    if bound == "sum":
+        return pB_upper(other_counts, n, beta)
+    if bound == "max":
+        return pB_upper_max(other_counts, n, beta)
+    raise ValueError(f"pb_bound={bound!r}: must be one of {', '.join(PB_BOUNDS)}")
 
 
 def pB_upper(other_counts: Sequence[int] | np.ndarray, n: int, beta: float) -> float:

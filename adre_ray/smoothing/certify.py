@@ -35,13 +35,13 @@ import numpy as np
 from scipy import special, stats
 
 from adre_ray.config.base import DEFAULT_GRID, TCERTIFY_MODES
-from adre_ray.smoothing.bounds import _short, as_count_array, pA_lower, pB_upper
+from adre_ray.smoothing.bounds import PB_BOUNDS, _short, as_count_array, pA_lower, runner_up_upper
 
 ABSTAIN = -1
 
 __all__ = [
-    "ABSTAIN", "DEFAULT_GRID", "TCERTIFY_MODES", "SmoothingResult", "certify_counts", "predict_counts",
-    "tcertify_counts",
+    "ABSTAIN", "DEFAULT_GRID", "PB_BOUNDS", "TCERTIFY_MODES", "SmoothingResult", "certify_counts",
+    "effective_pb_bound", "predict_counts", "tcertify_counts",
 ]
 
 
@@ -63,6 +63,7 @@ class SmoothingResult:
     t            grid value chosen (1.0 for CERTIFY, nan for PREDICT)
     alpha        overall failure probability requested by the caller
     p_value      two-sided binomial p-value of PREDICT (nan otherwise)
+    pb_bound     runner-up bound used by T-CERTIFY: "sum" (eq. 14) or "max" ("" for PREDICT / CERTIFY)
     """
 
     predict: int
@@ -77,6 +78,7 @@ class SmoothingResult:
     t: float
     alpha: float
     p_value: float = math.nan
+    pb_bound: str = ""
 
     @property
     def abstained(self) -> bool:
@@ -198,20 +200,29 @@ def split_radius(sigma: float, pa: float, pb: float) -> float:
     return 0.5 * sigma * (float(special.ndtri(pa)) - float(special.ndtri(pb)))
 
 
-def _split_bounds(nA: int, others: np.ndarray, n: int, level: float, t: float) -> tuple[float, float, float]:
-    """(a', pA_lower(a'), min(pB_upper(level - a'), 1 - pA_lower)) for the split a' = t * level."""
+def effective_pb_bound(mode: str, pb_bound: str) -> str:
+    """The runner-up bound ``mode`` really uses: ``paper`` always keeps eq. 14 ("sum")."""
+    if pb_bound not in PB_BOUNDS:
+        raise ValueError(f"pb_bound={pb_bound!r}: must be one of {', '.join(PB_BOUNDS)}")
+    return "sum" if mode == "paper" else pb_bound
+
+
+def _split_bounds(nA: int, others: np.ndarray, n: int, level: float, t: float,
+                  pb_bound: str = "sum") -> tuple[float, float, float]:
+    """(a', pA_lower(a'), min(pB_upper(level - a'), 1 - pA_lower)) for the split a' = t * level;
+    pB_upper is eq. 14 (``pb_bound="sum"``) or the CP bound of the largest other count ("max")."""
     a_prime = t * level
     pa = pA_lower(nA, n, a_prime)
-    pb = min(pB_upper(others, n, level - a_prime), 1.0 - pa)
+    pb = min(runner_up_upper(others, n, level - a_prime, pb_bound), 1.0 - pa)
     return a_prime, pa, pb
 
 
 def _best_split(nA: int, others: np.ndarray, n: int, sigma: float, level: float,
-                grid: tuple[float, ...]) -> tuple[float, float, float, float, float]:
+                grid: tuple[float, ...], pb_bound: str = "sum") -> tuple[float, float, float, float, float]:
     """(radius, t, a', pA_lower, pB_upper) of the grid point with the largest radius; ties -> larger t."""
     best: tuple[float, float, float, float, float] | None = None
     for t in sorted(set(grid), reverse=True):
-        a_prime, pa, pb = _split_bounds(nA, others, n, level, t)
+        a_prime, pa, pb = _split_bounds(nA, others, n, level, t, pb_bound)
         radius = split_radius(sigma, pa, pb)
         if best is None or radius > best[0]:
             best = (radius, t, a_prime, pa, pb)
@@ -234,7 +245,8 @@ def split_margin(pa: float, pb: float) -> float:
     return float(special.ndtri(pa)) - float(special.ndtri(pb))
 
 
-def pilot_choice(pilot: np.ndarray, cA: int, n: int, alpha: float, grid: tuple[float, ...]) -> float:
+def pilot_choice(pilot: np.ndarray, cA: int, n: int, alpha: float, grid: tuple[float, ...],
+                 pb_bound: str = "sum") -> float:
     """The t maximizing the plug-in margin: counts round(n * pilot / n0) at level alpha (ties -> larger t).
 
     The score is ``split_margin`` (the radius up to the factor sigma / 2, where pA_lower > 1/2) so that a
@@ -248,7 +260,7 @@ def pilot_choice(pilot: np.ndarray, cA: int, n: int, alpha: float, grid: tuple[f
     nA, others = int(plug[cA]), np.delete(plug, cA)
     best_t, best_score = max(grid), -math.inf
     for t in sorted(set(grid), reverse=True):
-        _, pa, pb = _split_bounds(nA, others, n, alpha, t)
+        _, pa, pb = _split_bounds(nA, others, n, alpha, t, pb_bound)
         score = split_margin(pa, pb) if pa > 0 else -math.inf
         if score > best_score:
             best_t, best_score = t, score
@@ -257,8 +269,11 @@ def pilot_choice(pilot: np.ndarray, cA: int, n: int, alpha: float, grid: tuple[f
 
 def tcertify_counts(pilot_counts: Sequence[int] | np.ndarray, counts: Sequence[int] | np.ndarray,
                     sigma: float, alpha: float, mode: str = "pilot",
-                    grid: Sequence[float] = DEFAULT_GRID) -> SmoothingResult:
-    """T-CERTIFY: split alpha between pA_lower (a' = t alpha) and the eq. 14 bound pB_upper (alpha - a').
+                    grid: Sequence[float] = DEFAULT_GRID, pb_bound: str = "sum") -> SmoothingResult:
+    """T-CERTIFY: split alpha between pA_lower (a' = t alpha) and the runner-up bound pB_upper (alpha - a').
+
+    ``pb_bound``: ``sum`` = eq. 14, ``max`` = Clopper-Pearson bound of the largest other count (valid and
+    never looser; see ``adre_ray.smoothing.bounds``). ``paper`` mode always uses eq. 14.
 
     ``mode`` picks t (see the module docstring): ``pilot`` and ``bonferroni`` are valid at alpha,
     ``paper`` (grid max at alpha) only at alpha (t_max + 1 - t_min). Returns the record of the chosen t
@@ -268,18 +283,19 @@ def tcertify_counts(pilot_counts: Sequence[int] | np.ndarray, counts: Sequence[i
     pilot, main, n = _check_pair(pilot_counts, counts)
     sigma, alpha = _check_sigma(sigma), _check_alpha(alpha)
     mode, grid = _check_mode(mode), _check_grid(grid)
+    pb_bound = effective_pb_bound(mode, pb_bound)
     if main.size < 2:
         raise ValueError(f"counts={_short(counts)}: T-CERTIFY needs at least 2 classes")
     cA = int(np.argmax(pilot))
     nA, others = int(main[cA]), np.delete(main, cA)
     if mode == "pilot":
-        t = pilot_choice(pilot, cA, n, alpha, grid)
-        a_prime, pa, pb = _split_bounds(nA, others, n, alpha, t)
+        t = pilot_choice(pilot, cA, n, alpha, grid, pb_bound)
+        a_prime, pa, pb = _split_bounds(nA, others, n, alpha, t, pb_bound)
         radius = split_radius(sigma, pa, pb)
     else:
         level = alpha if mode == "paper" else bonferroni_level(alpha, grid)
-        radius, t, a_prime, pa, pb = _best_split(nA, others, n, sigma, level, grid)
+        radius, t, a_prime, pa, pb = _best_split(nA, others, n, sigma, level, grid, pb_bound)
     return SmoothingResult(
         predict=cA if radius > 0 else ABSTAIN, radius=radius, pA_lower=pa, pB_upper=pb, alpha_prime=a_prime,
-        mode=mode, candidate=cA, n_A=nA, n=n, t=t, alpha=alpha,
+        mode=mode, candidate=cA, n_A=nA, n=n, t=t, alpha=alpha, pb_bound=pb_bound,
     )

@@ -75,12 +75,14 @@ class SmoothedClassifier:
         return predict_counts(self.counts(x, n, seed=seed, idx=idx, stream=MAIN_STREAM), alpha)
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, *, seed: int = 0, idx: int = 0,
-                mode: str = "pilot", grid: Sequence[float] = DEFAULT_GRID) -> Certification:
+                mode: str = "pilot", grid: Sequence[float] = DEFAULT_GRID, pb_bound: str = "sum"
+                ) -> Certification:
         """CERTIFY and T-CERTIFY from ``n0`` pilot draws (class selection) and ``n`` independent draws.
 
         Each non-abstaining answer (class cA, radius R) satisfies, with probability >= 1 - alpha over the
         noise: g(x + delta) = cA for every ||delta||_2 < R. For T-CERTIFY this holds in the ``pilot`` and
-        ``bonferroni`` modes; ``paper`` only guarantees 1 - alpha (t_max + 1 - t_min).
+        ``bonferroni`` modes; ``paper`` only guarantees 1 - alpha (t_max + 1 - t_min). ``pb_bound``: the
+        runner-up bound of T-CERTIFY, ``sum`` (eq. 14) or ``max`` (ignored in ``paper`` mode).
         """
         _check_alpha(alpha)
         _check_mode(mode)
@@ -91,6 +93,7 @@ class SmoothedClassifier:
         counts = self.counts(x, n, seed=seed, idx=idx, stream=MAIN_STREAM)
         return Certification(
             certify=certify_counts(pilot, counts, self.sigma, alpha),
-            tcertify=tcertify_counts(pilot, counts, self.sigma, alpha, mode=mode, grid=grid),
+            tcertify=tcertify_counts(pilot, counts, self.sigma, alpha, mode=mode, grid=grid,
+                                     pb_bound=pb_bound),
             pilot_counts=pilot, counts=counts,
         )

@@ -1,0 +1,116 @@
+"""Evaluation shortcuts: fewer Monte Carlo draws for the same certified-accuracy table (no torch, no Ray).
+
+An evaluation needs certified accuracy at each radius and ACR. Three rules spend fewer of the n main
+draws; each is a function of counts only, so the Ray driver and a notebook loop decide identically.
+Proofs in docs/certification.md ("Evaluation shortcuts").
+
+- ``skip_misclassified``: cA = argmax pilot != label -> no main draws. CERTIFY and T-CERTIFY certify cA
+  or abstain, so such an image is never certified-correct: the table and ACR are exactly unchanged.
+- ``early_abstain``: the main draws arrive in waves of shards; after each wave but the last,
+  ``should_stop_early`` says whether the image will (very likely) abstain under the full n. With the
+  certification threshold K = min { k : pA_lower(k, n, alpha) >= 1/2 } (CERTIFY certifies iff N_A >= K,
+  and T-CERTIFY can certify only if CERTIFY does), a stop after m draws with a of them cA changes the
+  outcome only on {final N_A >= K}; the rule bounds that probability by ``delta_w`` per check, so by
+  ``delta`` per image over all checks (``wave_level``). ``delta = 0`` stops only when even all remaining
+  draws being cA would leave N_A < K (the outcome then never changes).
+- ``n_policy="iss"`` (input-specific sample size, Chen et al., AAAI 2022): ``iss_sample_size`` picks the
+  image's n from its pilot counts only (the smallest allowed n whose plug-in CERTIFY radius is within
+  ``max_radius_loss`` of the plug-in radius at the full n). The choice never sees the main draws, so
+  conditionally on it CERTIFY / T-CERTIFY at that n keep their guarantee at alpha.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import special
+
+from adre_ray.config.certify import ABSTAINING_SHORTCUTS, N_POLICIES, SHORTCUTS
+from adre_ray.smoothing.bounds import cp_upper, pA_lower
+
+# N_POLICIES: per-image sample size, ``fixed`` = every image uses n, ``iss`` = chosen from the pilot counts.
+
+
+def certify_threshold(n: int, alpha: float) -> int:
+    """K = min { k in [0, n] : pA_lower(k, n, alpha) >= 1/2 }, or n + 1 when no count certifies.
+
+    CERTIFY certifies iff N_A >= K (pA_lower grows with N_A). T-CERTIFY's abstention test is
+    pA_lower(N_A, n, a') > 1/2 with a' <= alpha, and pA_lower shrinks with the level, so T-CERTIFY can
+    certify only when CERTIFY does: below K both abstain.
+    """
+    if pA_lower(n, n, alpha) < 0.5:
+        return n + 1
+    lo, hi = 0, n  # pA_lower(hi) >= 1/2; pA_lower(0) = 0 < 1/2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if pA_lower(mid, n, alpha) >= 0.5:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def wave_level(delta: float, checks: int) -> float:
+    """delta / checks: the per-check level whose union over ``checks`` checks is <= delta."""
+    return delta / checks if checks > 0 else 0.0
+
+
+def should_stop_early(n_A: int, m: int, n: int, threshold: int, level: float) -> bool:
+    """After ``m`` of ``n`` main draws with ``n_A`` of them cA: stop (the image will abstain) or not.
+
+    r = n - m draws remain; the final count is n_A + R, R ~ Bin(r, p_A). Stop iff
+    P(Bin(r, p0) >= K - n_A) <= level with p0 = cp_upper(n_A, m, level) (for K - n_A > r that
+    probability is 0: the stop is then deterministic). The rule stops exactly when n_A <= c for a
+    threshold c fixed by (m, n, K, level) (the test statistic grows with n_A), and for every p_A
+    P(stop and final N_A >= K) <= level: if p_A >= p0(c), P(Bin(m, p_A) <= c) <= level; otherwise
+    P(R >= K - c) <= P(Bin(r, p0(c)) >= K - c) <= level.
+    """
+    remaining = n - m
+    need = threshold - n_A  # cA draws still missing for N_A >= K
+    if need > remaining:
+        return True
+    if need <= 0 or level <= 0:
+        return False
+    p0 = cp_upper(n_A, m, level)
+    return float(special.bdtrc(need - 1, remaining, p0)) <= level
+
+
+def allowed_sample_sizes(n_max: int, shard_size: int) -> list[int]:
+    """shard_size, 2 shard_size, ... below ``n_max``, then ``n_max``: the n an ISS image may use."""
+    return [*range(shard_size, n_max, shard_size), n_max]
+
+
+def plugin_radius(pilot: np.ndarray, n: int, sigma: float, alpha: float) -> float:
+    """CERTIFY's radius at n with the pilot frequency of cA plugged in: count round(n * pilot[cA] / n0)."""
+    n0 = int(pilot.sum())
+    if n0 == 0:
+        return 0.0
+    n_A = min(n, int(np.rint(n * int(pilot.max()) / n0)))
+    pa = pA_lower(n_A, n, alpha)
+    return sigma * float(special.ndtri(pa)) if pa >= 0.5 else 0.0
+
+
+def iss_sample_size(pilot_counts: np.ndarray, n_max: int, shard_size: int, sigma: float, alpha: float,
+                    max_radius_loss: float) -> int:
+    """The smallest allowed n with plugin_radius(n_max) - plugin_radius(n) <= ``max_radius_loss``.
+
+    ``max_radius_loss`` is in the radius's own units (l2 in [0, 1] pixel space, like ``radius_certify``).
+    A pure function of the pilot counts and the settings: it never sees a main draw. When the plug-in
+    predicts an abstention at n_max (radius 0) the smallest allowed n is chosen.
+    """
+    pilot = np.asarray(pilot_counts, dtype=np.int64)
+    if not (isinstance(max_radius_loss, (int, float)) and math.isfinite(max_radius_loss)
+            and max_radius_loss >= 0):
+        raise ValueError(f"max_radius_loss={max_radius_loss!r}: must be a finite number >= 0")
+    target = plugin_radius(pilot, n_max, sigma, alpha) - max_radius_loss
+    for n in allowed_sample_sizes(n_max, shard_size):
+        if plugin_radius(pilot, n, sigma, alpha) >= target:
+            return n
+    return n_max
+
+
+__all__ = [
+    "ABSTAINING_SHORTCUTS", "N_POLICIES", "SHORTCUTS", "allowed_sample_sizes", "certify_threshold",
+    "iss_sample_size", "plugin_radius", "should_stop_early", "wave_level",
+]
