@@ -34,8 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
-"""Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts."""
+SCHEMA_VERSION = 3
+"""Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts;
+3: ``train_sigma``."""
 
 MANIFEST_NAME = "run.json"
 PART_PREFIX = "part-"
@@ -72,12 +73,14 @@ RESULT_SCHEMA = pa.schema(
         pa.field("time_s", pa.float64()),                   # wall time from first shard sent to last summed
         pa.field("checkpoint", pa.string()),                # model checkpoint path
         pa.field("train_run_id", pa.string()),              # MLflow run id of the training run, if known
+        pa.field("train_sigma", pa.float64()),              # sigma the model was trained with, if known (v3)
         pa.field("schema_version", pa.int64()),             # version of the writer of this row
     ],
     metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
-_OPTIONAL_ROW_KEYS = frozenset({"schema_version"})
+_OPTIONAL_ROW_KEYS = frozenset({"schema_version", "train_sigma"})
+"""Row keys a writer may leave out: ``schema_version`` (filled in) and nullable facts (null)."""
 
 
 # ----------------------------------------------------------------------------------------------- writing
