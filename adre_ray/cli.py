@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("adre_ray.distributed.tune", "Ray Tune search over lambda / epsilon / sigma / k / lr"),
     "analyze": ("adre_ray.analysis.report", "certified-accuracy tables and plots from results"),
     "demo": ("adre_ray.demo", "the end-to-end demo on one machine"),
+    "import-checkpoint": ("adre_ray.models.import_cli",
+                          "convert a randomized-smoothing / torchvision checkpoint (same logits)"),
 }
 
 

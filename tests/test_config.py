@@ -137,5 +137,21 @@ def test_paper_configs_match_the_papers():
     assert (imagenet.model, imagenet.data.dataset, imagenet.schedule.epochs, imagenet.schedule.name,
             imagenet.schedule.warmup_epochs, imagenet.batch_size, imagenet.loss.lam,
             imagenet.loss.label_smoothing, imagenet.scaling.num_workers) == (
-        "resnet50", "imagenet", 50, "cosine", 8, 256, 0.05, 0.1, 8)
-    assert imagenet.loss.k in (1, 4) and imagenet.scaling.use_gpu
+        "resnet50", "imagenet", 50, "cosine", 8, 256, 0.05, 0.1, 4)
+    assert imagenet.loss.k == 1 and imagenet.scaling.use_gpu
+    assert (imagenet.optim.momentum, imagenet.optim.weight_decay) == (0.875, 1 / 32768)
+    k4 = load_config(TrainConfig, REPO / "jobs/configs/train_imagenet_adre_reg_k4.yaml")
+    assert (k4.loss.k, k4.batch_size, k4.scaling.num_workers, k4.optim.momentum, k4.optim.weight_decay,
+            k4.loss.label_smoothing, k4.schedule.warmup_epochs, k4.schedule.epochs) == (
+        4, 64, 4, 0.875, 1 / 32768, 0.1, 8, 50)
+    assert k4.optim.lr == imagenet.optim.lr * 64 / 256  # linear scaling with the batch
+    adv = load_config(TrainConfig, REPO / "jobs/configs/train_cifar10_adre_adv.yaml")
+    assert (adv.loss.name, adv.loss.k, adv.loss.steps, adv.loss.epsilon) == ("adre_adv", 8, 2, 0.5)
+
+
+def test_imagenet_certify_config_takes_every_100th_val_image():
+    from adre_ray.config.certify import CertifyConfig
+
+    cfg = load_config(CertifyConfig, REPO / "jobs/configs/certify_imagenet.yaml")
+    assert (cfg.dataset, cfg.split, cfg.skip, cfg.n0, cfg.n, cfg.alpha) == (
+        "imagenet", "test", 100, 100, 100_000, 0.001)

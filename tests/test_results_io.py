@@ -29,7 +29,8 @@ def make_row(idx: int, **changes) -> dict:
         "tcertify_mode": "pilot", "pA_lower": 0.8, "pB_upper": 0.15, "alpha_prime": 0.0005,
         "pA_lower_certify": 0.79, "counts": counts, "pilot_counts": [1, 8, 1], "n0": 10, "n": sum(counts),
         "alpha": 0.001, "sigma": 0.25, "seed": 3, "time_s": 1.5, "checkpoint": "/ckpt/model.pt",
-        "train_run_id": None, "pb_bound": "max", "samples_used": 10 + sum(counts), "shortcut": "none",
+        "train_run_id": None, "train_sigma": 0.25, "pb_bound": "max", "samples_used": 10 + sum(counts),
+        "shortcut": "none",
     }
     row.update(changes)
     return row
@@ -54,6 +55,13 @@ def test_schema_round_trip(tmp_path):
         assert row == expected
     # a single file reads the same as its folder
     assert read_results(path).equals(table)
+
+
+def test_train_sigma_is_optional_and_null_when_unknown(tmp_path):
+    row = make_row(1)
+    del row["train_sigma"]  # a writer that does not know it (e.g. a model_fn run)
+    write_part(tmp_path, [row])
+    assert read_results(tmp_path).to_pylist()[0]["train_sigma"] is None
 
 
 def test_rows_must_name_every_column(tmp_path):

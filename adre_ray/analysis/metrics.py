@@ -171,11 +171,26 @@ def method_columns(table: Any, method: str) -> tuple[np.ndarray, np.ndarray, np.
     return radius, correct, predict
 
 
+def methods_present(table: Any) -> tuple[str, ...]:
+    """The methods of ``METHODS`` whose radius column is in ``table`` with at least one non-null value.
+
+    A published CERTIFY log (``adre_ray.analysis.published_logs``) has CERTIFY radii only: its
+    T-CERTIFY is absent, not zero, and is left out of summaries, tables and plots.
+    """
+    present = []
+    for method in METHODS:
+        values = _column(table, _RADIUS_COLUMN[method])
+        if values is not None and any(v is not None for v in values):
+            present.append(method)
+    return tuple(present)
+
+
 def summarize(table: Any, radii: Sequence[float] = DEFAULT_RADII) -> dict[str, float]:
     """Certified accuracy at each of ``radii``, ACR, abstain rate and image count per method.
 
     Keys: ``{method}/cert_acc@{r:.2f}`` (fraction in [0, 1]), ``{method}/acr``, ``{method}/abstain_rate``,
-    ``{method}/num_images`` for method in ``METHODS``, plus ``predict/abstain_rate`` and
+    ``{method}/num_images`` for each method in ``methods_present(table)`` (a published CERTIFY log has
+    no T-CERTIFY keys), plus ``predict/abstain_rate`` and
     ``predict/accuracy`` (PREDICT's class == label) over the rows whose ``predict`` is not null, and the
     sample cost: ``samples/per_image`` (mean pilot + main draws made; n0 + n where ``samples_used`` is
     null) and ``shortcut/<name>_rate`` (fraction of rows per shortcut taken). Rows whose shortcut is
@@ -190,7 +205,7 @@ def summarize(table: Any, radii: Sequence[float] = DEFAULT_RADII) -> dict[str, f
         raise ValueError("table: no images (empty input)")
     grid = check_radii(radii)
     summary: dict[str, float] = {}
-    for method in METHODS:
+    for method in methods_present(table) or METHODS:  # none present: method_columns names the column
         radius, correct, predict = method_columns(table, method)
         for r, acc in zip(grid, certified_accuracy(radius, correct, grid), strict=True):
             summary[radius_key(method, float(r))] = float(acc)

@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from adre_ray.analysis.metrics import average_certified_radius, certified_accuracy, method_columns
+from adre_ray.analysis.metrics import (
+    average_certified_radius,
+    certified_accuracy,
+    method_columns,
+    methods_present,
+)
 from adre_ray.analysis.tables import METHOD_NAMES, distinct_values, selected_methods
 
 GRID_POINTS = 1001
@@ -37,6 +42,8 @@ def _max_radius(tables: Sequence[Any], methods: Sequence[str]) -> float:
     best = 0.0
     for table in tables:
         for m in methods:
+            if m not in (methods_present(table) or methods):
+                continue
             radius, correct, _ = method_columns(table, m)
             certified = radius[correct & np.isfinite(radius)]
             if certified.size:
@@ -89,6 +96,8 @@ def plot_certified_accuracy(runs: Mapping[str, Any], path: str | Path, method: s
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for color, (name, table) in zip(colors, runs.items(), strict=True):
         for m in methods:
+            if m not in (methods_present(table) or methods):  # T-CERTIFY of a published CERTIFY log
+                continue
             radius, correct, _ = method_columns(table, m)
             accuracy = certified_accuracy(radius, correct, grid)
             label = name if len(methods) == 1 else f"{name} {METHOD_NAMES[m]}"

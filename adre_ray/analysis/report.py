@@ -1,10 +1,12 @@
 """``adre-ray analyze``: certified-accuracy tables and plots from certification results, logged to MLflow.
 
-    adre-ray analyze RESULT [RESULT ...] [--label NAME ...] --output-dir DIR [--radii R ...]
+    adre-ray analyze RESULT [RESULT ...] [--label NAME ...] [--sigma S ...] --output-dir DIR [--radii R ...]
                      [--plot-method certify|tcertify|both] [--log-mlflow | --no-log-mlflow]
                      [--experiment NAME] [--tracking-uri URI]
 
-RESULT is a Parquet file, a result folder (``part-*.parquet``, as the certification job writes), or an
+RESULT is a Parquet file, a result folder (``part-*.parquet``, as the certification job writes), a
+published certification log of the original randomized-smoothing code (tab-separated, header
+``idx label predict radius correct time``; read as CERTIFY rows, see ``published_logs``), or an
 MLflow run, ``mlflow:<run_id>`` or ``runs:/<run_id>[/<artifact path>]``, whose Parquet artifacts (under
 ``results`` unless a path is given) are downloaded to a temporary folder. Writes into DIR only:
 ``table.md``, ``table.csv`` (Table 1 layout, one row per run and method), ``certified_accuracy.png``
@@ -15,6 +17,7 @@ MLflow run, ``mlflow:<run_id>`` or ``runs:/<run_id>[/<artifact path>]``, whose P
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -28,8 +31,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adre_ray.analysis.metrics import check_radii, mlflow_metrics, summarize
+from adre_ray.analysis.metrics import METHODS, check_radii, methods_present, mlflow_metrics, summarize
 from adre_ray.analysis.plots import plot_certified_accuracy, plot_certify_vs_tcertify
+from adre_ray.analysis.published_logs import is_certify_log, read_certify_log
 from adre_ray.analysis.results import MANIFEST_NAME, SCHEMA_VERSION, part_files, read_manifest, read_results
 from adre_ray.analysis.tables import (
     METHOD_CHOICES,
@@ -67,6 +71,8 @@ class LoadedResult:
     table: pa.Table
     default_label: str
     run_id: str | None = None
+    kind: str = "parquet"
+    """"parquet" (certification results) or "certify_log" (a published CERTIFY log)."""
 
 
 def parse_run_spec(spec: str) -> tuple[str, str] | None:
@@ -181,6 +187,8 @@ def load_result(spec: str, *, tracking_uri: str, download_dir: Path) -> LoadedRe
     parsed = parse_run_spec(spec)
     if parsed is None:
         path = Path(spec)
+        if is_certify_log(path):
+            return LoadedResult(spec, read_certify_log(path), path.stem or path.name, kind="certify_log")
         label = path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
         return LoadedResult(spec, read_result_path(path, spec), label or str(path))
     run_id, artifact_path = parsed
@@ -188,6 +196,30 @@ def load_result(spec: str, *, tracking_uri: str, download_dir: Path) -> LoadedRe
     dst.mkdir(parents=True, exist_ok=True)
     local, run_name = _download_run(run_id, artifact_path, spec, tracking_uri, dst)
     return LoadedResult(spec, read_result_path(local, spec), run_name, run_id)
+
+
+def apply_sigmas(results: Sequence[LoadedResult], sigmas: Sequence[float] | None) -> list[LoadedResult]:
+    """``results`` with the published logs' ``sigma`` column set from ``sigmas`` (one value for all, or one
+    per RESULT). A Parquet RESULT keeps its recorded sigma; a given value that differs is an error."""
+    if not sigmas:
+        return list(results)
+    values = list(sigmas) * len(results) if len(sigmas) == 1 else list(sigmas)
+    out = []
+    for result, sigma in zip(results, values, strict=True):
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"--sigma={sigma!r}: must be a finite number > 0")
+        table = result.table
+        if result.kind == "certify_log":
+            column = pa.array([float(sigma)] * table.num_rows, pa.float64())
+            table = table.set_column(table.schema.get_field_index("sigma"), "sigma", column)
+            result = dataclasses.replace(result, table=table)
+        else:
+            recorded = {v for v in table.column("sigma").to_pylist() if v is not None}
+            if recorded and recorded != {float(sigma)}:
+                raise ValueError(f"--sigma={sigma:g} for result={result.spec!r}: its rows were certified "
+                                 f"at sigma={'/'.join(f'{v:g}' for v in sorted(recorded))}")
+        out.append(result)
+    return out
 
 
 def unique_labels(labels: Sequence[str]) -> list[str]:
@@ -215,9 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adre-ray analyze",
         description="Certified-accuracy tables (Table 1) and plots (Figures 1-2) from certification results.")
     parser.add_argument("results", nargs="+", metavar="RESULT",
-                        help="Parquet file or folder, or mlflow:<run_id> / runs:/<run_id>[/<artifact path>]")
+                        help="Parquet file or folder, a published certification log (idx label predict "
+                             "radius correct time), or mlflow:<run_id> / runs:/<run_id>[/<artifact path>]")
     parser.add_argument("--label", action="append", default=None, metavar="NAME",
                         help="name of each RESULT in tables and plots (give once per RESULT, in order)")
+    parser.add_argument("--sigma", action="append", type=float, default=None, metavar="S",
+                        help="noise level of the published logs, for the table's sigma column: once for "
+                             "all RESULTs or once per RESULT in order (a Parquet RESULT's must equal its "
+                             "recorded sigma)")
     parser.add_argument("--output-dir", required=True, type=Path, help="folder for every output (created)")
     parser.add_argument("--radii", nargs="+", type=float, default=list(TABLE_RADII), metavar="R",
                         help="table columns (default 0 0.25 ... 3.0)")
@@ -244,9 +281,10 @@ def write_outputs(results: Sequence[LoadedResult], labels: Sequence[str], output
     to_csv(rows, output_dir / "table.csv")
     plot_certified_accuracy(runs, output_dir / "certified_accuracy.png", method=plot_method)
     for label, table in runs.items():
-        plot_certify_vs_tcertify(table, output_dir / f"certify_vs_tcertify_{file_safe(label)}.png")
+        if set(methods_present(table)) == set(METHODS):  # a published log has no T-CERTIFY to compare
+            plot_certify_vs_tcertify(table, output_dir / f"certify_vs_tcertify_{file_safe(label)}.png")
     summaries = {label: summarize(table, radii) for label, table in runs.items()}
-    record = {label: {"source": r.spec, "run_id": r.run_id, "metrics": summaries[label]}
+    record = {label: {"source": r.spec, "kind": r.kind, "run_id": r.run_id, "metrics": summaries[label]}
               for label, r in zip(labels, results, strict=True)}
     (output_dir / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
     return markdown, summaries
@@ -289,6 +327,10 @@ def run_analysis(args: argparse.Namespace) -> str:
     if args.label is not None and len(args.label) != len(args.results):
         raise ValueError(f"--label given {len(args.label)} time(s) for {len(args.results)} RESULT(s): "
                          "give one label per RESULT or none")
+    sigmas = getattr(args, "sigma", None)
+    if sigmas is not None and len(sigmas) not in (1, len(args.results)):
+        raise ValueError(f"--sigma given {len(sigmas)} time(s) for {len(args.results)} RESULT(s): give it "
+                         "once (for every RESULT) or once per RESULT")
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise ValueError(f"output_dir={str(args.output_dir)!r}: exists and is not a directory")
     from_run = any(parse_run_spec(spec) for spec in args.results)
@@ -298,6 +340,7 @@ def run_analysis(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(prefix="adre-ray-analyze-") as download_dir:
         results = [load_result(spec, tracking_uri=tracking_uri, download_dir=Path(download_dir))
                    for spec in args.results]
+    results = apply_sigmas(results, getattr(args, "sigma", None))
     labels = unique_labels(args.label if args.label is not None else [r.default_label for r in results])
     markdown, summaries = write_outputs(results, labels, args.output_dir, radii, args.plot_method)
     log = args.log_mlflow if args.log_mlflow is not None else (from_run or uri_given)

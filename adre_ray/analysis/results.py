@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 3
 """Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts;
-3: evaluation shortcuts (``samples_used``, ``shortcut``) and the runner-up bound (``pb_bound``)."""
+3: evaluation shortcuts (``samples_used``, ``shortcut``), the runner-up bound (``pb_bound``) and
+``train_sigma``."""
 
 MANIFEST_NAME = "run.json"
 PART_PREFIX = "part-"
@@ -80,6 +81,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("time_s", pa.float64()),                   # wall time from first shard sent to last summed
         pa.field("checkpoint", pa.string()),                # model checkpoint path
         pa.field("train_run_id", pa.string()),              # MLflow run id of the training run, if known
+        pa.field("train_sigma", pa.float64()),              # sigma the model was trained with, if known (v3)
         pa.field("schema_version", pa.int64()),             # version of the writer of this row
         pa.field("pb_bound", pa.string()),                  # T-CERTIFY runner-up bound: sum (eq. 14) | max
         pa.field("samples_used", pa.int64()),               # pilot + main draws actually made
@@ -89,9 +91,9 @@ RESULT_SCHEMA = pa.schema(
     metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
-_OPTIONAL_ROW_KEYS = frozenset({"schema_version", "pb_bound", "samples_used", "shortcut"})
+_OPTIONAL_ROW_KEYS = frozenset({"schema_version", "pb_bound", "samples_used", "shortcut", "train_sigma"})
 """Row keys ``write_part`` fills when absent: the writer's version, pb_bound null, samples_used = n0 + n,
-shortcut "none" (a row made without shortcuts)."""
+shortcut "none" (a row made without shortcuts), train_sigma null."""
 
 
 # ----------------------------------------------------------------------------------------------- writing

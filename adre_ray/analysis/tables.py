@@ -22,6 +22,7 @@ from adre_ray.analysis.metrics import (
     certified_accuracy,
     check_radii,
     method_columns,
+    methods_present,
     sample_summary,
 )
 
@@ -62,7 +63,8 @@ def distinct_values(table: Any, name: str) -> str:
 def certified_accuracy_table(
     runs: Mapping[str, Any], radii: Sequence[float] = TABLE_RADII, method: str = "both"
 ) -> list[dict[str, Any]]:
-    """Rows of the certified-accuracy table, one per run and method (runs in the given order).
+    """Rows of the certified-accuracy table, one per run and method (runs in the given order); a method
+    without radii in a run (T-CERTIFY of a published CERTIFY log) has no row.
 
     Each row maps ``run``, ``method`` (CERTIFY / T-CERTIFY), ``sigma``, ``n`` (distinct values in the
     run), ``images`` (N), ``radius_column(r)`` -> round(100 * CA(r), 1) for r in ``radii``,
@@ -76,7 +78,10 @@ def certified_accuracy_table(
     for name, table in runs.items():
         if table.num_rows == 0:
             raise ValueError(f"runs[{name!r}]: no images (empty result table)")
+        present = methods_present(table)
         for m in selected_methods(method):
+            if present and m not in present:  # e.g. T-CERTIFY of a published CERTIFY log
+                continue
             radius, correct, predict = method_columns(table, m)
             row: dict[str, Any] = {
                 "run": name, "method": METHOD_NAMES[m], "sigma": distinct_values(table, "sigma"),

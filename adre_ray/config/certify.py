@@ -40,6 +40,7 @@ class CertifyConfig(JobConfig):
     """PREDICT / CERTIFY / T-CERTIFY of one checkpoint over a strided subset of a split.
 
     checkpoint        model checkpoint file or folder (``save_model_checkpoint`` format)
+    model_fn          instead of a checkpoint: ``module:function`` returning an nn.Module on [0, 1] images
     dataset, data_dir, split   images to certify (``adre_ray.data.load_images``)
     sigma             noise std; None -> the checkpoint's training sigma (error if it has none)
     n0, n, alpha      pilot draws, estimation draws, failure probability of each certificate
@@ -63,6 +64,9 @@ class CertifyConfig(JobConfig):
     """
 
     checkpoint: str = ""
+    model_fn: str | None = config_field(
+        None, "instead of checkpoint: 'package.module:function' returning an nn.Module that takes [0, 1] "
+              "images (e.g. denoiser + classifier); importable on every actor; needs sigma")
     dataset: str = "cifar10"
     data_dir: str = "data/cifar10"
     split: str = "test"
@@ -105,8 +109,20 @@ class CertifyConfig(JobConfig):
         0.05, "ISS: largest tolerated loss of the plug-in CERTIFY radius (l2 units, like the radii)")
 
     def validate(self) -> None:
-        check(isinstance(self.checkpoint, str) and self.checkpoint != "", "checkpoint", self.checkpoint,
-              "must name a model checkpoint file or folder")
+        if self.model_fn is None:
+            check(isinstance(self.checkpoint, str) and self.checkpoint != "", "checkpoint", self.checkpoint,
+                  "must name a model checkpoint file or folder (or set model_fn)")
+        else:
+            from adre_ray.models.model_fn import check_model_fn_spec  # lazily: the package imports torch
+
+            try:
+                check_model_fn_spec(self.model_fn)
+            except ValueError as err:
+                raise ValueError(str(err)) from None
+            check(self.checkpoint == "", "checkpoint", self.checkpoint,
+                  f"give checkpoint or model_fn={self.model_fn!r}, not both")
+            check(self.sigma is not None, "sigma", self.sigma,
+                  "must be set with model_fn (a callable records no training sigma)")
         check_choice("dataset", self.dataset, DATASETS)
         check(isinstance(self.data_dir, str) and self.data_dir != "", "data_dir", self.data_dir,
               "must name the dataset folder")

@@ -18,11 +18,15 @@ import ray
 import torch
 
 from adre_ray.models.checkpoint import load_model_checkpoint
+from adre_ray.models.model_fn import build_model_fn
 from adre_ray.smoothing.sampler import NonFiniteLogitsError, sample_counts
 
 
 class CertifyWorker:
     """Holds one model (eval mode, on ``device``) and samples counts of f(x + d) for shards of draws.
+
+    The model is the checkpoint's, or (``model_fn``, see ``adre_ray.models.model_fn``) the module a
+    ``module:function`` callable returns.
 
     ``device``: "cpu" or "cuda" (the GPU Ray assigned). On CPU the worker uses ``cpu_threads`` torch
     threads (1 for one actor per core). ``amp`` (bf16 autocast) and ``channels_last`` apply on GPU only.
@@ -30,13 +34,16 @@ class CertifyWorker:
 
     def __init__(self, checkpoint: str, *, num_classes: int, sigma: float, seed: int, batch_size: int,
                  device: str = "cpu", amp: bool = False, channels_last: bool = False,
-                 cpu_threads: int = 1) -> None:
+                 cpu_threads: int = 1, model_fn: str | None = None) -> None:
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
         self.device = torch.device(device)
         self.checkpoint = str(checkpoint)
-        model, meta = load_model_checkpoint(checkpoint, map_location=str(self.device),
-                                            expected_num_classes=num_classes)
+        if model_fn is not None:  # any nn.Module on [0, 1] images; its output size is checked per batch
+            model, meta = build_model_fn(model_fn), {"model_fn": model_fn}
+        else:
+            model, meta = load_model_checkpoint(checkpoint, map_location=str(self.device),
+                                                expected_num_classes=num_classes)
         model = model.to(self.device).eval()
         on_gpu = self.device.type == "cuda"
         self.channels_last = bool(channels_last and on_gpu)

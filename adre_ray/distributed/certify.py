@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from adre_ray.data import build_dataset, dataset_info, load_images
 from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, interrupted, os_error_message
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import read_checkpoint
+from adre_ray.models.model_fn import model_fn_identity
 from adre_ray.smoothing import (
     ABSTAIN,
     MAIN_STREAM,
@@ -129,7 +131,8 @@ def select_indices(cfg: CertifyConfig, split_size: int) -> list[int]:
 
 def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarray, *, sigma: float,
                alpha: float, mode: str, grid: Sequence[float], seed: int, time_s: float, checkpoint: str,
-               train_run_id: str | None, pb_bound: str = "sum", shortcut: str = "none") -> dict[str, Any]:
+               train_run_id: str | None, pb_bound: str = "sum", shortcut: str = "none",
+               train_sigma: float | None = None) -> dict[str, Any]:
     """One ``RESULT_SCHEMA`` row: PREDICT on ``counts``, CERTIFY and T-CERTIFY on (pilot_counts, counts).
 
     CERTIFY and T-CERTIFY see the same counts and the same pilot class cA, so T-CERTIFY's radius is
@@ -153,6 +156,7 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
             "n0": int(pilot_counts.sum()), "n": int(counts.sum()),
             "alpha": float(alpha), "sigma": float(sigma), "seed": int(seed), "time_s": float(time_s),
             "checkpoint": checkpoint, "train_run_id": train_run_id,
+            "train_sigma": None if train_sigma is None else float(train_sigma),
             "pb_bound": effective_pb_bound(mode, pb_bound), **samples,
         }
     predicted = predict_counts(counts, alpha)
@@ -180,6 +184,7 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
         "time_s": float(time_s),
         "checkpoint": checkpoint,
         "train_run_id": train_run_id,
+        "train_sigma": None if train_sigma is None else float(train_sigma),
         "pb_bound": tcertified.pb_bound, **samples,
     }
 
@@ -198,10 +203,11 @@ class CertifyPool:
 
     def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int, use_gpu: bool,
                  sigma: float, seed: int = 0, batch_size: int = 1000, amp: bool = True,
-                 channels_last: bool = True, max_replacements: int = 3) -> None:
+                 channels_last: bool = True, max_replacements: int = 3, model_fn: str | None = None) -> None:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"num_actors={num_actors!r}: must be an integer >= 1")
-        self.checkpoint = str(Path(checkpoint).expanduser().resolve())
+        self.checkpoint = (model_fn_identity(model_fn) if model_fn is not None
+                           else str(Path(checkpoint).expanduser().resolve()))
         self.num_classes = num_classes
         self.use_gpu = use_gpu
         self.actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0,
@@ -209,7 +215,7 @@ class CertifyPool:
         self.actor_kwargs: dict[str, Any] = {
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
             "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
-            "channels_last": channels_last, "cpu_threads": 1}
+            "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn}
         self.max_replacements = max_replacements
         self.actors = [self._new_actor() for _ in range(num_actors)]
         self.generation = [0] * num_actors
@@ -260,7 +266,8 @@ def make_pool(cfg: CertifyConfig) -> CertifyPool:
     return CertifyPool(cfg.checkpoint, num_actors=_pool_size(cfg, use_gpu),
                        num_classes=dataset_info(cfg.dataset).num_classes, use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
-                       amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts)
+                       amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
+                       model_fn=cfg.model_fn)
 
 
 @dataclass
@@ -368,10 +375,32 @@ def _pool_size(cfg: CertifyConfig, use_gpu: bool, wait_s: float = RESOURCE_WAIT_
         time.sleep(0.5)
 
 
+def model_identity(cfg: CertifyConfig) -> str:
+    """What rows and the manifest record as the model: the resolved checkpoint path, or
+    ``model_fn:<module:function>``."""
+    if cfg.model_fn is not None:
+        return model_fn_identity(cfg.model_fn)
+    return str(Path(cfg.checkpoint).expanduser().resolve())
+
+
+def model_facts(cfg: CertifyConfig) -> tuple[float | None, str | None]:
+    """(training sigma, training run id) of ``cfg``'s model; (None, None) for a model_fn."""
+    if cfg.model_fn is not None:
+        return None, None
+    return checkpoint_facts(cfg.checkpoint, dataset_info(cfg.dataset).num_classes)
+
+
 def resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None]:
-    """``cfg`` with sigma filled from the checkpoint when null, and the training run id (if recorded)."""
-    num_classes = dataset_info(cfg.dataset).num_classes
-    ckpt_sigma, train_run_id = checkpoint_facts(cfg.checkpoint, num_classes)
+    """``cfg`` with sigma filled from the checkpoint when null, and the training run id (if recorded).
+
+    Warns (``UserWarning``) when the certification sigma differs from the recorded training sigma: the
+    certificate is valid at any sigma, but a model is usually accurate under its training noise only.
+    """
+    ckpt_sigma, train_run_id = model_facts(cfg)
+    if cfg.sigma is not None and ckpt_sigma is not None and not math.isclose(cfg.sigma, ckpt_sigma):
+        warnings.warn(f"sigma={cfg.sigma:g} differs from the sigma={ckpt_sigma:g} the checkpoint "
+                      f"{cfg.checkpoint!r} was trained with (both are recorded in the rows: sigma, "
+                      "train_sigma)", UserWarning, stacklevel=2)
     if cfg.sigma is None:
         if ckpt_sigma is None:
             raise ValueError(f"sigma=None: checkpoint {cfg.checkpoint!r} records no training sigma; "
@@ -384,7 +413,7 @@ def resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None]:
 def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
     """The settings that determine the rows (``MANIFEST_FIELDS``), plus the dataset location."""
     return {
-        "checkpoint": str(Path(cfg.checkpoint).expanduser().resolve()), "dataset": cfg.dataset,
+        "checkpoint": model_identity(cfg), "dataset": cfg.dataset,
         "split": cfg.split, "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
         "data_dir": cfg.data_dir, **shortcut_settings(cfg),
@@ -445,6 +474,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     cfg.validate()
     hooks = hooks or CertifyHooks()
     cfg, train_run_id = resolve_settings(cfg)
+    train_sigma, _ = model_facts(cfg)
     assert cfg.sigma is not None
     out_dir = Path(cfg.output_dir).expanduser()
     num_classes = dataset_info(cfg.dataset).num_classes
@@ -458,7 +488,8 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
         todo = [i for i in selected if i not in done_before]
 
         tags = {"job": "certify", **({"train_run_id": train_run_id} if train_run_id else {})}
-        run_name = f"certify-{Path(cfg.checkpoint).stem}-sigma{cfg.sigma:g}"
+        model_name = cfg.model_fn.rpartition(":")[2] if cfg.model_fn else Path(cfg.checkpoint).stem
+        run_name = f"certify-{model_name}-sigma{cfg.sigma:g}"
         previous_run_id = previous_certify_run(out_dir, cfg.tracking_uri)
         with mlflow_run(cfg.experiment, run_name=run_name, tracking_uri=cfg.tracking_uri,
                         run_id=previous_run_id, tags=None if previous_run_id else tags) as run:
@@ -469,7 +500,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
                 log_config({**cfg.flat_dict(), "num_images_selected": len(selected),
                             "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
             progress = _certify_images_or_job_error(cfg, todo, num_classes, train_run_id, out_dir, hooks,
-                                                    run_id, pool)
+                                                    run_id, pool, train_sigma)
             table = read_results(out_dir)
             chosen = set(selected)
             keep = [i for i, idx in enumerate(table.column("idx").to_pylist()) if idx in chosen]
@@ -500,14 +531,14 @@ def _certify_images_or_job_error(*args: Any) -> _Progress:
 
 def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train_run_id: str | None,
                     out_dir: Path, hooks: CertifyHooks, run_id: str | None,
-                    given_pool: CertifyPool | None) -> _Progress:
+                    given_pool: CertifyPool | None, train_sigma: float | None = None) -> _Progress:
     """The scheduling loop (steps 2-5 of the module docstring). Finished rows are written even when the
     loop stops on an exception (a hook's, a KeyboardInterrupt), so a re-run only redoes unfinished images."""
     progress = _Progress()
     if not todo:
         return progress
     _ensure_ray()
-    checkpoint_id = str(Path(cfg.checkpoint).expanduser().resolve())
+    checkpoint_id = model_identity(cfg)
     if given_pool is None:
         pool = make_pool(cfg)
     else:
@@ -576,7 +607,7 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
         row = result_row(image.idx, image.label, image.pilot, image.counts, sigma=cfg.sigma,  # type: ignore[arg-type]
                          alpha=cfg.alpha, mode=cfg.tcertify_mode, grid=cfg.grid, seed=cfg.seed,
                          time_s=image.time_s, checkpoint=checkpoint_id, train_run_id=train_run_id,
-                         pb_bound=cfg.pb_bound, shortcut=image.shortcut)
+                         pb_bound=cfg.pb_bound, shortcut=image.shortcut, train_sigma=train_sigma)
         buffer.append(row)
         del images[image.idx]
         progress.done += 1
@@ -694,7 +725,8 @@ def format_summary(summary: dict[str, float], out_dir: Path) -> str:
 # -------------------------------------------------------------------------------------------------- CLI
 
 _FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--checkpoint", "checkpoint", str), ("--dataset", "dataset", str), ("--data-dir", "data_dir", str),
+    ("--checkpoint", "checkpoint", str), ("--model-fn", "model_fn", str),
+    ("--dataset", "dataset", str), ("--data-dir", "data_dir", str),
     ("--sigma", "sigma", float), ("--n0", "n0", int), ("--n", "n", int), ("--alpha", "alpha", float),
     ("--skip", "skip", int), ("--start", "start", int), ("--max-images", "max_images", int),
     ("--mode", "tcertify_mode", str), ("--grid", "grid", str), ("--actors", "num_actors", int),

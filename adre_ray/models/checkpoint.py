@@ -1,15 +1,19 @@
 """Model checkpoints: one ``torch.save`` file holding only tensors and primitives.
 
-Format ``adre-ray-model/1``::
+Format ``adre-ray-model/2``::
 
-    {"format": "adre-ray-model/1", "model_name": str, "num_classes": int, "dataset": str,
+    {"format": "adre-ray-model/2", "model_name": str, "num_classes": int, "dataset": str,
+     "normalization": {"mean": [float, ...], "std": [float, ...]},
      "state_dict": {key: Tensor}, "extra": {str: primitive | list | dict | Tensor}}
 
 The state dict is the bare ``NormalizedModel``'s (``"1.<net key>"``; the normalization buffers are not
-stored: ``dataset`` fixes them), with DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes
-removed. Files are written atomically (temporary file in the same directory, then ``os.replace``), so a
-reader never sees half a checkpoint. Loading uses ``torch.load(weights_only=True)``: no code is run.
-A Ray Train checkpoint directory holding ``model.pt`` can be passed wherever a file can.
+in it), with DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes removed. ``normalization``
+holds the per-channel statistics the model was trained with (an imported model keeps its own, e.g. the
+randomized-smoothing code's CIFAR-10 std 0.2023, 0.1994, 0.2010). Format ``adre-ray-model/1`` files
+(no ``normalization``) still load, with the dataset's statistics. Files are written atomically
+(temporary file in the same directory, then ``os.replace``), so a reader never sees half a checkpoint.
+Loading uses ``torch.load(weights_only=True)``: no code is run. A Ray Train checkpoint directory holding
+``model.pt`` can be passed wherever a file can.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from adre_ray.data.info import dataset_info
 from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
 from adre_ray.models.registry import build_model, check_model_name
 
-FORMAT = "adre-ray-model/1"
+FORMAT = "adre-ray-model/2"
+"""The format written; ``READABLE_FORMATS`` are read."""
+FORMAT_V1 = "adre-ray-model/1"
+READABLE_FORMATS = (FORMAT_V1, FORMAT)
 CHECKPOINT_FILENAME = "model.pt"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -106,12 +113,35 @@ def _fit_problems(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str,
     return problems
 
 
+def model_normalization(model: nn.Module, dataset: str) -> dict[str, list[float]]:
+    """``{"mean": [...], "std": [...]}`` of ``model[0]`` if it is a ``NormalizeLayer``, else the dataset's."""
+    first = model[0] if isinstance(model, nn.Sequential) and len(model) > 0 else None
+    if isinstance(first, NormalizeLayer):
+        return {"mean": [float(v) for v in first.mean.flatten().tolist()],
+                "std": [float(v) for v in first.std.flatten().tolist()]}
+    info = dataset_info(dataset)
+    return {"mean": list(info.mean), "std": list(info.std)}
+
+
+def _check_normalization(value: Any, name: str) -> tuple[list[float], list[float]]:
+    """(mean, std) of a record's ``normalization`` field; ``ValueError`` naming the file if malformed."""
+    ok = isinstance(value, dict) and all(
+        isinstance(value.get(k), list | tuple) and len(value[k]) > 0
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value[k])
+        for k in ("mean", "std"))
+    if not ok or len(value["mean"]) != len(value["std"]) or not all(s > 0 for s in value["std"]):
+        raise ValueError(f"checkpoint={name!r}: field 'normalization'={value!r} must be "
+                         "{'mean': [...], 'std': [...]} with one value per channel, std > 0")
+    return [float(v) for v in value["mean"]], [float(v) for v in value["std"]]
+
+
 def save_model_checkpoint(path: str | Path, model: nn.Module, *, model_name: str, num_classes: int,
                           dataset: str, extra: dict | None = None) -> Path:
     """Write ``model``'s weights with its identity to ``path`` atomically; returns the file written.
 
     ``path`` may be an existing directory (a Ray Train checkpoint dir): the file is then
     ``path/model.pt``. ``extra`` holds primitives only (epoch, sigma, metrics, config dict, ...).
+    The normalization stored is ``model[0]``'s mean / std (the model's own, whatever the dataset's are).
     The weights are checked against ``build_model(model_name, num_classes, dataset)`` (built on the
     meta device: no memory, no compute) so that a file which could not be loaded is never written.
     """
@@ -131,6 +161,7 @@ def save_model_checkpoint(path: str | Path, model: nn.Module, *, model_name: str
         raise ValueError(f"model: weights do not fit model_name={model_name!r} with "
                          f"num_classes={num_classes}: {'; '.join(problems)}")
     record = {"format": FORMAT, "model_name": model_name, "num_classes": num_classes, "dataset": dataset,
+              "normalization": model_normalization(unwrap_model(model), dataset),
               "state_dict": state_dict, "extra": _primitive(dict(extra or {}), "extra")}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -171,15 +202,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                          f"(torch.load(weights_only=True) failed: {first_line})") from err
     if not isinstance(record, dict) or "format" not in record:
         raise ValueError(f"checkpoint={name!r}: not an adre-ray model checkpoint (no 'format' field)")
-    if record["format"] != FORMAT:
+    if record["format"] not in READABLE_FORMATS:
         raise ValueError(f"checkpoint={name!r}: format={record['format']!r} is not supported "
-                         f"(expected {FORMAT!r})")
+                         f"(expected one of {', '.join(READABLE_FORMATS)})")
     for key, kind in (("model_name", str), ("num_classes", int), ("dataset", str), ("state_dict", dict)):
         if not isinstance(record.get(key), kind):
             raise ValueError(f"checkpoint={name!r}: field {key!r}={record.get(key)!r} missing or not a "
                              f"{kind.__name__}")
     if not isinstance(record.get("extra", {}), dict):
         raise ValueError(f"checkpoint={name!r}: field 'extra' is not a dict")
+    if record["format"] == FORMAT_V1:  # written before the format stored it: the dataset's statistics
+        try:
+            info = dataset_info(record["dataset"])
+        except ValueError as err:
+            raise ValueError(f"checkpoint={name!r}: {err}") from err
+        record["normalization"] = {"mean": list(info.mean), "std": list(info.std)}
+    mean, std = _check_normalization(record.get("normalization"), name)
+    record["normalization"] = {"mean": mean, "std": std}
     return record
 
 
@@ -188,8 +227,9 @@ def load_model_checkpoint(path: str | Path, *, map_location: str | torch.device 
                           expected_num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from the registry and load the weights strictly; the model is in eval mode.
 
-    Returns ``(model, meta)`` with ``meta = {"format", "model_name", "num_classes", "dataset", "extra",
-    "path"}``. ``ValueError`` naming the value for a missing or foreign file, an architecture or class
+    Returns ``(model, meta)`` with ``meta = {"format", "model_name", "num_classes", "dataset",
+    "normalization", "extra", "path"}``; the model normalizes with the file's statistics. ``ValueError``
+    naming the value for a missing or foreign file, an architecture or class
     count other than ``expected_*``, or weights that do not fit the architecture.
     """
     record = read_checkpoint(path)
@@ -212,17 +252,19 @@ def load_model_checkpoint(path: str | Path, *, map_location: str | torch.device 
                          f"num_classes={num_classes}: {'; '.join(problems)}")
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
-        if isinstance(model, NormalizedModel):  # non-persistent statistics: rebuild on the CPU
-            info = dataset_info(record["dataset"])
-            model[0] = NormalizeLayer(info.mean, info.std)
+        if isinstance(model, NormalizedModel):  # non-persistent statistics: the file's, on the CPU
+            norm = record["normalization"]
+            model[0] = NormalizeLayer(norm["mean"], norm["std"])
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             # a registered model with other non-persistent state: build it for real and copy into it
             model = build_model(model_name, num_classes, record["dataset"])
             model.load_state_dict(state_dict, strict=True)
+            if isinstance(model, NormalizedModel):
+                model[0] = NormalizeLayer(record["normalization"]["mean"], record["normalization"]["std"])
     except RuntimeError as err:
         raise ValueError(f"checkpoint={name!r}: weights do not load into {model_name!r} ({err})") from err
     model.to(map_location).eval()
-    meta = {key: record[key] for key in ("format", "model_name", "num_classes", "dataset")}
+    meta = {key: record[key] for key in ("format", "model_name", "num_classes", "dataset", "normalization")}
     meta["extra"] = record.get("extra", {})
     meta["path"] = name
     return model, meta

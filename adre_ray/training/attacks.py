@@ -6,7 +6,8 @@ The attack maximises, over ``x'`` with ``||x' - x||_2 <= epsilon`` and ``x'`` in
 
 where ``G(x') = (1/k) sum_j softmax(f(x' + d_j))`` uses the SAME k noise draws ``d_j`` at every step.
 ``J = -log G^y + lam * log G^yhat``: lam = 0 is SmoothAdv's attack on the smoothed soft classifier;
-lam > 0 also pushes the runner-up's score down (the ADRE objective).
+lam > 0 also pushes the runner-up's score G^yhat up, so the attack seeks the x' where the ADRE term is
+worst (the training loss then pushes the runner-up down at that x').
 
 Each of the M steps is ``x' <- clip_[0,1](Proj_eps(x' + a * g / ||g||_2))``, a = 2 eps / M, starting at
 ``x' = x`` (as SmoothAdv's PGD_L2). Clipping after the projection keeps the l2 constraint, because
