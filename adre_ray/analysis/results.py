@@ -34,8 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
-"""Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts."""
+SCHEMA_VERSION = 3
+"""Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts;
+3: ``noise_scheme`` (the sampler's noise stream version, adre_ray.smoothing.sampler.NOISE_SCHEME)."""
 
 MANIFEST_NAME = "run.json"
 PART_PREFIX = "part-"
@@ -43,8 +44,11 @@ PART_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 
 MANIFEST_FIELDS = ("checkpoint", "dataset", "split", "sigma", "n0", "n", "alpha", "seed", "mode", "grid",
-                   "shard_size")
+                   "shard_size", "noise_scheme")
 """Settings that determine every row's values: a folder holds rows of one setting only."""
+
+MANIFEST_DEFAULTS = {"noise_scheme": 1}
+"""Values of manifest fields that older manifests lack (they were written before the field existed)."""
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -69,6 +73,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("alpha", pa.float64()),
         pa.field("sigma", pa.float64()),
         pa.field("seed", pa.int64()),
+        pa.field("noise_scheme", pa.int64()),               # sampler noise stream version (1 before v3)
         pa.field("time_s", pa.float64()),                   # wall time from first shard sent to last summed
         pa.field("checkpoint", pa.string()),                # model checkpoint path
         pa.field("train_run_id", pa.string()),              # MLflow run id of the training run, if known
@@ -77,7 +82,7 @@ RESULT_SCHEMA = pa.schema(
     metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
-_OPTIONAL_ROW_KEYS = frozenset({"schema_version"})
+_OPTIONAL_ROW_KEYS = frozenset({"schema_version", "noise_scheme"})
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -301,6 +306,8 @@ def upgrade_table(table: pa.Table) -> pa.Table:
             continue
         derive = _DERIVED.get(field.name)
         value = derive(table) if derive else None
+        if field.name == "noise_scheme" and value is None:  # files before v3: noise scheme 1
+            value = pa.array([1] * table.num_rows, pa.int64())
         if field.name == "schema_version" and value is None:
             meta = table.schema.metadata or {}
             version = meta.get(b"adre_ray.schema_version")
@@ -383,6 +390,7 @@ def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     wanted = {k: _normalise(v) for k, v in settings.items()}
     existing = read_manifest(out_dir)
     if existing is not None:
+        existing = {**MANIFEST_DEFAULTS, **existing}
         for key in MANIFEST_FIELDS:
             if key not in existing or not _same(existing[key], wanted[key]):
                 old = existing.get(key, "<absent>")

@@ -45,6 +45,7 @@ from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import read_checkpoint
 from adre_ray.smoothing import (
     MAIN_STREAM,
+    NOISE_SCHEME,
     PILOT_STREAM,
     certify_counts,
     predict_counts,
@@ -150,6 +151,7 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
         "time_s": float(time_s),
         "checkpoint": checkpoint,
         "train_run_id": train_run_id,
+        "noise_scheme": NOISE_SCHEME,
     }
 
 
@@ -167,7 +169,8 @@ class CertifyPool:
 
     def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int, use_gpu: bool,
                  sigma: float, seed: int = 0, batch_size: int = 1000, amp: bool = True,
-                 channels_last: bool = True, max_replacements: int = 3) -> None:
+                 channels_last: bool = True, max_replacements: int = 3, compile: bool = False,
+                 cuda_graphs: bool = False) -> None:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"num_actors={num_actors!r}: must be an integer >= 1")
         self.checkpoint = str(Path(checkpoint).expanduser().resolve())
@@ -178,7 +181,7 @@ class CertifyPool:
         self.actor_kwargs: dict[str, Any] = {
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
             "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
-            "channels_last": channels_last, "cpu_threads": 1}
+            "channels_last": channels_last, "cpu_threads": 1, "compile": compile, "cuda_graphs": cuda_graphs}
         self.max_replacements = max_replacements
         self.actors = [self._new_actor() for _ in range(num_actors)]
         self.generation = [0] * num_actors
@@ -229,7 +232,8 @@ def make_pool(cfg: CertifyConfig) -> CertifyPool:
     return CertifyPool(cfg.checkpoint, num_actors=_pool_size(cfg, use_gpu),
                        num_classes=dataset_info(cfg.dataset).num_classes, use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
-                       amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts)
+                       amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
+                       compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
 
 
 @dataclass
@@ -323,7 +327,7 @@ def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
         "checkpoint": str(Path(cfg.checkpoint).expanduser().resolve()), "dataset": cfg.dataset,
         "split": cfg.split, "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
-        "data_dir": cfg.data_dir,
+        "data_dir": cfg.data_dir, "noise_scheme": NOISE_SCHEME,
     }
 
 
