@@ -7,6 +7,7 @@ No timing is asserted anywhere: timings belong in benchmarks/RESULTS.md, not in 
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import re
 from pathlib import Path
@@ -112,3 +113,31 @@ def test_prepare_model_rejects_training_mode_and_cuda_graphs_on_cpu():
 def test_fast_bf16_available_answers_a_bool():
     assert isinstance(fast_bf16_available("cpu"), bool)
     assert fast_bf16_available("meta") is False
+
+
+def test_gpu_suite_smoke_runs_every_section_into_a_temp_file(bench, capsys, tmp_path, cifar10_dir):
+    module = bench("gpu_suite")
+    out = tmp_path / "gpu_results.json"
+    (tmp_path / "gpu_results.json").write_text('{"train_images_per_s": {"small_cnn": {"gaussian": 1.0}}}')
+    argv = ["--smoke", "--data-dir", str(cifar10_dir), "--out", str(out), "--repeat", "1"]
+    assert module.main(argv) == 0
+    text = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    for key in ("device", "torch", "date", "certify_s_per_image", "reference_s_per_image",
+                "flop_floor_s_per_image", "samples_per_s", "batch_size", "settings", "worker_s_per_image"):
+        assert key in results, key
+    assert results["train_images_per_s"] == {"small_cnn": {"gaussian": 1.0}}  # merged, not replaced
+    assert results["noise_scheme"] == 2 and results["smoke"] is True
+    seconds = results["certify_s_per_image"]["small_cnn"]
+    assert math.isfinite(seconds) and seconds > 0 and results["flops_per_image"]["small_cnn"] > 0
+    assert results["correctness"]["noise"]["noise_identical"] is True
+    assert results["correctness"]["passed"] is True
+    assert "| small_cnn (32x32" in text and "same CERTIFY class on every image: True" in text
+
+
+def test_gpu_suite_smoke_refuses_the_real_results_file(bench):
+    module = bench("gpu_suite")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--smoke", "--out", str(module.DEFAULT_OUT)])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--only", "timing"])

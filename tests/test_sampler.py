@@ -195,3 +195,7 @@ def test_padded_batches_give_the_same_counts_and_noise():
     sample_counts(model, image(), 130, 3, 1.0, batch_size=64, seed=7, pad_batches=True)
     assert [t.shape[0] for t in model.seen] == [64, 64, 64]  # 64 + 64 + 2 draws, one shape
     assert torch.equal(torch.cat(model.seen)[:130], recorded_noise(130, batch_size=64, seed=7) + image())
+    short = Recorder()
+    counts = sample_counts(short, image(), 10, 3, 1.0, batch_size=64, seed=7, pad_batches=True)
+    assert [t.shape[0] for t in short.seen] == [64] and counts.tolist() == [10, 0, 0]  # a pilot-size shard
+    assert torch.equal(short.seen[0][:10], recorded_noise(10, batch_size=64, seed=7) + image())

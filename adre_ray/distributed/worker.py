@@ -29,8 +29,9 @@ class CertifyWorker:
     threads (1 for one actor per core). ``amp`` (bf16 autocast) and ``channels_last`` apply on GPU only.
     ``compile`` (``torch.compile``, any device) and ``cuda_graphs`` (GPU only, ignored on CPU) are passed
     to ``prepare_model``; a compiled model gets padded batches (``sample_counts(pad_batches=True)``: one
-    input shape per shard size, so one compilation / graph capture). On GPU cuDNN autotuning
-    (``cudnn.benchmark``) is switched on (fixed shapes).
+    input shape for every shard, so one compilation / graph capture; the cost is the padding of each
+    shard's last batch, so prefer a ``shard_size`` that is a multiple of the batch size). On GPU cuDNN
+    autotuning (``cudnn.benchmark``) is switched on (fixed shapes).
     """
 
     def __init__(self, checkpoint: str, *, num_classes: int, sigma: float, seed: int, batch_size: int,

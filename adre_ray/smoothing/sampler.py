@@ -98,9 +98,9 @@ def _noise_batches(
     depend on ``batch`` or on ``channels_last``. A batch smaller than a block takes consecutive slices of
     it; a larger one (whole blocks, ``effective_batch_size``) spans several. ``torch.add(x, d, alpha=sigma)``
     then scales, adds the broadcast image and (for ``channels_last``) changes the layout in one pass.
-    ``pad``: every yielded tensor has the full ``min(batch, num)`` rows (one shape for a compiled model or
-    a CUDA graph); only its first ``size`` rows are this batch's draws, the rest repeat earlier inputs.
-    Use ``_noise_batch_sizes`` for the sizes.
+    ``pad``: every yielded tensor has exactly ``batch`` rows (one shape for a compiled model or a CUDA
+    graph, whatever ``num``); only its first ``size`` rows are this batch's draws, the rest hold earlier
+    inputs or zeros. Use ``_noise_batch_sizes`` for the sizes.
     """
     block = noise_block(x.shape)
     batch = effective_batch_size(batch, x.shape)
@@ -109,7 +109,8 @@ def _noise_batches(
     noisy = None
     if channels_last or pad:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        noisy = torch.zeros((min(batch, num), *x.shape), device=x.device, dtype=torch.float32).contiguous(
+        rows = batch if pad else min(batch, num)
+        noisy = torch.zeros((rows, *x.shape), device=x.device, dtype=torch.float32).contiguous(
             memory_format=memory_format)
     done = 0
     while done < num:
@@ -206,9 +207,10 @@ def sample_counts(
     fp32, so the smoothed classifier is exactly Gaussian smoothing of the (reduced-precision) base
     classifier and every bound stays valid. ``channels_last`` feeds the batches in NHWC (same values; use
     with a model from ``prepare_model(..., channels_last=True)``). ``pad_batches`` runs every forward pass
-    on ``min(batch, num)`` rows, a shard's shorter batches padded (their extra rows are not counted), so
-    a compiled model or CUDA graph sees one batch shape per ``num`` (the model must treat rows
-    independently, as every eval-mode classifier does). None of these options changes the noise.
+    on exactly the (effective) batch size, shorter batches padded (their extra rows are not counted), so
+    a compiled model or CUDA graph sees one input shape for every shard, the pilot's included (the model
+    must treat rows independently, as every eval-mode classifier does; the cost is the padding: at most
+    one batch per shard). None of these options changes the noise.
     """
     if not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma={sigma!r}: must be > 0")
