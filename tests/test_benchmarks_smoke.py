@@ -141,3 +141,28 @@ def test_gpu_suite_smoke_refuses_the_real_results_file(bench):
         module.parse_args(["--smoke", "--out", str(module.DEFAULT_OUT)])
     with pytest.raises(SystemExit):
         module.parse_args(["--only", "timing"])
+
+
+def test_train_step_suite_smoke_merges_train_images_per_s(bench, capsys, tmp_path):
+    module = bench("train_step")
+    out = tmp_path / "gpu_results.json"
+    out.write_text('{"certify_s_per_image": {"small_cnn": 0.5}}')
+    argv = ["--suite", "cifar", "--smoke", "--out", str(out),
+            "--methods", "gaussian_k1,adre_reg_k8,adre_adv_M1_k1"]
+    assert module.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["certify_s_per_image"] == {"small_cnn": 0.5}  # merged, not replaced
+    figures = results["train_images_per_s"]["small_cnn"]
+    assert sorted(figures) == ["adre_adv_M1_k1", "adre_reg_k8", "gaussian_k1"]
+    assert all(math.isfinite(v) and v > 0 for v in figures.values())
+    rows = results["train_step"]["small_cnn"]["methods"]
+    # the FLOP count sees the k draws and the attack's passes: ADRE_REG k=8 ~ 8x, ADRE_ADV M=1 > Gaussian
+    assert 7 < rows["adre_reg_k8"]["flops_per_step"] / rows["gaussian_k1"]["flops_per_step"] < 9
+    assert rows["adre_adv_M1_k1"]["flops_per_step"] > 1.4 * rows["gaussian_k1"]["flops_per_step"]
+    assert "| adre_reg_k8 | 8 | 0 |" in capsys.readouterr().out
+
+
+def test_train_step_suite_rejects_unknown_methods(bench):
+    module = bench("train_step")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--suite", "cifar", "--methods", "adre_reg_k4"])
