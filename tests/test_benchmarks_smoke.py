@@ -166,3 +166,27 @@ def test_train_step_suite_rejects_unknown_methods(bench):
     module = bench("train_step")
     with pytest.raises(SystemExit):
         module.parse_args(["--suite", "cifar", "--methods", "adre_reg_k4"])
+
+
+def test_table1_mini_smoke_trains_certifies_and_reports(bench, capsys, tmp_path, cifar10_dir):
+    module = bench("table1_mini")
+    runs_dir, out_dir = tmp_path / "runs", tmp_path / "results"
+    argv = ["--smoke", "--data-dir", str(cifar10_dir), "--runs", "basic_s0.25,adre_l0.1_s0.25",
+            "--runs-dir", str(runs_dir), "--out-dir", str(out_dir)]
+    assert module.main(argv) == 0
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["adre_l0.1_s0.25.parquet", "basic_s0.25.parquet"]
+    text = (out_dir / "table1_mini.md").read_text()
+    assert (out_dir / "table1_mini.png").stat().st_size > 0
+    for needle in ("| basic_s0.25 | CERTIFY |", "| adre_l0.1_s0.25 | T-CERTIFY |", "ACR", "noise scheme 2"):
+        assert needle in text, needle
+    # a report from the run files alone (as after runs split over several GPU calls)
+    argv = ["--smoke", "--report-only", "--runs-dir", str(runs_dir), "--out-dir", str(out_dir)]
+    assert module.main(argv) == 0
+
+
+def test_table1_mini_refuses_a_short_protocol_and_unknown_runs(bench):
+    module = bench("table1_mini")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--epochs", "5"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--runs", "basic_s1.0"])
