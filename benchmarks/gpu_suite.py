@@ -91,14 +91,14 @@ class Plan:
 
 def full_plan(models: list[str]) -> Plan:
     sweep = {
-        "cifar_resnet110": [400, 1024, 2048, 4096, 8192],
-        "cifar_resnet20": [400, 2048, 4096, 8192],
+        "cifar_resnet110": [512, 1024, 2048, 4096, 8192],
+        "cifar_resnet20": [512, 2048, 4096, 8192],
         "resnet50": [128, 256, 512],
     }
     sweep_n = {"cifar_resnet110": 16_384, "cifar_resnet20": 32_768, "resnet50": 4096}
     return Plan(
         models=models,
-        sweep={m: sweep.get(m, [400, 1024]) for m in models},
+        sweep={m: sweep.get(m, [512, 1024]) for m in models},
         sweep_n={m: sweep_n.get(m, 8192) for m in models},
     )
 

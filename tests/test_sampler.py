@@ -132,16 +132,22 @@ def test_noise_block_sizes():
         noise_block((3, 0, 4))
 
 
-def test_effective_batch_size_is_whole_blocks_above_one_block():
-    assert effective_batch_size(1) == 1 and effective_batch_size(96, (3, 32, 32)) == 96
-    assert effective_batch_size(5000, (3, 32, 32)) == 4096
+def test_effective_batch_size_divides_or_is_whole_blocks():
+    assert effective_batch_size(1) == 1 and effective_batch_size(1000) == 1000  # no shape: validation only
+    assert effective_batch_size(96, (3, 32, 32)) == 128 and effective_batch_size(1000, (3, 32, 32)) == 1024
+    assert effective_batch_size(5000, (3, 32, 32)) == 4096 and effective_batch_size(2047, (3, 32, 32)) == 2048
     assert effective_batch_size(1000, (3, 224, 224)) == 992  # 31 blocks of 32
-    assert effective_batch_size(3, (3, 224, 224)) == 3
+    assert effective_batch_size(3, (3, 224, 224)) == 4 and effective_batch_size(1, (3, 224, 224)) == 1
+    for shape in ((3, 32, 32), (3, 224, 224), SHAPE):
+        block = noise_block(shape)
+        for batch_size in range(1, 3 * block, max(1, block // 7)):
+            batch = effective_batch_size(batch_size, shape)
+            assert (block % batch == 0) if batch < block else (batch % block == 0), (shape, batch_size)
 
 
 def test_noise_blocks_do_not_depend_on_batch_size_across_block_edges():
     """Images big enough for blocks of 4 samples (NOISE_BLOCK_ELEMENTS / numel in [4, 8)): batches
-    smaller than, equal to and larger than a block, and not dividing it, see the same noise."""
+    smaller than, equal to and larger than a block, and shards ending inside a block, see the same noise."""
     shape = (1, 1, NOISE_BLOCK_ELEMENTS // 6)
     x = torch.zeros(shape)
     assert noise_block(shape) == 4

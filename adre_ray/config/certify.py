@@ -39,7 +39,8 @@ class CertifyConfig(JobConfig):
     tcertify_mode, grid        T-CERTIFY's choice of the alpha split t (see adre_ray.smoothing.certify)
     num_actors        certification actors; None = one per GPU (use_gpu) or one per CPU of the cluster
     use_gpu           None = use GPUs when the cluster has any
-    batch_size        noisy images per forward pass (above one noise block, rounded to whole blocks)
+    batch_size        noisy images per forward pass (below one noise block rounded to a power of two,
+                      above it to whole blocks; adre_ray.smoothing.effective_batch_size)
     shard_size        draws per task; n and n0 are cut into shards of this size (a shard's noise is
                       seeded by (seed, idx, stream, shard), so results do not depend on the actor count)
     amp, channels_last  bf16 autocast / channels_last on GPU actors (ignored on CPU)

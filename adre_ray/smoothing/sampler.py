@@ -60,17 +60,18 @@ def noise_block(image_shape: Sequence[int]) -> int:
 
 
 def effective_batch_size(batch_size: int, image_shape: Sequence[int] | None = None) -> int:
-    """The batch actually run for images of ``image_shape``: ``batch_size`` itself when it is at most one
-    noise block (the block is then cut into batches), else rounded to whole blocks. Without a shape it
+    """The batch actually run for images of ``image_shape``: below one noise block, the nearest power of
+    two (a divisor of the block, so a block is cut into equal batches); above it, whole blocks. Either
+    way every batch but a shard's last is full (no padding waste with ``pad_batches``). Without a shape it
     only validates ``batch_size`` and returns it."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
     if image_shape is None:
         return batch_size
     block = noise_block(image_shape)
-    if batch_size <= block:
-        return batch_size
-    return max(1, round(batch_size / block)) * block
+    if batch_size < block:
+        return min(block, 1 << round(math.log2(batch_size)))
+    return round(batch_size / block) * block
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -95,8 +96,8 @@ def _noise_batches(
 
     ``d`` is drawn one noise block (``noise_block(x.shape)`` samples, one ``randn`` launch) at a time into
     a contiguous buffer of whole blocks, at block offsets 0, p, 2p, ... of the shard, so the values do not
-    depend on ``batch`` or on ``channels_last``. A batch smaller than a block takes consecutive slices of
-    it; a larger one (whole blocks, ``effective_batch_size``) spans several. ``torch.add(x, d, alpha=sigma)``
+    depend on ``batch`` or on ``channels_last``. A batch smaller than a block (a power of two dividing it,
+    ``effective_batch_size``) takes consecutive slices of it; a larger one (whole blocks) spans several. ``torch.add(x, d, alpha=sigma)``
     then scales, adds the broadcast image and (for ``channels_last``) changes the layout in one pass.
     ``pad``: every yielded tensor has exactly ``batch`` rows (one shape for a compiled model or a CUDA
     graph, whatever ``num``); only its first ``size`` rows are this batch's draws, the rest hold earlier
