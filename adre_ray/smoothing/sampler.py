@@ -97,8 +97,9 @@ def _noise_batches(
     ``d`` is drawn one noise block (``noise_block(x.shape)`` samples, one ``randn`` launch) at a time into
     a contiguous buffer of whole blocks, at block offsets 0, p, 2p, ... of the shard, so the values do not
     depend on ``batch`` or on ``channels_last``. A batch smaller than a block (a power of two dividing it,
-    ``effective_batch_size``) takes consecutive slices of it; a larger one (whole blocks) spans several. ``torch.add(x, d, alpha=sigma)``
-    then scales, adds the broadcast image and (for ``channels_last``) changes the layout in one pass.
+    ``effective_batch_size``) takes consecutive slices of it; a larger one (whole blocks) spans several.
+    ``torch.add(x, d, alpha=sigma)`` then scales, adds the broadcast image and (for ``channels_last``)
+    changes the layout in one pass.
     ``pad``: every yielded tensor has exactly ``batch`` rows (one shape for a compiled model or a CUDA
     graph, whatever ``num``); only its first ``size`` rows are this batch's draws, the rest hold earlier
     inputs or zeros. Use ``_noise_batch_sizes`` for the sizes.
