@@ -33,7 +33,9 @@ NOISE_BLOCK_ELEMENTS = 2**23
 NOISE_SCHEME = 2
 """Version of the noise stream for given keys. 1: blocks of 32 samples (adre-ray <= schema 2); 2: blocks of
 ``noise_block(shape)`` samples (2048 for 3x32x32, 32 for 3x224x224, so ImageNet-size noise is unchanged).
-Recorded in the certification manifest and rows: the same seed gives other counts under another scheme."""
+Recorded in the certification manifest and rows: on CUDA the same seed gives other counts under another
+scheme (on CPU, torch's sequential generator happens to give equal values when a sample's value count is a
+multiple of 16, e.g. 3x32x32; the manifest still refuses to mix schemes, not knowing the device)."""
 
 PILOT_STREAM = 0
 MAIN_STREAM = 1
