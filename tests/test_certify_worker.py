@@ -52,3 +52,17 @@ def test_worker_compile_runs_on_cpu(checkpoint):
     a = eager.count(image, idx=0, stream=MAIN_STREAM, shard=0, num=32)
     b = fast.count(image, idx=0, stream=MAIN_STREAM, shard=0, num=32)
     assert int(b.sum()) == 32 and np.abs(a - b).sum() <= 2
+
+
+def test_certify_config_speed_fields():
+    from adre_ray.config.base import field_help
+    from adre_ray.config.certify import CertifyConfig
+
+    cfg = CertifyConfig(checkpoint="model.pt")
+    cfg.validate()
+    assert cfg.compile is False and cfg.cuda_graphs is False
+    assert "torch.compile" in field_help(CertifyConfig, "compile")
+    assert "CUDA graphs" in field_help(CertifyConfig, "cuda_graphs")
+    for name in ("compile", "cuda_graphs"):
+        with pytest.raises(ValueError, match=rf"{name}='yes'"):
+            CertifyConfig(checkpoint="model.pt", **{name: "yes"}).validate()
