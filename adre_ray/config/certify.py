@@ -72,8 +72,8 @@ class CertifyConfig(JobConfig):
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
-    compile: bool = config_field(False, "torch.compile (inductor) each actor's model; speed only "
-                                 "(costs a compile per batch shape)")
+    compile: bool = config_field(False, "torch.compile (inductor) each actor's model; speed only (one "
+                                 "compilation per actor: batches are padded to one shape)")
     cuda_graphs: bool = config_field(False, "GPU actors replay the compiled model as CUDA graphs "
                                      "(small models; implies compile; ignored on CPU)")
     images_in_flight: int | None = None
