@@ -9,9 +9,10 @@ OURS is ``adre_ray.smoothing.sample_counts`` on ``prepare_model(model, ...)`` wi
 REFERENCE is Cohen et al.'s ``Smooth._sample_noise`` as published: per batch ``x.repeat``,
 ``torch.randn_like(batch) * sigma``, an fp32 forward under ``torch.no_grad``, ``.argmax(1)`` and counts
 by a Python loop over the predictions. Both run in this process on the same model object (same weights),
-the same n and the same batch size (ours rounds it to whole noise blocks of 32; the reference uses that
-rounded size too); runs alternate and medians are reported. Seconds per image at n = 100,000 are
-extrapolated from the measured rate (the n0 = 100 pilot draws, +0.1%, are not included).
+the same n and the same batch size (above one noise block ours rounds it to whole blocks,
+``effective_batch_size``; the reference uses that rounded size too); runs alternate and medians are
+reported. Seconds per image at n = 100,000 are extrapolated from the measured rate (the n0 = 100
+pilot draws, +0.1%, are not included).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> ThroughputResult:
     dataset = args.dataset or default_dataset(args.model)
     model, num_classes, size = make_model(args.model, dataset, device, args.seed)
     model.eval()
-    batch = effective_batch_size(args.batch_size)
+    batch = effective_batch_size(args.batch_size, (3, size, size))
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.rand((3, size, size), generator=generator).to(device)
     amp_dtype = DTYPES[args.dtype]

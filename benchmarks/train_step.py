@@ -9,14 +9,30 @@ identical batches: loss, backward, SGD step) on the SAME model object, batch and
 alternating methods round by round; medians are reported. The learning rate is 0 (momentum and weight
 decay on), so every method does the optimizer's full work on unchanged weights and all methods time the
 same model. Target (issue 7): ADRE_REG step time <= 1.1x Gaussian with the same k.
+
+``--suite cifar`` / ``--suite imagenet`` (issue 12) runs the GPU protocol in one command: cifar_resnet110
+at batch 400 (Gaussian k = 1 and 8, ADRE_REG k = 8, ADRE_ADV M = 1, 2 at k = 1) or resnet50 at 224x224,
+batch 128 (Gaussian k = 1 and 4, ADRE_REG k = 1 and 4, ADRE_ADV M = 1, 2 at k = 1); bf16 + channels_last
+(where bf16 is native), the data on the device; ``--compile`` compiles the model (``--methods`` picks a
+subset, compilation being minutes per graph). Beside each method: the step's FLOPs, counted on one eager
+step with ``torch.utils.flop_counter`` (forward, backward and the attack's passes), over a bf16 matmul
+rate measured in the same run: the FLOP floor. Figures are merged into ``train_images_per_s`` (model ->
+method -> images/s) of benchmarks/gpu_results.json (``--smoke``: toy sizes on CPU, a temp file).
+
+    python benchmarks/train_step.py --suite cifar && python benchmarks/train_step.py --suite imagenet
+    python benchmarks/train_step.py --suite cifar --compile --methods gaussian_k1,gaussian_k8,adre_reg_k8
+    python benchmarks/train_step.py --suite cifar --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from _common import (
@@ -34,6 +50,20 @@ from _common import (
 from adre_ray.training import LossFn, build_loss, train_one_epoch
 
 BASELINE = "gaussian"
+RESULTS_JSON = Path(__file__).resolve().parent / "gpu_results.json"
+
+# method name -> (loss, k, attack steps M or 0)
+SUITES: dict[str, dict] = {
+    "cifar": {"model": "cifar_resnet110", "dataset": "cifar10", "batch_size": 400,
+              "methods": {"gaussian_k1": ("gaussian", 1, 0), "gaussian_k8": ("gaussian", 8, 0),
+                          "adre_reg_k8": ("adre_reg", 8, 0), "adre_adv_M1_k1": ("adre_adv", 1, 1),
+                          "adre_adv_M2_k1": ("adre_adv", 1, 2)}},
+    "imagenet": {"model": "resnet50", "dataset": "imagenet", "batch_size": 128,
+                 "methods": {"gaussian_k1": ("gaussian", 1, 0), "gaussian_k4": ("gaussian", 4, 0),
+                             "adre_reg_k1": ("adre_reg", 1, 0), "adre_reg_k4": ("adre_reg", 4, 0),
+                             "adre_adv_M1_k1": ("adre_adv", 1, 1), "adre_adv_M2_k1": ("adre_adv", 1, 2)}},
+}
+SMOKE = {"model": "small_cnn", "batch_size": 4}
 
 
 @dataclass
@@ -70,6 +100,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--epsilon", type=float, default=0.5, help="ADRE_ADV attack radius")
     parser.add_argument("--attack-steps", default="1,2", help="comma-separated M values for ADRE_ADV")
     parser.add_argument("--steps-per-run", type=int, default=2, help="training steps per timed run")
+    parser.add_argument("--suite", choices=tuple(SUITES), default=None,
+                        help="the GPU protocol of issue 12 for CIFAR or ImageNet sizes (ignores --model)")
+    parser.add_argument("--methods", default=None, help="--suite: comma-separated subset of its methods")
+    parser.add_argument("--smoke", action="store_true", help="--suite at toy sizes on CPU (temp output file)")
+    parser.add_argument("--out", default=None,
+                        help="--suite: results JSON (default benchmarks/gpu_results.json)")
     args = parser.parse_args(argv)
     try:
         args.attack_steps = [int(value) for value in str(args.attack_steps).split(",") if value.strip()]
@@ -80,6 +116,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     if any(steps < 1 for steps in args.attack_steps):
         parser.error(f"--attack-steps={args.attack_steps}: every M must be >= 1")
+    if args.suite and args.methods:
+        known = SUITES[args.suite]["methods"]
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in args.methods if m not in known]
+        if unknown or not args.methods:
+            parser.error(f"--methods={','.join(args.methods)}: choose from {','.join(known)}")
+    if args.smoke and args.out and Path(args.out).resolve() == RESULTS_JSON:
+        parser.error(f"--out={args.out!r}: --smoke never writes the real results file")
     return args
 
 
@@ -123,8 +167,100 @@ def run(args: argparse.Namespace) -> StepResult:
                                     for name, runs in times.items()})
 
 
+def step_flops(model: torch.nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
+               amp_dtype: torch.dtype | None) -> float:
+    """FLOPs of one eager training step (loss incl. any attack, backward; torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adre_ray.training.modes import autocast
+
+    counter = FlopCounterMode(display=False)
+    model.train()
+    with counter, autocast(x.device, amp_dtype):
+        loss_fn(model, x, y, 10**6).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def run_suite(args: argparse.Namespace) -> dict:
+    """Images/s of every method of ``args.suite`` (one model, one batch on the device) and the FLOP floor."""
+    from gpu_suite import fast_settings, matmul_tflops, write_results
+
+    suite = SUITES[args.suite]
+    device = pick_device("cpu" if (args.smoke and args.device == "auto") else args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    name = SMOKE["model"] if args.smoke else suite["model"]
+    batch = SMOKE["batch_size"] if args.smoke else suite["batch_size"]
+    dataset = suite["dataset"] if not args.smoke else "cifar10"
+    model, num_classes, size = make_model(name, dataset, device, args.seed)
+    model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if args.compile else model
+    amp_dtype = fast_settings(device)["amp_dtype"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.rand((batch, 3, size, size), generator=generator).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(num_classes, (batch,), generator=generator).to(device)
+    tflops = matmul_tflops(device, 128 if args.smoke else 8192)
+    methods = {m: suite["methods"][m] for m in (args.methods or suite["methods"])}
+    steps = 1 if args.smoke else args.steps_per_run
+    loader = [(x, y)] * steps
+    rows = {}
+    for method, (loss_name, k, attack_steps) in methods.items():
+        lam = 0.0 if loss_name == "gaussian" else args.lam
+        loss_fn = build_loss(loss_name, sigma=args.sigma, k=k, lam=lam, per_loss="single",
+                             epsilon=args.epsilon, steps=max(attack_steps, 1))
+        flops = step_flops(model, loss_fn, x, y, amp_dtype)
+
+        def one_run(loss_fn: LossFn = loss_fn) -> dict[str, float]:
+            return train_one_epoch(net, loader, loss_fn, optimizer, None, device=device, epoch=10**6,
+                                   amp_dtype=amp_dtype)
+
+        one_run()  # warm-up (and compilation with --compile)
+        seconds = alternate({method: one_run}, 1 if args.smoke else args.repeat, device)[method]
+        step_s = min(seconds) / steps
+        floor = flops / (tflops * 1e12)
+        rows[method] = {"images_per_s": batch / step_s, "step_s": step_s, "flops_per_step": flops,
+                        "floor_step_s": floor, "ratio_to_floor": step_s / floor, "k": k,
+                        "M": attack_steps}
+        print(f"{name} {method:16s} {batch / step_s:10.1f} images/s  step {1000 * step_s:8.2f} ms  "
+              f"floor {1000 * floor:8.2f} ms ({flops / 1e12:.3f} TFLOP)  {step_s / floor:6.1f}x floor",
+              flush=True)
+    variant = f"{'bf16' if amp_dtype else 'fp32'} + channels_last" + (" + compile" if args.compile else "")
+    key = name if not args.compile else f"{name}+compile"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python benchmarks/train_step.py " + " ".join(args.argv)
+    record = {"train_images_per_s": {key: {m: r["images_per_s"] for m, r in rows.items()}},
+              "train_step": {key: {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                                   else "cpu", "torch": torch.__version__, "date": now, "batch_size": batch,
+                                   "settings": variant, "sigma": args.sigma, "lam": args.lam,
+                                   "epsilon": args.epsilon, "matmul_bf16_tflops": tflops,
+                                   "command": command, "methods": rows}}}
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = RESULTS_JSON
+        if args.smoke:
+            out = Path(tempfile.mkdtemp(prefix="train_step_smoke_")) / "gpu_results.json"
+    write_results(out, record)
+    print(f"merged into {out}")
+    print(f"\n#### Training step: {name}, batch {batch}, {variant} ({record['train_step'][key]['device']}, "
+          f"{now})\n\nCommand: `{command}`\n")
+    print("| method | k | M | images/s | ms/step | FLOP floor ms | x floor |\n|---|---|---|---|---|---|---|")
+    for method, r in rows.items():
+        print(f"| {method} | {r['k']} | {r['M']} | {r['images_per_s']:.1f} | {1000 * r['step_s']:.2f} | "
+              f"{1000 * r['floor_step_s']:.2f} | {r['ratio_to_floor']:.1f}x |")
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.suite:
+        args.argv = argv
+        run_suite(args)
+        return 0
     result = run(args)
     print(machine_line(torch.device(result.device)))
     chosen = [name for name in ("channels_last", "compile") if getattr(args, name)]

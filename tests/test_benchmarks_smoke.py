@@ -7,6 +7,7 @@ No timing is asserted anywhere: timings belong in benchmarks/RESULTS.md, not in 
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import re
 from pathlib import Path
@@ -112,3 +113,80 @@ def test_prepare_model_rejects_training_mode_and_cuda_graphs_on_cpu():
 def test_fast_bf16_available_answers_a_bool():
     assert isinstance(fast_bf16_available("cpu"), bool)
     assert fast_bf16_available("meta") is False
+
+
+def test_gpu_suite_smoke_runs_every_section_into_a_temp_file(bench, capsys, tmp_path, cifar10_dir):
+    module = bench("gpu_suite")
+    out = tmp_path / "gpu_results.json"
+    (tmp_path / "gpu_results.json").write_text('{"train_images_per_s": {"small_cnn": {"gaussian": 1.0}}}')
+    argv = ["--smoke", "--data-dir", str(cifar10_dir), "--out", str(out), "--repeat", "1"]
+    assert module.main(argv) == 0
+    text = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    for key in ("device", "torch", "date", "certify_s_per_image", "reference_s_per_image",
+                "flop_floor_s_per_image", "samples_per_s", "batch_size", "settings", "worker_s_per_image"):
+        assert key in results, key
+    assert results["train_images_per_s"] == {"small_cnn": {"gaussian": 1.0}}  # merged, not replaced
+    assert results["noise_scheme"] == 2 and results["smoke"] is True
+    seconds = results["certify_s_per_image"]["small_cnn"]
+    assert math.isfinite(seconds) and seconds > 0 and results["flops_per_image"]["small_cnn"] > 0
+    assert results["correctness"]["noise"]["noise_identical"] is True
+    assert results["correctness"]["passed"] is True
+    assert "| small_cnn (32x32" in text and "same CERTIFY class on every image: True" in text
+
+
+def test_gpu_suite_smoke_refuses_the_real_results_file(bench):
+    module = bench("gpu_suite")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--smoke", "--out", str(module.DEFAULT_OUT)])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--only", "timing"])
+
+
+def test_train_step_suite_smoke_merges_train_images_per_s(bench, capsys, tmp_path):
+    module = bench("train_step")
+    out = tmp_path / "gpu_results.json"
+    out.write_text('{"certify_s_per_image": {"small_cnn": 0.5}}')
+    argv = ["--suite", "cifar", "--smoke", "--out", str(out),
+            "--methods", "gaussian_k1,adre_reg_k8,adre_adv_M1_k1"]
+    assert module.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["certify_s_per_image"] == {"small_cnn": 0.5}  # merged, not replaced
+    figures = results["train_images_per_s"]["small_cnn"]
+    assert sorted(figures) == ["adre_adv_M1_k1", "adre_reg_k8", "gaussian_k1"]
+    assert all(math.isfinite(v) and v > 0 for v in figures.values())
+    rows = results["train_step"]["small_cnn"]["methods"]
+    # the FLOP count sees the k draws and the attack's passes: ADRE_REG k=8 ~ 8x, ADRE_ADV M=1 > Gaussian
+    assert 7 < rows["adre_reg_k8"]["flops_per_step"] / rows["gaussian_k1"]["flops_per_step"] < 9
+    assert rows["adre_adv_M1_k1"]["flops_per_step"] > 1.4 * rows["gaussian_k1"]["flops_per_step"]
+    assert "| adre_reg_k8 | 8 | 0 |" in capsys.readouterr().out
+
+
+def test_train_step_suite_rejects_unknown_methods(bench):
+    module = bench("train_step")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--suite", "cifar", "--methods", "adre_reg_k4"])
+
+
+def test_table1_mini_smoke_trains_certifies_and_reports(bench, capsys, tmp_path, cifar10_dir):
+    module = bench("table1_mini")
+    runs_dir, out_dir = tmp_path / "runs", tmp_path / "results"
+    argv = ["--smoke", "--data-dir", str(cifar10_dir), "--runs", "basic_s0.25,adre_l0.1_s0.25",
+            "--runs-dir", str(runs_dir), "--out-dir", str(out_dir)]
+    assert module.main(argv) == 0
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["adre_l0.1_s0.25.parquet", "basic_s0.25.parquet"]
+    text = (out_dir / "table1_mini.md").read_text()
+    assert (out_dir / "table1_mini.png").stat().st_size > 0
+    for needle in ("| basic_s0.25 | CERTIFY |", "| adre_l0.1_s0.25 | T-CERTIFY |", "ACR", "noise scheme 2"):
+        assert needle in text, needle
+    # a report from the run files alone (as after runs split over several GPU calls)
+    argv = ["--smoke", "--report-only", "--runs-dir", str(runs_dir), "--out-dir", str(out_dir)]
+    assert module.main(argv) == 0
+
+
+def test_table1_mini_refuses_a_short_protocol_and_unknown_runs(bench):
+    module = bench("table1_mini")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--epochs", "5"])
+    with pytest.raises(SystemExit):
+        module.parse_args(["--runs", "basic_s1.0"])

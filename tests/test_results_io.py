@@ -30,7 +30,7 @@ def make_row(idx: int, **changes) -> dict:
         "pA_lower_certify": 0.79, "counts": counts, "pilot_counts": [1, 8, 1], "n0": 10, "n": sum(counts),
         "alpha": 0.001, "sigma": 0.25, "seed": 3, "time_s": 1.5, "checkpoint": "/ckpt/model.pt",
         "train_run_id": None, "train_sigma": 0.25, "pb_bound": "max", "samples_used": 10 + sum(counts),
-        "shortcut": "none",
+        "shortcut": "none", "noise_scheme": 2,
     }
     row.update(changes)
     return row
@@ -38,7 +38,7 @@ def make_row(idx: int, **changes) -> dict:
 
 SETTINGS = {"checkpoint": "/ckpt/model.pt", "dataset": "cifar10", "split": "test", "sigma": 0.25,
             "n0": 100, "n": 100_000, "alpha": 0.001, "seed": 0, "mode": "pilot", "grid": (0.5, 1.0),
-            "shard_size": 10_000}
+            "shard_size": 10_000, "noise_scheme": 2}
 
 
 def test_schema_round_trip(tmp_path):
@@ -101,6 +101,7 @@ def test_old_version_file_is_readable(tmp_path):
     # not derivable -> null; the writer's version is recorded per row
     assert rows[2]["pilot_counts"] is None and rows[2]["train_run_id"] is None
     assert rows[2]["schema_version"] == 1 and rows[1]["schema_version"] == SCHEMA_VERSION
+    assert rows[2]["noise_scheme"] == 1 and rows[1]["noise_scheme"] == 2  # before v3: noise scheme 1
     assert rows[2]["note"] == "old" and rows[1]["note"] is None
     assert rows[2]["label"] == 1 and table.schema.field("label").type == pa.int64()
 
@@ -161,6 +162,16 @@ def test_manifest_resume_and_mismatch(tmp_path):
                          ("checkpoint", "/other.pt"), ("seed", 1), ("shard_size", 5_000)):
         with pytest.raises(ValueError, match=rf"{field}=.*differs"):
             ensure_manifest(tmp_path, {**SETTINGS, field: value})
+
+
+def test_manifest_without_noise_scheme_is_scheme_1(tmp_path):
+    """A folder written before noise_scheme existed holds scheme-1 noise: resuming it with another
+    scheme is refused, naming the field (its counts would come from a different noise stream)."""
+    older = {key: value for key, value in SETTINGS.items() if key != "noise_scheme"}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(older))
+    assert ensure_manifest(tmp_path, {**SETTINGS, "noise_scheme": 1}) is True
+    with pytest.raises(ValueError, match=r"noise_scheme=2 differs .*noise_scheme=1"):
+        ensure_manifest(tmp_path, SETTINGS)
 
 
 def test_parts_without_manifest_are_refused(tmp_path):

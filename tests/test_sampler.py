@@ -7,9 +7,10 @@ import torch
 
 from adre_ray.smoothing import (
     MAIN_STREAM,
-    NOISE_BLOCK,
+    NOISE_BLOCK_ELEMENTS,
     PILOT_STREAM,
     effective_batch_size,
+    noise_block,
     noise_seed,
     sample_counts,
 )
@@ -119,9 +120,48 @@ def test_num_zero_gives_zero_counts():
     assert counts.tolist() == [0] * 5 and counts.dtype == torch.int64
 
 
-def test_effective_batch_size_is_whole_blocks():
-    assert effective_batch_size(1) == NOISE_BLOCK
-    assert effective_batch_size(1000) % NOISE_BLOCK == 0
+def test_noise_block_sizes():
+    assert noise_block((3, 32, 32)) == 2048 and noise_block((3, 224, 224)) == 32  # 32: as noise scheme 1
+    assert noise_block((3, 4096, 4096)) == 1  # an image larger than a block: one sample per draw
+    for shape in ((3, 32, 32), (3, 224, 224), (1, 28, 28), SHAPE):
+        block = noise_block(shape)
+        assert block & (block - 1) == 0
+        numel = torch.Size(shape).numel()
+        assert block * numel <= NOISE_BLOCK_ELEMENTS < 2 * block * numel
+    with pytest.raises(ValueError, match="image_shape"):
+        noise_block((3, 0, 4))
+
+
+def test_effective_batch_size_divides_or_is_whole_blocks():
+    assert effective_batch_size(1) == 1 and effective_batch_size(1000) == 1000  # no shape: validation only
+    assert effective_batch_size(96, (3, 32, 32)) == 128 and effective_batch_size(1000, (3, 32, 32)) == 1024
+    assert effective_batch_size(5000, (3, 32, 32)) == 4096 and effective_batch_size(2047, (3, 32, 32)) == 2048
+    assert effective_batch_size(1000, (3, 224, 224)) == 992  # 31 blocks of 32
+    assert effective_batch_size(3, (3, 224, 224)) == 4 and effective_batch_size(1, (3, 224, 224)) == 1
+    for shape in ((3, 32, 32), (3, 224, 224), SHAPE):
+        block = noise_block(shape)
+        for batch_size in range(1, 3 * block, max(1, block // 7)):
+            batch = effective_batch_size(batch_size, shape)
+            assert (block % batch == 0) if batch < block else (batch % block == 0), (shape, batch_size)
+
+
+def test_noise_blocks_do_not_depend_on_batch_size_across_block_edges():
+    """Images big enough for blocks of 4 samples (NOISE_BLOCK_ELEMENTS / numel in [4, 8)): batches
+    smaller than, equal to and larger than a block, and shards ending inside a block, see the same noise."""
+    shape = (1, 1, NOISE_BLOCK_ELEMENTS // 6)
+    x = torch.zeros(shape)
+    assert noise_block(shape) == 4
+
+    def noise(batch_size: int, num: int = 11) -> torch.Tensor:
+        model = Recorder()
+        sample_counts(model, x, num, 3, 1.0, batch_size=batch_size, seed=2, idx=1)
+        assert sum(t.shape[0] for t in model.seen) == num
+        return model.noise()
+
+    reference = noise(1)
+    for batch_size in (3, 4, 8, 9, 100):
+        assert torch.equal(reference, noise(batch_size)), batch_size
+    assert torch.equal(reference[:8], noise(4, num=8))  # a shorter shard: the same leading blocks
 
 
 @pytest.mark.parametrize(
@@ -139,7 +179,7 @@ def test_effective_batch_size_is_whole_blocks():
         ({"shard": 1.5}, "shard=1.5"),
         ({"stream": -1}, "stream=-1"),
         ({"x": torch.zeros(1, *SHAPE)}, "x.shape=(1, 3, 4, 4)"),
-        ({"num_classes": 4}, "model output shape (64, 5)"),
+        ({"num_classes": 4}, "model output shape (64, 5): expected (64, 4)"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_value(kwargs, needle):
@@ -148,3 +188,20 @@ def test_bad_input_raises_value_error_naming_the_value(kwargs, needle):
     with pytest.raises(ValueError) as err:
         sample_counts(**args)
     assert needle in str(err.value)
+
+
+def test_padded_batches_give_the_same_counts_and_noise():
+    """pad_batches: one input shape for every forward pass; the counted rows are the same draws."""
+    for num, batch_size in ((1000, 96), (250, 1000), (130, 64)):
+        plain = sample_counts(Linear().eval(), image(), num, 5, 0.5, batch_size=batch_size, seed=5, idx=2)
+        padded = sample_counts(Linear().eval(), image(), num, 5, 0.5, batch_size=batch_size, seed=5, idx=2,
+                               pad_batches=True)
+        assert torch.equal(plain, padded), (num, batch_size)
+    model = Recorder()
+    sample_counts(model, image(), 130, 3, 1.0, batch_size=64, seed=7, pad_batches=True)
+    assert [t.shape[0] for t in model.seen] == [64, 64, 64]  # 64 + 64 + 2 draws, one shape
+    assert torch.equal(torch.cat(model.seen)[:130], recorded_noise(130, batch_size=64, seed=7) + image())
+    short = Recorder()
+    counts = sample_counts(short, image(), 10, 3, 1.0, batch_size=64, seed=7, pad_batches=True)
+    assert [t.shape[0] for t in short.seen] == [64] and counts.tolist() == [10, 0, 0]  # a pilot-size shard
+    assert torch.equal(short.seen[0][:10], recorded_noise(10, batch_size=64, seed=7) + image())

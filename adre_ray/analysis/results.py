@@ -36,8 +36,9 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 3
 """Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts;
-3: evaluation shortcuts (``samples_used``, ``shortcut``), the runner-up bound (``pb_bound``) and
-``train_sigma``."""
+3: evaluation shortcuts (``samples_used``, ``shortcut``), the runner-up bound (``pb_bound``),
+``train_sigma`` and ``noise_scheme`` (the sampler's noise stream version,
+adre_ray.smoothing.sampler.NOISE_SCHEME)."""
 
 MANIFEST_NAME = "run.json"
 PART_PREFIX = "part-"
@@ -46,12 +47,12 @@ TMP_SUFFIX = ".tmp"
 
 MANIFEST_FIELDS = ("checkpoint", "dataset", "split", "sigma", "n0", "n", "alpha", "seed", "mode", "grid",
                    "shard_size", "pb_bound", "skip_misclassified", "early_abstain", "early_abstain_delta",
-                   "early_abstain_wave", "n_policy", "iss_max_radius_loss")
+                   "early_abstain_wave", "n_policy", "iss_max_radius_loss", "noise_scheme")
 """Settings that determine every row's values: a folder holds rows of one setting only."""
 
 MANIFEST_DEFAULTS: dict[str, Any] = {
     "pb_bound": "sum", "skip_misclassified": False, "early_abstain": False, "early_abstain_delta": 1e-4,
-    "early_abstain_wave": 1, "n_policy": "fixed", "iss_max_radius_loss": 0.05,
+    "early_abstain_wave": 1, "n_policy": "fixed", "iss_max_radius_loss": 0.05, "noise_scheme": 1,
 }
 """What a manifest written before a field existed means by its absence (the behaviour of that version)."""
 
@@ -78,6 +79,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("alpha", pa.float64()),
         pa.field("sigma", pa.float64()),
         pa.field("seed", pa.int64()),
+        pa.field("noise_scheme", pa.int64()),               # sampler noise stream version (1 before v3)
         pa.field("time_s", pa.float64()),                   # wall time from first shard sent to last summed
         pa.field("checkpoint", pa.string()),                # model checkpoint path
         pa.field("train_run_id", pa.string()),              # MLflow run id of the training run, if known
@@ -91,9 +93,10 @@ RESULT_SCHEMA = pa.schema(
     metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
-_OPTIONAL_ROW_KEYS = frozenset({"schema_version", "pb_bound", "samples_used", "shortcut", "train_sigma"})
+_OPTIONAL_ROW_KEYS = frozenset({"schema_version", "pb_bound", "samples_used", "shortcut", "train_sigma",
+                                "noise_scheme"})
 """Row keys ``write_part`` fills when absent: the writer's version, pb_bound null, samples_used = n0 + n,
-shortcut "none" (a row made without shortcuts), train_sigma null."""
+shortcut "none" (a row made without shortcuts), train_sigma and noise_scheme null."""
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -337,6 +340,8 @@ def upgrade_table(table: pa.Table) -> pa.Table:
             continue
         derive = _DERIVED.get(field.name)
         value = derive(table) if derive else None
+        if field.name == "noise_scheme" and value is None:  # files before v3: noise scheme 1
+            value = pa.array([1] * table.num_rows, pa.int64())
         if field.name == "schema_version" and value is None:
             meta = table.schema.metadata or {}
             version = meta.get(b"adre_ray.schema_version")
@@ -420,6 +425,7 @@ def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
     existing = read_manifest(out_dir)
     if existing is not None:
+        existing = {**MANIFEST_DEFAULTS, **existing}
         for key in MANIFEST_FIELDS:
             old = existing.get(key, _normalise(MANIFEST_DEFAULTS[key]) if key in MANIFEST_DEFAULTS
                                else "<absent>")

@@ -48,10 +48,12 @@ class CertifyConfig(JobConfig):
     tcertify_mode, grid        T-CERTIFY's choice of the alpha split t (see adre_ray.smoothing.certify)
     num_actors        certification actors; None = one per GPU (use_gpu) or one per CPU of the cluster
     use_gpu           None = use GPUs when the cluster has any
-    batch_size        noisy images per forward pass (rounded to whole noise blocks of 32)
+    batch_size        noisy images per forward pass (below one noise block rounded to a power of two,
+                      above it to whole blocks; adre_ray.smoothing.effective_batch_size)
     shard_size        draws per task; n and n0 are cut into shards of this size (a shard's noise is
                       seeded by (seed, idx, stream, shard), so results do not depend on the actor count)
     amp, channels_last  bf16 autocast / channels_last on GPU actors (ignored on CPU)
+    compile, cuda_graphs  torch.compile the actors' model (any device) / replay it as CUDA graphs (GPU only)
     images_in_flight  images sampled concurrently; None = enough to keep ~2 tasks queued per actor
     flush_images, flush_seconds   write a Parquet part every this many finished images or seconds
     actor_restarts    times Ray restarts a lost actor; its shards are re-run either way
@@ -86,6 +88,10 @@ class CertifyConfig(JobConfig):
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
+    compile: bool = config_field(False, "torch.compile (inductor) each actor's model; speed only (one "
+                                 "compilation per actor: batches are padded to one shape)")
+    cuda_graphs: bool = config_field(False, "GPU actors replay the compiled model as CUDA graphs "
+                                     "(small models; implies compile; ignored on CPU)")
     images_in_flight: int | None = None
     flush_images: int = 10
     flush_seconds: float = 30.0
@@ -150,6 +156,8 @@ class CertifyConfig(JobConfig):
         check(isinstance(self.amp, bool), "amp", self.amp, "must be true or false")
         check(isinstance(self.channels_last, bool), "channels_last", self.channels_last,
               "must be true or false")
+        check(isinstance(self.compile, bool), "compile", self.compile, "must be true or false")
+        check(isinstance(self.cuda_graphs, bool), "cuda_graphs", self.cuda_graphs, "must be true or false")
         if self.images_in_flight is not None:
             check_int_at_least("images_in_flight", self.images_in_flight, 1)
         check_int_at_least("flush_images", self.flush_images, 1)

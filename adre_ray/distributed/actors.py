@@ -1,92 +1,18 @@
-"""Certification actors: each loads the model once and returns class counts for shards of noise draws.
+"""Certification actors: ``CertifyWorker`` (adre_ray.distributed.worker, no Ray) as a Ray actor class.
 
-``CertifyWorker`` is the plain class (usable, and tested, without Ray); ``CertifyActor`` is the same
-class as a Ray actor. A shard is identified by (image idx, stream, shard number) and its noise is seeded
-by (seed, idx, stream, shard) in ``adre_ray.smoothing.sampler``, so any actor, on any node, returns the
-same counts for the same shard: the driver may re-run a lost actor's shards anywhere.
+Each actor loads the model once and returns class counts for shards of noise draws. A shard is
+identified by (image idx, stream, shard number) and its noise is seeded by (seed, idx, stream, shard) in
+``adre_ray.smoothing.sampler``, so any actor, on any node, returns the same counts for the same shard:
+the driver may re-run a lost actor's shards anywhere.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from typing import Any
-
-import numpy as np
 import ray
-import torch
 
-from adre_ray.models.checkpoint import load_model_checkpoint
-from adre_ray.models.model_fn import build_model_fn
-from adre_ray.smoothing.sampler import NonFiniteLogitsError, sample_counts
-
-
-class CertifyWorker:
-    """Holds one model (eval mode, on ``device``) and samples counts of f(x + d) for shards of draws.
-
-    The model is the checkpoint's, or (``model_fn``, see ``adre_ray.models.model_fn``) the module a
-    ``module:function`` callable returns.
-
-    ``device``: "cpu" or "cuda" (the GPU Ray assigned). On CPU the worker uses ``cpu_threads`` torch
-    threads (1 for one actor per core). ``amp`` (bf16 autocast) and ``channels_last`` apply on GPU only.
-    """
-
-    def __init__(self, checkpoint: str, *, num_classes: int, sigma: float, seed: int, batch_size: int,
-                 device: str = "cpu", amp: bool = False, channels_last: bool = False,
-                 cpu_threads: int = 1, model_fn: str | None = None) -> None:
-        if device == "cpu":
-            torch.set_num_threads(cpu_threads)
-        self.device = torch.device(device)
-        self.checkpoint = str(checkpoint)
-        if model_fn is not None:  # any nn.Module on [0, 1] images; its output size is checked per batch
-            model, meta = build_model_fn(model_fn), {"model_fn": model_fn}
-        else:
-            model, meta = load_model_checkpoint(checkpoint, map_location=str(self.device),
-                                                expected_num_classes=num_classes)
-        model = model.to(self.device).eval()
-        on_gpu = self.device.type == "cuda"
-        self.channels_last = bool(channels_last and on_gpu)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.amp_dtype = torch.bfloat16 if (amp and on_gpu) else None
-        self.model = model
-        self.meta = meta
-        self.num_classes = num_classes
-        self.configure(sigma=sigma, seed=seed, batch_size=batch_size)
-
-    def configure(self, *, sigma: float, seed: int, batch_size: int) -> None:
-        """Set the run's noise level, global seed and batch size (a warm actor can serve several runs)."""
-        self.sigma = float(sigma)
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
-
-    def count(self, image: Any, idx: int, stream: int, shard: int, num: int) -> np.ndarray:
-        """Counts (int64, length num_classes) of argmax f(image + d) over the ``num`` draws of this shard.
-
-        A NaN / infinite logit fails the shard with ``NonFiniteLogitsError`` naming the checkpoint.
-        """
-        x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
-        try:
-            counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
-                                   batch_size=self.batch_size, seed=self.seed, idx=idx, shard=shard,
-                                   stream=stream, amp_dtype=self.amp_dtype, channels_last=self.channels_last)
-        except NonFiniteLogitsError as err:
-            raise NonFiniteLogitsError(f"checkpoint={self.checkpoint!r}: {err} (NaN or infinite weights, or "
-                                       "a model that overflows; no certificate can come from it)") from None
-        return counts.numpy()
-
-    def count_timed(self, image: Any, idx: int, stream: int, shard: int,
-                    num: int) -> tuple[np.ndarray, float]:
-        """``count`` plus the seconds it took on this actor (the driver sums them into ``time_s``)."""
-        began = time.perf_counter()
-        counts = self.count(image, idx, stream, shard, num)
-        return counts, time.perf_counter() - began
-
-    def where(self) -> dict[str, Any]:
-        """Host, pid and device of this actor (for logs and tests)."""
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.device)}
-
+from adre_ray.distributed.worker import CertifyWorker
 
 CertifyActor = ray.remote(CertifyWorker)
 """``CertifyWorker`` as a Ray actor class; resources are set per pool with ``.options``."""
+
+__all__ = ["CertifyActor", "CertifyWorker"]

@@ -50,6 +50,7 @@ from adre_ray.models.model_fn import model_fn_identity
 from adre_ray.smoothing import (
     ABSTAIN,
     MAIN_STREAM,
+    NOISE_SCHEME,
     PILOT_STREAM,
     certify_counts,
     predict_counts,
@@ -157,7 +158,7 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
             "alpha": float(alpha), "sigma": float(sigma), "seed": int(seed), "time_s": float(time_s),
             "checkpoint": checkpoint, "train_run_id": train_run_id,
             "train_sigma": None if train_sigma is None else float(train_sigma),
-            "pb_bound": effective_pb_bound(mode, pb_bound), **samples,
+            "pb_bound": effective_pb_bound(mode, pb_bound), "noise_scheme": NOISE_SCHEME, **samples,
         }
     predicted = predict_counts(counts, alpha)
     certified = certify_counts(pilot_counts, counts, sigma, alpha)
@@ -185,7 +186,7 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
         "checkpoint": checkpoint,
         "train_run_id": train_run_id,
         "train_sigma": None if train_sigma is None else float(train_sigma),
-        "pb_bound": tcertified.pb_bound, **samples,
+        "pb_bound": tcertified.pb_bound, "noise_scheme": NOISE_SCHEME, **samples,
     }
 
 
@@ -203,7 +204,8 @@ class CertifyPool:
 
     def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int, use_gpu: bool,
                  sigma: float, seed: int = 0, batch_size: int = 1000, amp: bool = True,
-                 channels_last: bool = True, max_replacements: int = 3, model_fn: str | None = None) -> None:
+                 channels_last: bool = True, max_replacements: int = 3, model_fn: str | None = None,
+                 compile: bool = False, cuda_graphs: bool = False) -> None:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"num_actors={num_actors!r}: must be an integer >= 1")
         self.checkpoint = (model_fn_identity(model_fn) if model_fn is not None
@@ -215,7 +217,8 @@ class CertifyPool:
         self.actor_kwargs: dict[str, Any] = {
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
             "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
-            "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn}
+            "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn, "compile": compile,
+            "cuda_graphs": cuda_graphs}
         self.max_replacements = max_replacements
         self.actors = [self._new_actor() for _ in range(num_actors)]
         self.generation = [0] * num_actors
@@ -267,7 +270,7 @@ def make_pool(cfg: CertifyConfig) -> CertifyPool:
                        num_classes=dataset_info(cfg.dataset).num_classes, use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
                        amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
-                       model_fn=cfg.model_fn)
+                       model_fn=cfg.model_fn, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
 
 
 @dataclass
@@ -416,7 +419,7 @@ def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
         "checkpoint": model_identity(cfg), "dataset": cfg.dataset,
         "split": cfg.split, "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
-        "data_dir": cfg.data_dir, **shortcut_settings(cfg),
+        "data_dir": cfg.data_dir, "noise_scheme": NOISE_SCHEME, **shortcut_settings(cfg),
     }
 
 

@@ -2,8 +2,10 @@
 
 Determinism contract (ARCHITECTURE.md, "Randomness"): the noise of (global seed, image idx, stream,
 shard) comes from one generator seeded by ``noise_seed(seed, idx, shard, stream)``, drawn in fixed blocks
-of ``NOISE_BLOCK`` samples, in order. The counts of a shard therefore depend on (seed, idx, stream,
-shard, num) and the model only: not on the batch size, on which actor ran the shard, or in which order.
+of ``noise_block(image shape)`` samples, in order (noise scheme ``NOISE_SCHEME``). The counts of a shard
+therefore depend on (seed, idx, stream, shard, num) and the model only: not on the batch size, on which
+actor ran the shard, or in which order. (As with any torch generator, the values also depend on the
+device type: a CPU actor and a CUDA actor draw different noise for the same keys.)
 ``stream`` separates the pilot draws (``PILOT_STREAM``) from the estimation draws (``MAIN_STREAM``),
 so the two sets of counts are independent as CERTIFY requires.
 
@@ -11,20 +13,29 @@ Hot loop: noise is drawn in place on the model's device into a preallocated fp32
 is formed in one pass (the image is broadcast, never repeated; with ``channels_last`` the same pass writes
 NHWC), predictions are counted with ``index_add_`` on the device (``bincount`` would sync with the host on
 CUDA) and only the final count vector crosses to the host. No Python loop touches a sample (the loop is
-per block of ``NOISE_BLOCK`` samples). ``prepare_model`` applies the optional speed-ups of the forward pass
+per noise block, one ``randn`` launch each: ~2**23 values, so a batch costs a handful of launches).
+``prepare_model`` applies the optional speed-ups of the forward pass
 (channels_last weights, ``torch.compile``, CUDA graphs); see docs/performance.md for what to use where.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-NOISE_BLOCK = 32
-"""Samples per noise draw. Batches are whole blocks, so the stream is the same for any batch size."""
+NOISE_BLOCK_ELEMENTS = 2**23
+"""Target values per noise draw: a block holds the largest power of two of samples within it (at least 1)."""
+
+NOISE_SCHEME = 2
+"""Version of the noise stream for given keys. 1: blocks of 32 samples (adre-ray <= schema 2); 2: blocks of
+``noise_block(shape)`` samples (2048 for 3x32x32, 32 for 3x224x224, so ImageNet-size noise is unchanged).
+Recorded in the certification manifest and rows: on CUDA the same seed gives other counts under another
+scheme (on CPU, torch's sequential generator happens to give equal values when a sample's value count is a
+multiple of 16, e.g. 3x32x32; the manifest still refuses to mix schemes, not knowing the device)."""
 
 PILOT_STREAM = 0
 MAIN_STREAM = 1
@@ -48,11 +59,29 @@ def noise_seed(seed: int, idx: int, shard: int = 0, stream: int = MAIN_STREAM) -
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def effective_batch_size(batch_size: int) -> int:
-    """The batch actually run: ``batch_size`` rounded to a whole number of noise blocks (at least one)."""
+def noise_block(image_shape: Sequence[int]) -> int:
+    """Samples per noise draw for images of ``image_shape``: the largest power of two p with
+    p * numel <= ``NOISE_BLOCK_ELEMENTS`` (at least 1). Block boundaries sit at multiples of p in a shard."""
+    numel = math.prod(int(size) for size in image_shape)
+    if numel < 1:
+        raise ValueError(f"image_shape={tuple(image_shape)}: must have at least one element")
+    per_block = max(1, NOISE_BLOCK_ELEMENTS // numel)
+    return 1 << (per_block.bit_length() - 1)
+
+
+def effective_batch_size(batch_size: int, image_shape: Sequence[int] | None = None) -> int:
+    """The batch actually run for images of ``image_shape``: below one noise block, the nearest power of
+    two (a divisor of the block, so a block is cut into equal batches); above it, whole blocks. Either
+    way every batch but a shard's last is full (no padding waste with ``pad_batches``). Without a shape it
+    only validates ``batch_size`` and returns it."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
-    return max(1, round(batch_size / NOISE_BLOCK)) * NOISE_BLOCK
+    if image_shape is None:
+        return batch_size
+    block = noise_block(image_shape)
+    if batch_size < block:
+        return min(block, 1 << round(math.log2(batch_size)))
+    return round(batch_size / block) * block
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -70,30 +99,56 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
 
 
 def _noise_batches(
-    x: torch.Tensor, num: int, sigma: float, batch: int, generator: torch.Generator, channels_last: bool
+    x: torch.Tensor, num: int, sigma: float, batch: int, generator: torch.Generator, channels_last: bool,
+    pad: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield ``x + sigma * d`` (fp32) for consecutive batches of the ``num`` samples (views of one buffer).
 
-    ``d`` is drawn block by block into a contiguous buffer, so the values do not depend on ``batch`` or
-    on ``channels_last``; ``torch.add(x, d, alpha=sigma)`` then scales, adds the broadcast image and (for
-    ``channels_last``) changes the layout in a single pass.
+    ``d`` is drawn one noise block (``noise_block(x.shape)`` samples, one ``randn`` launch) at a time into
+    a contiguous buffer of whole blocks, at block offsets 0, p, 2p, ... of the shard, so the values do not
+    depend on ``batch`` or on ``channels_last``. A batch smaller than a block (a power of two dividing it,
+    ``effective_batch_size``) takes consecutive slices of it; a larger one (whole blocks) spans several.
+    ``torch.add(x, d, alpha=sigma)`` then scales, adds the broadcast image and (for ``channels_last``)
+    changes the layout in one pass.
+    ``pad``: every yielded tensor has exactly ``batch`` rows (one shape for a compiled model or a CUDA
+    graph, whatever ``num``); only its first ``size`` rows are this batch's draws, the rest hold earlier
+    inputs or zeros. Use ``_noise_batch_sizes`` for the sizes.
     """
-    shape = (min(batch, num), *x.shape)
-    noise = torch.empty(shape, device=x.device, dtype=torch.float32)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    noisy = noise if not channels_last else torch.empty(shape, device=x.device, dtype=torch.float32,
-                                                        memory_format=memory_format)
+    block = noise_block(x.shape)
+    batch = effective_batch_size(batch, x.shape)
+    held = min(max(batch, block), num)  # whole blocks, or all of a shard shorter than that
+    noise = torch.empty((held, *x.shape), device=x.device, dtype=torch.float32)
+    noisy = None
+    if channels_last or pad:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        rows = batch if pad else min(batch, num)
+        noisy = torch.zeros((rows, *x.shape), device=x.device, dtype=torch.float32).contiguous(
+            memory_format=memory_format)
     done = 0
     while done < num:
-        size = min(batch, num - done)
-        d = noise[:size]
-        for start in range(0, size, NOISE_BLOCK):
-            block = d[start:start + NOISE_BLOCK]
-            torch.randn(block.shape, generator=generator, device=x.device, dtype=torch.float32, out=block)
-        out = noisy[:size]
-        torch.add(x, d, alpha=sigma, out=out)
-        done += size
-        yield out
+        drawn = min(held, num - done)
+        for start in range(0, drawn, block):
+            part = noise[start:min(start + block, drawn)]
+            torch.randn(part.shape, generator=generator, device=x.device, dtype=torch.float32, out=part)
+        for start in range(0, drawn, batch):
+            d = noise[start:min(start + batch, drawn)]
+            out = d if noisy is None else noisy[:d.shape[0]]
+            torch.add(x, d, alpha=sigma, out=out)
+            yield noisy if pad else out
+        done += drawn
+
+
+def _noise_batch_sizes(x_shape: Sequence[int], num: int, batch: int) -> Iterator[int]:
+    """The number of draws in each batch ``_noise_batches`` yields (the same walk, without tensors)."""
+    block = noise_block(x_shape)
+    batch = effective_batch_size(batch, x_shape)
+    held = min(max(batch, block), num)
+    done = 0
+    while done < num:
+        drawn = min(held, num - done)
+        for start in range(0, drawn, batch):
+            yield min(batch, drawn - start)
+        done += drawn
 
 
 def prepare_model(
@@ -154,6 +209,7 @@ def sample_counts(
     stream: int = MAIN_STREAM,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    pad_batches: bool = False,
 ) -> torch.Tensor:
     """Counts (int64, CPU, length ``num_classes``) of argmax f(x + d) over ``num`` draws d ~ N(0, sigma^2 I).
 
@@ -162,7 +218,11 @@ def sample_counts(
     ``amp_dtype`` (e.g. ``torch.bfloat16``) autocasts the forward pass only; the noise and x + d stay
     fp32, so the smoothed classifier is exactly Gaussian smoothing of the (reduced-precision) base
     classifier and every bound stays valid. ``channels_last`` feeds the batches in NHWC (same values; use
-    with a model from ``prepare_model(..., channels_last=True)``). Neither option changes the noise.
+    with a model from ``prepare_model(..., channels_last=True)``). ``pad_batches`` runs every forward pass
+    on exactly the (effective) batch size, shorter batches padded (their extra rows are not counted), so
+    a compiled model or CUDA graph sees one input shape for every shard, the pilot's included (the model
+    must treat rows independently, as every eval-mode classifier does; the cost is the padding: at most
+    one batch per shard). None of these options changes the noise.
     """
     if not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma={sigma!r}: must be > 0")
@@ -173,7 +233,7 @@ def sample_counts(
     if x.dim() != 3:
         raise ValueError(f"x.shape={tuple(x.shape)}: expected one image (C, H, W)")
     generator_seed = noise_seed(seed, idx, shard, stream)  # validates seed, idx, shard, stream
-    batch = effective_batch_size(batch_size)  # validates batch_size, also when num == 0
+    batch = effective_batch_size(batch_size, x.shape)  # validates batch_size, also when num == 0
     device = model_device(model)
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
     if num == 0:
@@ -183,13 +243,17 @@ def sample_counts(
     generator.manual_seed(generator_seed)
     ones = torch.ones(min(batch, num), dtype=torch.int64, device=device)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # draws with a NaN / inf logit
+    batches = _noise_batches(x, num, float(sigma), batch, generator, channels_last, pad_batches)
+    sizes = _noise_batch_sizes(x.shape, num, batch)
     with _autocast(device, amp_dtype):
-        for noisy in _noise_batches(x, num, float(sigma), batch, generator, channels_last):
+        for noisy, size in zip(batches, sizes, strict=True):
             logits = model(noisy)
-            if logits.dim() != 2 or logits.shape[1] != num_classes:
-                raise ValueError(f"model output shape {tuple(logits.shape)}: expected (batch, {num_classes})")
-            counts.index_add_(0, logits.argmax(dim=1), ones[:logits.shape[0]])
-            nonfinite += (~torch.isfinite(logits)).any(dim=1).sum()
+            if logits.dim() != 2 or logits.shape[1] != num_classes or logits.shape[0] != noisy.shape[0]:
+                raise ValueError(f"model output shape {tuple(logits.shape)}: expected ({noisy.shape[0]}, "
+                                 f"{num_classes})")
+            counted = logits[:size]
+            counts.index_add_(0, counted.argmax(dim=1), ones[:size])
+            nonfinite += (~torch.isfinite(counted)).any(dim=1).sum()
     bad = int(nonfinite)  # the one host read of the flag, next to the counts' own transfer
     if bad:
         raise NonFiniteLogitsError(f"model output: {bad} of {num} draws gave a NaN or infinite logit "

@@ -101,8 +101,9 @@ def train_one_epoch(
             scheduler.step()
         size = out.batch_size
         parts = (out.loss.detach(), out.l_per, out.l_adre, out.correct)
-        sums += torch.stack([torch.as_tensor(part, device=device).double() for part in parts]) \
-            * torch.tensor([size, size, size, 1], device=device, dtype=torch.float64)
+        values = torch.stack([torch.as_tensor(part, device=device).double() for part in parts])
+        values[:3] *= size  # a Python scalar: no host-to-device copy, no sync, per step
+        sums += values
         images += size
         batches += 1
         epsilon = out.epsilon

@@ -41,13 +41,16 @@ def noisy_logits(model: torch.nn.Module, x: torch.Tensor, noise: torch.Tensor) -
     """Logits (B, k, K) of ``model(x_i + noise_ij)``, from ONE forward pass on the B*k noisy inputs.
 
     ``x``: (B, C, H, W); ``noise``: (B, k, C, H, W), already scaled by sigma. ``x`` is broadcast over the
-    k draws (an expanded view, no copy of x).
+    k draws (an expanded view, no copy of x). A channels_last ``x`` gives channels_last noisy inputs (so a
+    channels_last model runs without a layout conversion).
     """
     if noise.dim() != x.dim() + 1 or noise.shape[0] != x.shape[0] or noise.shape[2:] != x.shape[1:]:
         raise ValueError(f"noise.shape={tuple(noise.shape)}: expected (B, k, *x.shape[1:]) for "
                          f"x.shape={tuple(x.shape)}")
     batch, k = noise.shape[:2]
     noisy = (x.unsqueeze(1) + noise).reshape(batch * k, *x.shape[1:])
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        noisy = noisy.contiguous(memory_format=torch.channels_last)  # same values, the model's layout
     logits = model(noisy)
     return logits.reshape(batch, k, -1)
 
