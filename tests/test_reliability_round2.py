@@ -244,10 +244,11 @@ def test_more_actors_than_the_cluster_has_are_refused_at_once(ray_cluster, small
     """Before: ``--actors 3`` on 2 CPUs waited forever without a word."""
     out = tmp_path / "out"
     began = time.monotonic()
-    args = certify_args(small_checkpoints["good"], cifar10_dir, out, tracking_uri="none")
+    args = certify_args(small_checkpoints["good"], cifar10_dir, out, tracking_uri="none", resource_wait_s=2)
     code = cli.main(["certify", *args, "--actors", "3"])
     err = capsys.readouterr().err
-    assert code == 2 and "num_actors=3: the Ray cluster has 2 CPUs in all" in err, err
+    assert code == 2 and "num_actors=3: the Ray cluster has 2 CPUs in all (waited 2 s)" in err, err
+    assert "waiting up to 2 s for 3 free CPU(s)" in err
     assert time.monotonic() - began < 60 and part_files(out) == []
 
 
@@ -267,10 +268,11 @@ def test_actors_held_by_another_job_are_waited_for_then_refused(ray_cluster, sma
     try:
         for actors in (None, 1):
             cfg = load_config(CertifyConfig, None, [f"checkpoint={small_checkpoints['good']}",
-                                                    f"num_actors={'null' if actors is None else actors}"])
+                                                    f"num_actors={'null' if actors is None else actors}",
+                                                    "resource_wait_s=1"])
             with pytest.raises(ValueError, match=rf"num_actors={actors}: only 0 of the cluster's 2 CPUs are "
                                                  r"free"):
-                _pool_size(cfg, use_gpu=False, wait_s=1.0)
+                _pool_size(cfg, use_gpu=False)
             assert "waiting up to 1 s for 1 free CPU(s) (0 of 2 free now)" in capsys.readouterr().err
     finally:
         for holder in holders:
@@ -519,6 +521,7 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluste
     """Before: a re-run started over (both trials again) and left the old parent and child runs RUNNING;
     ``--set run.tracking_uri`` was ignored (runs went to ./mlflow.db)."""
     import csv
+    import json
     import signal
 
     from mlflow.tracking import MlflowClient
@@ -550,6 +553,10 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluste
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
         first.wait()
+    killed_at = time.time()
+    reports = [json.loads(line) for p in tune_dir.rglob("result.json") for line in p.read_text().splitlines()
+               if "approx_acr" in line]
+    done_before = {r["trial_id"] for r in reports}
     client = MlflowClient(tracking_uri=uri)
     assert client.get_experiment_by_name("adre-tune") is not None  # the search's own store, not ./mlflow.db
 
@@ -559,6 +566,8 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluste
         rows = list(csv.DictReader(handle))
     assert sorted(float(r["loss.lam"]) for r in rows) == [0.0, 0.2]
     assert all(r["status"] == "COMPLETED" for r in rows), rows
+    for row in rows:  # the trial finished before the kill was kept, not trained again
+        assert (float(row["finished_at"]) < killed_at) == (row["trial_id"] in done_before), (row, done_before)
     runs = client.search_runs([client.get_experiment_by_name("adre-tune").experiment_id])
     parents = [r for r in runs if r.data.tags.get("adre_ray.job") == "tune"]
     children = [r for r in runs if r.data.tags.get("adre_ray.job") == "tune-trial"]

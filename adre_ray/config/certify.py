@@ -57,6 +57,7 @@ class CertifyConfig(JobConfig):
     images_in_flight  images sampled concurrently; None = enough to keep ~2 tasks queued per actor
     flush_images, flush_seconds   write a Parquet part every this many finished images or seconds
     actor_restarts    times Ray restarts a lost actor; its shards are re-run either way
+    resource_wait_s   seconds to wait for the actors' CPUs / GPUs before refusing num_actors
     output_dir        result folder (Parquet parts + run.json); a re-run with equal settings resumes
     experiment, tracking_uri   MLflow experiment and store ("none" disables tracking)
     pb_bound          T-CERTIFY's runner-up bound: sum (eq. 14) or max (never looser; paper mode: sum)
@@ -96,6 +97,9 @@ class CertifyConfig(JobConfig):
     flush_images: int = 10
     flush_seconds: float = 30.0
     actor_restarts: int = 3
+    resource_wait_s: float = config_field(
+        20.0, "seconds to wait for the CPUs / GPUs of num_actors actors (busy, or not yet added by an "
+              "autoscaler) before refusing them")
     output_dir: str = "results/certify"
     experiment: str = "certify"
     tracking_uri: str | None = None
@@ -164,6 +168,9 @@ class CertifyConfig(JobConfig):
         check(isinstance(self.flush_seconds, (int, float)) and not isinstance(self.flush_seconds, bool)
               and self.flush_seconds >= 0, "flush_seconds", self.flush_seconds, "must be a number >= 0")
         check_int_at_least("actor_restarts", self.actor_restarts, 0)
+        check(isinstance(self.resource_wait_s, (int, float)) and not isinstance(self.resource_wait_s, bool)
+              and math.isfinite(self.resource_wait_s) and self.resource_wait_s >= 0, "resource_wait_s",
+              self.resource_wait_s, "must be a finite number of seconds >= 0")
         check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir,
               "must name the result folder")
         check(isinstance(self.experiment, str) and self.experiment != "", "experiment", self.experiment,

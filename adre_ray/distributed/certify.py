@@ -340,40 +340,35 @@ def checkpoint_facts(checkpoint: str, num_classes: int) -> tuple[float | None, s
     return sigma, (str(run_id) if run_id else None)
 
 
-RESOURCE_WAIT_S = 20.0
-"""How long ``_pool_size`` waits for CPUs / GPUs that are in the cluster but held (by a pool just shut
-down, or by another job) before refusing; it prints what it waits for."""
-
-
-def _pool_size(cfg: CertifyConfig, use_gpu: bool, wait_s: float = RESOURCE_WAIT_S) -> int:
+def _pool_size(cfg: CertifyConfig, use_gpu: bool) -> int:
     """Actors the pool gets: ``num_actors``, or one per FREE GPU / CPU (``ray.available_resources``).
 
-    Each actor needs one CPU (or one GPU). More actors than the cluster has are refused at once; more
-    than are free now are waited for, with a message, at most ``wait_s`` seconds, then refused
-    (``ValueError`` naming ``num_actors`` and the counts): an actor that cannot be scheduled would make
-    the job wait forever without a word.
+    Each actor needs one CPU (or one GPU). When fewer are free than wanted (held by a pool just shut
+    down, by another job, or not yet added by an autoscaler), this waits at most ``resource_wait_s``
+    seconds, saying so on stderr, then refuses (``ValueError`` naming ``num_actors`` and the counts): an
+    actor that cannot be scheduled would make the job wait forever without a word.
     """
     key = "GPU" if use_gpu else "CPU"
-    total = int(ray.cluster_resources().get(key, 0))
     wanted = cfg.num_actors if cfg.num_actors is not None else 1
-    if wanted > total:
-        raise ValueError(f"num_actors={cfg.num_actors}: the Ray cluster has {total} {key}s in all and each "
-                         f"actor needs one; use num_actors <= {total}" if total else
-                         f"num_actors={cfg.num_actors}: the Ray cluster has no {key}")
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + cfg.resource_wait_s
     said = False
     while True:
+        total = int(ray.cluster_resources().get(key, 0))
         free = int(ray.available_resources().get(key, 0))
         if free >= wanted:
             return cfg.num_actors if cfg.num_actors is not None else free
         if time.monotonic() >= deadline:
+            if wanted > total:
+                raise ValueError(f"num_actors={cfg.num_actors}: the Ray cluster has {total} {key}s in all "
+                                 f"(waited {cfg.resource_wait_s:g} s) and each actor needs one; use "
+                                 f"num_actors <= {total}" + ("" if total else f", or a cluster with {key}s"))
             raise ValueError(f"num_actors={cfg.num_actors}: only {free} of the cluster's {total} {key}s are "
-                             f"free (other jobs or actors hold the rest; waited {wait_s:g} s); use "
-                             f"num_actors <= {free}" + ("" if free else " after they finish")
-                             + " or another cluster (--address)")
+                             f"free (other jobs or actors hold the rest; waited {cfg.resource_wait_s:g} s); "
+                             f"use num_actors <= {free}" + ("" if free else " after they finish")
+                             + ", a longer resource_wait_s, or another cluster (--address)")
         if not said:
-            print(f"adre-ray certify: waiting up to {wait_s:g} s for {wanted} free {key}(s) ({free} of "
-                  f"{total} free now)", file=sys.stderr, flush=True)
+            print(f"adre-ray certify: waiting up to {cfg.resource_wait_s:g} s for {wanted} free {key}(s) "
+                  f"({free} of {total} free now)", file=sys.stderr, flush=True)
             said = True
         time.sleep(0.5)
 
