@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from adre_ray.analysis.results import read_manifest, read_results
 from adre_ray.config.certify import CertifyConfig
-from adre_ray.distributed.certify import main, run_certification
+from adre_ray.distributed.certify import main, resolve_settings, run_certification
 from adre_ray.models import save_model_checkpoint
 from adre_ray.models.importers import import_checkpoint
 
@@ -44,9 +45,11 @@ def test_imported_checkpoint_certifies_and_records_both_sigmas(ray_cluster, cifa
         assert row["sigma"] == 0.5 and row["train_sigma"] == 0.25 and row["schema_version"] == 3
         assert row["checkpoint"] == str(dst.resolve())
         assert sum(row["counts"]) == 256 and sum(row["pilot_counts"]) == 32
-    # sigma left null: the recorded training sigma, no warning
-    default = run_certification(cfg_for(cifar10_dir, tmp_path / "out2", checkpoint=str(dst)))
-    assert {r["sigma"] for r in read_results(default.output_dir).to_pylist()} == {0.25}
+    # sigma left null: the recorded training sigma, and no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolved, _ = resolve_settings(cfg_for(cifar10_dir, tmp_path / "out2", checkpoint=str(dst)))
+    assert resolved.sigma == 0.25
 
 
 def test_model_fn_gives_the_rows_of_the_same_model_as_a_checkpoint(ray_cluster, cifar10_dir, tmp_path):
