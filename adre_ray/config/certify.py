@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from adre_ray.config.base import (
     DATASETS,
     DEFAULT_GRID,
+    MAX_SIGMA,
     TCERTIFY_MODES,
     JobConfig,
     check,
@@ -87,8 +88,8 @@ class CertifyConfig(JobConfig):
         check_choice("split", self.split, SPLITS)
         if self.sigma is not None:
             check(isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
-                  and math.isfinite(self.sigma) and self.sigma > 0, "sigma", self.sigma,
-                  "must be a finite number > 0 (or null to take it from the checkpoint)")
+                  and math.isfinite(self.sigma) and 0 < self.sigma <= MAX_SIGMA, "sigma", self.sigma,
+                  f"must be a finite number in (0, {MAX_SIGMA:g}] (or null to take it from the checkpoint)")
         check_int_at_least("n0", self.n0, 1)
         check_int_at_least("n", self.n, 1)
         check_open_unit("alpha", self.alpha)
@@ -112,7 +113,8 @@ class CertifyConfig(JobConfig):
             check_int_at_least("images_in_flight", self.images_in_flight, 1)
         check_int_at_least("flush_images", self.flush_images, 1)
         check(isinstance(self.flush_seconds, (int, float)) and not isinstance(self.flush_seconds, bool)
-              and self.flush_seconds >= 0, "flush_seconds", self.flush_seconds, "must be a number >= 0")
+              and math.isfinite(self.flush_seconds) and self.flush_seconds >= 0, "flush_seconds",
+              self.flush_seconds, "must be a finite number >= 0")
         check_int_at_least("actor_restarts", self.actor_restarts, 0)
         check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir,
               "must name the result folder")

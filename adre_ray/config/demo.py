@@ -13,6 +13,7 @@ from adre_ray.config.base import (
     check_nonnegative,
     check_open_unit,
     check_positive,
+    check_sigma,
 )
 
 
@@ -55,7 +56,7 @@ class DemoConfig(JobConfig):
             check_int_at_least(name, getattr(self, name), 1)
         check_int_at_least("seed", self.seed, 0)
         check_positive("lr", self.lr)
-        check_positive("sigma", self.sigma)
+        check_sigma("sigma", self.sigma)
         check_nonnegative("lam", self.lam)
         check_open_unit("alpha", self.alpha)
         check_choice("tcertify_mode", self.tcertify_mode, TCERTIFY_MODES)

@@ -21,6 +21,7 @@ from adre_ray.config.base import (
     check_int_at_least,
     check_nonnegative,
     check_positive,
+    check_sigma,
 )
 from adre_ray.config.tune import ValidationSection
 
@@ -229,7 +230,7 @@ class TrainConfig(JobConfig):
     def _validate_loss(self) -> None:
         loss = self.loss
         check_choice("loss.name", loss.name, LOSSES)
-        check_positive("loss.sigma", loss.sigma)
+        check_sigma("loss.sigma", loss.sigma)
         check_int_at_least("loss.k", loss.k, 1)
         check_nonnegative("loss.lam", loss.lam)
         check_choice("loss.per_loss", loss.per_loss, PER_LOSSES)

@@ -37,6 +37,7 @@ from adre_ray.config.base import (
     check_int_at_least,
     check_open_unit,
     check_positive,
+    parse_number,
 )
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -177,6 +178,10 @@ def parse_distribution(key: str, spec: Any) -> Distribution:
         raise ValueError(f"{name}={dict(spec)!r}: needs exactly one of {', '.join(DISTRIBUTIONS)}, "
                          f"got {len(kinds)}")
     kind, args = kinds[0], spec[kinds[0]]
+    if isinstance(args, (list, tuple)) and (kind not in ("grid", "choice") or spec.get(SCALE_BY)):
+        # numbers as typed: YAML 1.1 reads 1e-5 as text; randint needs integers, the rest any number
+        args = [parse_number(str(v), int) if kind == "randint" and isinstance(v, (str, float))
+                else parse_number(v, float) if isinstance(v, str) else v for v in args]
     scale_by = spec.get(SCALE_BY)
     if scale_by is not None:
         check(isinstance(scale_by, str) and scale_by != "" and scale_by != key, f"{name}.{SCALE_BY}",

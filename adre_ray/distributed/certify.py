@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -39,6 +38,7 @@ from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
 from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import CertifyConfig
+from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
 from adre_ray.data import build_dataset, dataset_info, load_images
 from adre_ray.distributed._common import connect_ray
 from adre_ray.distributed.actors import CertifyActor
@@ -515,51 +515,31 @@ def format_summary(summary: dict[str, float], out_dir: Path) -> str:
 
 # -------------------------------------------------------------------------------------------------- CLI
 
-_FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--checkpoint", "checkpoint", str), ("--dataset", "dataset", str), ("--data-dir", "data_dir", str),
-    ("--sigma", "sigma", float), ("--n0", "n0", int), ("--n", "n", int), ("--alpha", "alpha", float),
-    ("--skip", "skip", int), ("--start", "start", int), ("--max-images", "max_images", int),
-    ("--mode", "tcertify_mode", str), ("--grid", "grid", str), ("--actors", "num_actors", int),
-    ("--batch-size", "batch_size", int), ("--shard-size", "shard_size", int), ("--seed", "seed", int),
-    ("--output-dir", "output_dir", str), ("--experiment", "experiment", str),
-    ("--tracking-uri", "tracking_uri", str),
-)
+FLAG_NAMES: dict[str, str | tuple[str, ...]] = {"tcertify_mode": "--mode", "num_actors": "--actors"}
+"""Flags whose name is not the field's kebab-case name (that name works too). Every other top-level
+``CertifyConfig`` field gets ``--field-name`` automatically (``config.flags.add_field_flags``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="adre-ray certify",
-        description="PREDICT / CERTIFY / T-CERTIFY of a checkpoint on Ray actors (results as Parquet).")
-    parser.add_argument("--config", help="YAML file with CertifyConfig fields")
+        description="PREDICT / CERTIFY / T-CERTIFY of a checkpoint on Ray actors (results as Parquet). "
+                    "Settings come from --config, then --set, then the field flags (the last word wins).")
+    parser.add_argument("--config", help="YAML file with CertifyConfig fields (default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (YAML value), repeatable")
-    for flag, dest, kind in _FLAGS:
-        parser.add_argument(flag, dest=dest, type=kind, default=None,
-                            help=f"config field {dest}" + (" (comma-separated)" if dest == "grid" else ""))
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help="override a config field (YAML value), repeatable (default: none)")
+    add_field_flags(parser, CertifyConfig, FLAG_NAMES)
     return parser
 
 
 def config_from_args(argv: Sequence[str]) -> CertifyConfig:
-    """YAML file, then ``--set`` overrides, then the convenience flags (the last word wins).
+    """YAML file, then ``--set`` overrides, then the field flags (the last word wins).
 
-    Flag values are passed on as JSON (valid YAML), so a path is never re-interpreted as YAML.
+    Flag values are text parsed by the field's type (``1e-5``, ``100_000``, ``null``, ``0.5,1.0``), never
+    as YAML, so a path is never re-interpreted.
     """
     args = build_parser().parse_args(list(argv))
-    overrides = list(args.set)
-    for _flag, dest, _kind in _FLAGS:
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        if dest == "grid":
-            try:
-                value = [float(v) for v in str(value).strip("[]() ").split(",") if v.strip()]
-            except ValueError:
-                raise ValueError(f"grid={getattr(args, dest)!r}: expected comma-separated numbers") from None
-        overrides.append(f"{dest}={json.dumps(value)}")
-    if args.no_progress:
-        overrides.append("progress=false")
-    return load_config(CertifyConfig, args.config, overrides)
+    return load_config(CertifyConfig, args.config, list(args.set), values=flag_values(args, CertifyConfig))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
