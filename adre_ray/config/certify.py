@@ -22,6 +22,7 @@ from adre_ray.config.base import (
     check_grid,
     check_int_at_least,
     check_open_unit,
+    config_field,
 )
 
 SPLITS = ("train", "test")
@@ -31,53 +32,45 @@ SPLITS = ("train", "test")
 class CertifyConfig(JobConfig):
     """PREDICT / CERTIFY / T-CERTIFY of one checkpoint over a strided subset of a split.
 
-    checkpoint        model checkpoint file or folder (``save_model_checkpoint`` format)
-    dataset, data_dir, split   images to certify (``adre_ray.data.load_images``)
-    sigma             noise std; None -> the checkpoint's training sigma (error if it has none)
-    n0, n, alpha      pilot draws, estimation draws, failure probability of each certificate
-    start, skip, max_images    images start, start + skip, ... (at most max_images; None = to the end)
-    tcertify_mode, grid        T-CERTIFY's choice of the alpha split t (see adre_ray.smoothing.certify)
-    num_actors        certification actors; None = one per GPU (use_gpu) or one per CPU of the cluster
-    use_gpu           None = use GPUs when the cluster has any
-    batch_size        noisy images per forward pass (rounded to whole noise blocks of 32)
-    shard_size        draws per task; n and n0 are cut into shards of this size (a shard's noise is
-                      seeded by (seed, idx, stream, shard), so results do not depend on the actor count)
-    amp, channels_last  bf16 autocast / channels_last on GPU actors (ignored on CPU)
-    images_in_flight  images sampled concurrently; None = enough to keep ~2 tasks queued per actor
-    flush_images, flush_seconds   write a Parquet part every this many finished images or seconds
-    actor_restarts    times Ray restarts a lost actor; its shards are re-run either way
-    output_dir        result folder (Parquet parts + run.json); a re-run with equal settings resumes
-    experiment, tracking_uri   MLflow experiment and store ("none" disables tracking)
+    A shard's noise is seeded by (seed, idx, stream, shard), so results do not depend on the actor count.
+    Each field's meaning is its ``config_field`` text (shown by ``adre-ray certify --help``).
     """
 
-    checkpoint: str = ""
-    dataset: str = "cifar10"
-    data_dir: str = "data/cifar10"
-    split: str = "test"
-    sigma: float | None = None
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    start: int = 0
-    skip: int = 20
-    max_images: int | None = None
-    tcertify_mode: str = "pilot"
-    grid: tuple[float, ...] = DEFAULT_GRID
-    num_actors: int | None = None
-    use_gpu: bool | None = None
-    batch_size: int = 1000
-    shard_size: int = 10_000
-    seed: int = 0
-    amp: bool = True
-    channels_last: bool = True
-    images_in_flight: int | None = None
-    flush_images: int = 10
-    flush_seconds: float = 30.0
-    actor_restarts: int = 3
-    output_dir: str = "results/certify"
-    experiment: str = "certify"
-    tracking_uri: str | None = None
-    progress: bool = True
+    checkpoint: str = config_field("", "model checkpoint file or folder; a local path or an s3:// gs:// "
+                                       "file:// URI")
+    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet")
+    data_dir: str = config_field("data/cifar10", "dataset folder (adre_ray.data.load_images)")
+    split: str = config_field("test", "split to certify: train | test")
+    sigma: float | None = config_field(None, "noise std; null = the checkpoint's training sigma")
+    n0: int = config_field(100, "pilot draws per image (choose the class cA)")
+    n: int = config_field(100_000, "estimation draws per image (the bound)")
+    alpha: float = config_field(0.001, "failure probability of each certificate, in (0, 1)")
+    start: int = config_field(0, "first image index")
+    skip: int = config_field(20, "certify images start, start + skip, ...")
+    max_images: int | None = config_field(None, "at most this many images; null = to the end of the split")
+    tcertify_mode: str = config_field("pilot", "T-CERTIFY's choice of the alpha split t: pilot | bonferroni "
+                                               "| paper")
+    grid: tuple[float, ...] = config_field(DEFAULT_GRID, "T-CERTIFY's grid of t values in (0, 1], "
+                                                         "comma-separated")
+    num_actors: int | None = config_field(None, "certification actors; null = one per GPU (use_gpu) or per "
+                                                "CPU of the cluster")
+    use_gpu: bool | None = config_field(None, "run actors on GPUs; null = when the cluster has any")
+    batch_size: int = config_field(1000, "noisy images per forward pass (whole noise blocks of 32)")
+    shard_size: int = config_field(10_000, "draws per task: n0 and n are cut into shards of this size")
+    seed: int = config_field(0, "noise seed")
+    amp: bool = config_field(True, "bf16 autocast on GPU actors (ignored on CPU)")
+    channels_last: bool = config_field(True, "channels_last memory format on GPU actors (ignored on CPU)")
+    images_in_flight: int | None = config_field(None, "images sampled concurrently; null = enough to keep ~2 "
+                                                      "tasks queued per actor")
+    flush_images: int = config_field(10, "write a Parquet part every this many finished images")
+    flush_seconds: float = config_field(30.0, "... or every this many seconds")
+    actor_restarts: int = config_field(3, "times a lost actor is replaced; its shards are re-run either way")
+    output_dir: str = config_field("results/certify", "result folder (Parquet parts + run.json), local or "
+                                                      "s3:// gs:// file://; a re-run with equal settings "
+                                                      "resumes")
+    experiment: str = config_field("certify", "MLflow experiment")
+    tracking_uri: str | None = config_field(None, "MLflow store; null = $MLFLOW_TRACKING_URI; none = off")
+    progress: bool = config_field(True, "progress bar")
 
     def validate(self) -> None:
         check(isinstance(self.checkpoint, str) and self.checkpoint != "", "checkpoint", self.checkpoint,

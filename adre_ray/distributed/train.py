@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from adre_ray.config import load_config
+from adre_ray.config.flags import SuggestingParser, config_reference
 from adre_ray.config.train import TrainConfig
 from adre_ray.distributed._common import connect_ray, is_local_storage, resolve_storage_path, train_v2_enabled
 from adre_ray.tracking import (
@@ -623,13 +624,16 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adre-ray train",
+    parser = SuggestingParser(
+        prog="adre-ray train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a base classifier (Gaussian, ADRE_REG, SmoothAdv, ADRE_ADV) as DDP under "
-                    "Ray Train, tracked in MLflow.")
-    parser.add_argument("--config", help="YAML file with TrainConfig fields (see jobs/configs/train_*.yaml)")
+                    "Ray Train, tracked in MLflow.",
+        epilog="config keys (YAML file or --set KEY=VALUE):\n" + config_reference(TrainConfig))
+    parser.add_argument("--config", help="YAML file with TrainConfig fields (see jobs/configs/train_*.yaml; "
+                                         "default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field with a YAML value, e.g. loss.lam=0.2 (repeatable)")
+                        help="override a config field with a YAML value, e.g. loss.lam=0.2 (repeatable; "
+                             "default: none)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address, or 'local' for a new private local cluster (default: "
                              "$RAY_ADDRESS, else a running local cluster, else a new local one)")
