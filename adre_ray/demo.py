@@ -143,7 +143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adre-ray demo: error: {err}", file=sys.stderr)
         return 2
     out = result.output_dir
-    print("\n" + result.table_markdown)
     print(f"[demo] done in {result.timings_s['total']:.0f} s: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings_s.items() if k != "total"))
     print(f"[demo] table: {out / 'analysis' / 'table.md'} (and table.csv)")

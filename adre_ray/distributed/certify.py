@@ -34,6 +34,7 @@ import ray
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
+from adre_ray import storage
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
 from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
 from adre_ray.config.base import load_config
@@ -42,7 +43,7 @@ from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
 from adre_ray.data import build_dataset, dataset_info, load_images
 from adre_ray.distributed._common import connect_ray
 from adre_ray.distributed.actors import CertifyActor
-from adre_ray.models.checkpoint import read_checkpoint
+from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 from adre_ray.smoothing import (
     MAIN_STREAM,
     PILOT_STREAM,
@@ -73,7 +74,7 @@ class ShardTask:
 class CertifyResult:
     """What ``run_certification`` returns: the result folder, the summary of its selected images, the run."""
 
-    output_dir: Path
+    output_dir: Path | str
     summary: dict[str, float]
     mlflow_run_id: str | None
     images_certified: int = 0
@@ -90,7 +91,7 @@ class CertifyHooks:
     """
 
     on_shard_done: Callable[[CertifyPool, ShardTask], None] | None = None
-    on_part_written: Callable[[Path], None] | None = None
+    on_part_written: Callable[[Path | str], None] | None = None
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -170,11 +171,13 @@ class CertifyPool:
                  channels_last: bool = True, max_replacements: int = 3) -> None:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"num_actors={num_actors!r}: must be an integer >= 1")
-        self.checkpoint = str(Path(checkpoint).expanduser().resolve())
+        self.checkpoint = storage.identity(checkpoint)
         self.num_classes = num_classes
         self.use_gpu = use_gpu
         self.actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0,
                                               "max_restarts": 0}
+        if storage.is_remote(self.checkpoint) and storage.storage_env():  # actors read it from the store
+            self.actor_options["runtime_env"] = {"env_vars": storage.storage_env()}
         self.actor_kwargs: dict[str, Any] = {
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
             "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
@@ -320,11 +323,44 @@ def resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None]:
 def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
     """The settings that determine the rows (``MANIFEST_FIELDS``), plus the dataset location."""
     return {
-        "checkpoint": str(Path(cfg.checkpoint).expanduser().resolve()), "dataset": cfg.dataset,
+        "checkpoint": storage.identity(cfg.checkpoint), "dataset": cfg.dataset,
         "split": cfg.split, "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
         "data_dir": cfg.data_dir,
     }
+
+
+GENERIC_CHECKPOINT_STEMS = ("model", "checkpoint", "best", "last", "final")
+
+
+def checkpoint_label(checkpoint: str) -> str:
+    """A short name telling checkpoints apart: the run folder plus the checkpoint folder for Ray Train
+    checkpoints (``my_run/checkpoint_epoch_000149/model.pt`` -> ``my_run-checkpoint_epoch_000149``), the
+    file's stem for a named file (``basic_sigma025.pt`` -> ``basic_sigma025``), the folder and stem for a
+    generic one (``runs/a/model.pt`` -> ``a-model``). Local paths and URIs alike."""
+    parts = [p for p in str(checkpoint).split("?", 1)[0].replace("\\", "/").split("/") if p]
+    if parts and parts[-1] == CHECKPOINT_FILENAME:
+        parts = parts[:-1]
+    if not parts:
+        return "checkpoint"
+    last = parts[-1]
+    stem = last.rsplit(".", 1)[0] if "." in last else last
+    if (stem.startswith("checkpoint_") or stem in GENERIC_CHECKPOINT_STEMS) and len(parts) > 1 \
+            and not parts[-2].endswith(":"):
+        return f"{parts[-2]}-{stem}"
+    return stem
+
+
+def certify_run_name(checkpoint: str, sigma: float, when: float | None = None) -> str:
+    """MLflow run name ``certify-<checkpoint label>-sigma<sigma>-<YYYYmmdd-HHMMSS>`` (UTC)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
+    return f"certify-{checkpoint_label(checkpoint)}-sigma{sigma:g}-{stamp}"
+
+
+def output_location(output_dir: str) -> Path | str:
+    """The result folder: a local ``Path``, or the URI itself for object storage (``s3://``, ``gs://``)
+    and ``file://`` (``adre_ray.storage``)."""
+    return output_dir if storage.is_uri(output_dir) else Path(output_dir).expanduser()
 
 
 def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
@@ -340,7 +376,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     hooks = hooks or CertifyHooks()
     cfg, train_run_id = resolve_settings(cfg)
     assert cfg.sigma is not None
-    out_dir = Path(cfg.output_dir).expanduser()
+    out_dir = output_location(cfg.output_dir)
     num_classes = dataset_info(cfg.dataset).num_classes
     split_size = len(build_dataset(cfg.dataset, cfg.data_dir, cfg.split, augment=False))  # type: ignore[arg-type]
     selected = select_indices(cfg, split_size)
@@ -351,7 +387,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     todo = [i for i in selected if i not in done_before]
 
     tags = {"job": "certify", **({"train_run_id": train_run_id} if train_run_id else {})}
-    run_name = f"certify-{Path(cfg.checkpoint).stem}-sigma{cfg.sigma:g}"
+    run_name = certify_run_name(cfg.checkpoint, cfg.sigma)
     with mlflow_run(cfg.experiment, run_name=run_name, tracking_uri=cfg.tracking_uri, tags=tags) as run:
         run_id = run.info.run_id or None
         if run_id:
@@ -367,15 +403,16 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
         summary["images_certified_this_run"] = float(progress.done)
         if run_id:
             log_metrics(mlflow_metrics(summary), step=len(table), tracking_uri=cfg.tracking_uri)
-            set_tags({"output_dir": str(out_dir.resolve())}, tracking_uri=cfg.tracking_uri)
-            log_artifact(out_dir, "results", tracking_uri=cfg.tracking_uri)
+            set_tags({"output_dir": storage.identity(out_dir)}, tracking_uri=cfg.tracking_uri)
+            if isinstance(out_dir, Path):  # object storage stays where it is; the tag points to it
+                log_artifact(out_dir, "results", tracking_uri=cfg.tracking_uri)
     print(format_summary(summary, out_dir))
     return CertifyResult(output_dir=out_dir, summary=summary, mlflow_run_id=run_id,
                          images_certified=progress.done, samples_per_s=summary["samples_per_s"])
 
 
 def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train_run_id: str | None,
-                    out_dir: Path, hooks: CertifyHooks, run_id: str | None,
+                    out_dir: Path | str, hooks: CertifyHooks, run_id: str | None,
                     given_pool: CertifyPool | None) -> _Progress:
     """The scheduling loop (steps 2-5 of the module docstring). Finished rows are written even when the
     loop stops on an exception (a hook's, a KeyboardInterrupt), so a re-run only redoes unfinished images."""
@@ -383,7 +420,7 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
     if not todo:
         return progress
     _ensure_ray()
-    checkpoint_id = str(Path(cfg.checkpoint).expanduser().resolve())
+    checkpoint_id = storage.identity(cfg.checkpoint)
     if given_pool is None:
         pool = make_pool(cfg)
     else:
@@ -500,7 +537,7 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
     return progress
 
 
-def format_summary(summary: dict[str, float], out_dir: Path) -> str:
+def format_summary(summary: dict[str, float], out_dir: Path | str) -> str:
     """A short text table: certified accuracy per radius for CERTIFY and T-CERTIFY, ACR, abstain rates."""
     radii = [r for r in DEFAULT_RADII]
     head = "radius      " + " ".join(f"{r:>5.2f}" for r in radii) + "    ACR  abstain"

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adre_ray import storage
 from adre_ray.config import load_config
 from adre_ray.config.flags import SuggestingParser, config_reference
 from adre_ray.config.train import TrainConfig
@@ -463,8 +464,7 @@ def latest_checkpoint(run_path: str) -> Any | None:
     from ray.train import Checkpoint
 
     try:
-        fs, root = pafs.FileSystem.from_uri(run_path) if "://" in run_path else (pafs.LocalFileSystem(),
-                                                                                   run_path)
+        fs, root = storage.resolve(run_path) if "://" in run_path else (pafs.LocalFileSystem(), run_path)
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except (OSError, ValueError):
         return None
@@ -507,6 +507,9 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                           resources_per_worker=resources)
     fault_env = fault_worker_env(f"{run_kwargs['storage_path'].rstrip('/')}/{name}")
+    if storage.is_remote(run_kwargs["storage_path"]):  # honours $AWS_ENDPOINT_URL(_S3) like certify does
+        filesystem, inner = storage.resolve(run_kwargs["storage_path"])
+        run_kwargs.update(storage_filesystem=filesystem, storage_path=inner)
     if fault_env:
         run_kwargs["worker_runtime_env"] = {"env_vars": fault_env}
     if train_v2_enabled():  # Ray Train's own INFO lines (one per report and rank) only when verbose
