@@ -6,7 +6,9 @@ and ``adre-ray X ...`` run the same thing. Modules are imported lazily so ``--he
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.metadata
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,8 +22,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    """The installed package's version (its metadata), else "unknown" (a source tree on PYTHONPATH)."""
+    try:
+        return importlib.metadata.version("adre-ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def usage() -> str:
-    lines = ["usage: adre-ray COMMAND [options]   (adre-ray COMMAND --help for a command's options)", ""]
+    lines = ["usage: adre-ray [--version] COMMAND [options]   (adre-ray COMMAND --help for a command's "
+             "options)", ""]
     lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -31,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"adre-ray {version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"adre-ray: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"adre-ray: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)

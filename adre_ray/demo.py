@@ -19,6 +19,7 @@ from pathlib import Path
 from adre_ray.config import load_config
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.config.demo import DemoConfig
+from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
 from adre_ray.config.train import TrainConfig
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -121,28 +122,27 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="adre-ray demo",
         description="Train ADRE_REG and Basic on CIFAR-10, certify both (CERTIFY and T-CERTIFY), write the "
                     "table and plots, track everything in a local MLflow store. About 5-10 min on 2 cores.")
-    parser.add_argument("--config", help="YAML with DemoConfig fields (optional)")
+    parser.add_argument("--config", help="YAML with DemoConfig fields (default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a DemoConfig field, e.g. n=10000 or output_dir=my_demo (repeatable)")
-    parser.add_argument("--output-dir", help="shortcut for --set output_dir=DIR")
+                        help="override a DemoConfig field, e.g. n=10000 or output_dir=my_demo (repeatable; "
+                             "default: none)")
+    add_field_flags(parser, DemoConfig)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
-        cfg = load_config(DemoConfig, args.config, overrides)
+        cfg = load_config(DemoConfig, args.config, list(args.set), values=flag_values(args, DemoConfig))
         result = run_demo(cfg)
     except ValueError as err:
         print(f"adre-ray demo: error: {err}", file=sys.stderr)
         return 2
     out = result.output_dir
-    print("\n" + result.table_markdown)
     print(f"[demo] done in {result.timings_s['total']:.0f} s: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings_s.items() if k != "total"))
     print(f"[demo] table: {out / 'analysis' / 'table.md'} (and table.csv)")

@@ -39,6 +39,7 @@ def test_tiny_demo_writes_table_plots_and_mlflow_runs(ray_cluster, cifar10_dir, 
                 "certify_vs_tcertify_Basic.png"):
         assert (analysis / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mlflow ui --backend-store-uri sqlite:///" in printed
+    assert printed.count("| ADRE_REG | CERTIFY |") == 1  # the table is printed once
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("adre-demo")
     runs = client.search_runs([experiment.experiment_id])

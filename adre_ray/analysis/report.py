@@ -31,6 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from adre_ray import storage
 from adre_ray.analysis.metrics import METHODS, check_radii, methods_present, mlflow_metrics, summarize
 from adre_ray.analysis.plots import plot_certified_accuracy, plot_certify_vs_tcertify
 from adre_ray.analysis.published_logs import is_certify_log, read_certify_log
@@ -42,6 +43,7 @@ from adre_ray.analysis.tables import (
     to_csv,
     to_markdown,
 )
+from adre_ray.config.flags import SuggestingParser
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -89,8 +91,15 @@ def parse_run_spec(spec: str) -> tuple[str, str] | None:
 
 def read_result_path(path: str | Path, spec: str | None = None) -> pa.Table:
     """Every result row under ``path``: a Parquet file, a folder of parts, or a folder holding such
-    folders or files (an MLflow download). ``ValueError`` naming ``spec`` (or the path) when nothing is
-    there or no rows are found."""
+    folders or files (an MLflow download), local or at a URI pyarrow opens (``s3://``, ``gs://``,
+    ``file://``: a Parquet file or a folder of parts). ``ValueError`` naming ``spec`` (or the path) when
+    nothing is there or no rows are found."""
+    if storage.is_uri(path):
+        table = read_results(str(path))
+        if table.num_rows == 0:
+            raise ValueError(f"result={spec or str(path)!r}: no result rows found "
+                             "(expected the Parquet parts of a certification run)")
+        return table
     path = Path(path)
     name = spec if spec is not None else str(path)
     if not path.exists():
@@ -190,7 +199,8 @@ def load_result(spec: str, *, tracking_uri: str, download_dir: Path) -> LoadedRe
         if is_certify_log(path):
             return LoadedResult(spec, read_certify_log(path), path.stem or path.name, kind="certify_log")
         label = path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
-        return LoadedResult(spec, read_result_path(path, spec), label or str(path))
+        source = spec if storage.is_uri(spec) else path
+        return LoadedResult(spec, read_result_path(source, spec), label or str(path))
     run_id, artifact_path = parsed
     dst = download_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
     dst.mkdir(parents=True, exist_ok=True)
@@ -243,30 +253,33 @@ def metric_safe(label: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="adre-ray analyze",
         description="Certified-accuracy tables (Table 1) and plots (Figures 1-2) from certification results.")
     parser.add_argument("results", nargs="+", metavar="RESULT",
-                        help="Parquet file or folder, a published certification log (idx label predict "
-                             "radius correct time), or mlflow:<run_id> / runs:/<run_id>[/<artifact path>]")
+                        help="Parquet file or folder (local, s3://, gs://, file://), a published "
+                             "certification log (idx label predict radius correct time), or "
+                             "mlflow:<run_id> / runs:/<run_id>[/<artifact path>]")
     parser.add_argument("--label", action="append", default=None, metavar="NAME",
-                        help="name of each RESULT in tables and plots (give once per RESULT, in order)")
+                        help="name of each RESULT in tables and plots (give once per RESULT, in order; "
+                             "default: the folder or run name)")
     parser.add_argument("--sigma", action="append", type=float, default=None, metavar="S",
                         help="noise level of the published logs, for the table's sigma column: once for "
                              "all RESULTs or once per RESULT in order (a Parquet RESULT's must equal its "
-                             "recorded sigma)")
-    parser.add_argument("--output-dir", required=True, type=Path, help="folder for every output (created)")
+                             "recorded sigma; default: none)")
+    parser.add_argument("--output-dir", required=True, type=Path,
+                        help="folder for every output (created; required)")
     parser.add_argument("--radii", nargs="+", type=float, default=list(TABLE_RADII), metavar="R",
-                        help="table columns (default 0 0.25 ... 3.0)")
+                        help="table columns (default: 0 0.25 ... 3.0)")
     parser.add_argument("--plot-method", choices=METHOD_CHOICES, default="certify",
-                        help="certification method(s) in certified_accuracy.png (default certify)")
+                        help="certification method(s) in certified_accuracy.png (default: certify)")
     parser.add_argument("--log-mlflow", action=argparse.BooleanOptionalAction, default=None,
                         help="log outputs to MLflow (default: on when a tracking URI is given or set in "
                              "MLFLOW_TRACKING_URI, or a RESULT is an MLflow run)")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
-                        help=f"MLflow experiment of the analysis run (default {DEFAULT_EXPERIMENT})")
+                        help=f"MLflow experiment of the analysis run (default: {DEFAULT_EXPERIMENT})")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     return parser
 
 

@@ -7,9 +7,13 @@ Layout of an output folder::
 
 Guarantees:
 
-- ``write_part`` is atomic: the part is written to a hidden temporary file in ``out_dir``, flushed to
-  disk and moved into place with ``os.replace``. A reader sees a whole part or none of it, and a run
-  killed mid-write leaves at most a ``.tmp`` file that readers ignore.
+- ``write_part`` is atomic: in a local folder the part is written to a hidden temporary file in
+  ``out_dir``, flushed to disk and moved into place with ``os.replace``; on object storage (``s3://``,
+  ``gs://``; ``out_dir`` may be any URI pyarrow opens, see ``adre_ray.storage``) the finished bytes are
+  sent in one PUT under the part's unique final name, and an object PUT is atomic. A reader sees a whole
+  part or none of it, and a run killed mid-write leaves at most a ``.tmp`` file that readers ignore.
+  Resume lists the folder's parts (a prefix listing on object storage, which is strongly consistent on
+  S3 and GCS), so every part written before a crash is found.
 - ``read_results`` never silently drops data: a part that cannot be read raises ``ValueError`` naming
   the file (``strict=False`` skips it with a ``RuntimeWarning`` instead). Files written by older
   versions of this schema are read: missing columns become nulls, or are derived where the stored
@@ -32,7 +36,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from adre_ray import storage
 
 SCHEMA_VERSION = 3
 """Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts;
@@ -102,13 +109,13 @@ shortcut "none" (a row made without shortcuts), train_sigma and noise_scheme nul
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table) -> Path:
+def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table) -> Path | str:
     """Atomically write ``rows`` (dicts with every ``RESULT_SCHEMA`` column) as one new Parquet part.
 
     The file is ``out_dir/part-<first idx, 9 digits>-<uuid>.parquet``; it appears complete or not at all.
+    Returns its path (a ``Path`` in a local folder, the URI on object storage).
     Raises ``ValueError`` for no rows, a missing or unknown column, or a null ``idx``.
     """
-    out_dir = Path(out_dir)
     table = rows if isinstance(rows, pa.Table) else _rows_to_table(rows)
     if table.num_rows == 0:
         raise ValueError("rows=[]: a part must hold at least one row")
@@ -119,9 +126,16 @@ def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table
     if table.column("idx").null_count:
         raise ValueError("rows: idx must not be null")
     first = int(pc.min(table.column("idx")).as_py())
-    out_dir.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
-    final = out_dir / f"{PART_PREFIX}{first:09d}-{token}{PART_SUFFIX}"
+    name = f"{PART_PREFIX}{first:09d}-{token}{PART_SUFFIX}"
+    if storage.is_uri(out_dir):
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)  # complete in memory before anything is sent
+        storage.write_bytes_atomic(storage.join(out_dir, name), buffer.getvalue().to_pybytes())
+        return storage.join(out_dir, name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / name
     tmp = out_dir / f".{final.name}{TMP_SUFFIX}"
     try:
         with open(tmp, "wb") as handle:
@@ -187,8 +201,12 @@ def _fsync_dir(path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def part_files(out_dir: str | Path) -> list[Path]:
-    """The finished parts in ``out_dir`` (temporary files and the manifest excluded), sorted by name."""
+def part_files(out_dir: str | Path) -> list[Path] | list[str]:
+    """The finished parts in ``out_dir`` (temporary files and the manifest excluded), sorted by name
+    (URIs when ``out_dir`` is one)."""
+    if storage.is_uri(out_dir):
+        return [storage.join(out_dir, name) for name in storage.list_files(out_dir)
+                if name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX)]
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
@@ -196,7 +214,14 @@ def part_files(out_dir: str | Path) -> list[Path]:
                   if p.is_file() and p.name.startswith(PART_PREFIX) and p.name.endswith(PART_SUFFIX))
 
 
-def _result_files(path: str | Path) -> list[Path]:
+def _result_files(path: str | Path) -> list[Path] | list[str]:
+    if storage.is_uri(path):
+        kind = storage.file_type(path)
+        if kind == pafs.FileType.File:
+            return [str(path)]
+        if kind == pafs.FileType.Directory:
+            return part_files(path)
+        raise ValueError(f"path={str(path)!r}: no such file or directory")
     path = Path(path)
     if path.is_file():
         return [path]
@@ -205,12 +230,13 @@ def _result_files(path: str | Path) -> list[Path]:
     raise ValueError(f"path={str(path)!r}: no such file or directory")
 
 
-def _read_file(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+def _read_file(path: Path | str, columns: Sequence[str] | None = None) -> pa.Table:
     try:
+        fs, inner = storage.resolve(path)
         if columns is not None:
-            available = pq.read_schema(path).names
+            available = pq.read_schema(inner, filesystem=fs).names
             columns = [c for c in columns if c in available]
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(inner, columns=columns, filesystem=fs)
     except (OSError, pa.ArrowException) as err:
         raise ValueError(f"result part {str(path)!r} is corrupt or unreadable: {err}") from err
 
@@ -226,7 +252,7 @@ def read_results(path: str | Path, *, strict: bool = True) -> pa.Table:
     An empty folder gives an empty table.
     """
     tables: list[pa.Table] = []
-    sources: list[Path] = []
+    sources: list[Path | str] = []
     for file in _result_files(path):
         try:
             table = _read_file(file)
@@ -396,11 +422,11 @@ def _same(a: Any, b: Any) -> bool:
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
     """``out_dir/run.json`` as a dict, or None when absent. ``ValueError`` naming the file if unreadable."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
+    path = storage.join(out_dir, MANIFEST_NAME)
     try:
-        data = json.loads(path.read_text())
+        if storage.file_type(path) != pafs.FileType.File:
+            return None
+        data = json.loads(storage.read_bytes(path))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"manifest {str(path)!r} is corrupt or unreadable: {err}") from err
     if not isinstance(data, dict):
@@ -418,7 +444,6 @@ def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     ``output_dir='out': sigma=0.5 differs from the run already there (sigma=0.25); use a new output_dir``.
     Parts without a manifest are refused too: their settings are unknown.
     """
-    out_dir = Path(out_dir)
     missing = [k for k in MANIFEST_FIELDS if k not in settings and k not in MANIFEST_DEFAULTS]
     if missing:
         raise ValueError(f"settings: missing manifest field(s) {', '.join(missing)}")
@@ -436,15 +461,9 @@ def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     if part_files(out_dir):
         raise ValueError(f"output_dir={str(out_dir)!r}: holds result parts but no {MANIFEST_NAME}, so their "
                          "settings are unknown; use a new output_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
     record = {**wanted, "schema_version": SCHEMA_VERSION}
-    tmp = out_dir / f".{MANIFEST_NAME}.{uuid.uuid4().hex}{TMP_SUFFIX}"
-    try:
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out_dir / MANIFEST_NAME)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    storage.write_bytes_atomic(storage.join(out_dir, MANIFEST_NAME),
+                               (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return False
 
 

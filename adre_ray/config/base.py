@@ -2,14 +2,19 @@
 
 Every tunable of a job is a field here and nowhere else. ``load_config(TrainConfig, "cfg.yaml",
 ["lr=0.05", "loss.lam=0.2"])`` reads the YAML with ``yaml.safe_load`` (never ``eval`` or pickle),
-applies ``key=value`` overrides (values parsed as YAML scalars/lists), builds the dataclass and runs
-its ``validate()``, which raises ``ValueError`` naming the bad field and value.
+applies ``key=value`` overrides (values parsed as YAML scalars/lists) and per-job flag values (text),
+builds the dataclass with pydantic (strict types; text given to a numeric, bool or null field is parsed
+first, so ``1e-5``, ``1E-5``, ``0.00001`` and ``100_000`` all work although YAML 1.1 reads ``1e-5`` as
+a string) and runs its ``validate()``, which raises ``ValueError("<dotted.field>=<value!r>: <why>")``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
+import functools
+import json
 import math
 import types
 import typing
@@ -17,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pydantic
 import yaml
 
 C = TypeVar("C", bound="JobConfig")
@@ -27,6 +33,15 @@ TCERTIFY_MODES = ("paper", "bonferroni", "pilot")
 PER_LOSSES = ("mean", "single")
 SCHEDULES = ("step", "cosine")
 DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+MAX_SIGMA = 100.0
+"""Largest noise std accepted. Images live in [0, 1], so at sigma = 100 the noise is 100 times the whole
+pixel range: the smoothed classifier's vote is that of pure noise (the literature's sigmas are 0.12 to
+1.0). Anything above is a typo, and values near float32's limit (sigma * N(0, 1) noise of ~3e38) would
+overflow to inf inside an actor, after Ray started."""
+
+MAX_INT = 2**63 - 1
+"""Largest integer a field takes (torch and numpy count and seed with int64)."""
 
 
 def config_field(default: Any, help: str) -> Any:
@@ -54,6 +69,11 @@ def check(condition: bool, field: str, value: Any, requirement: str) -> None:
         raise ValueError(f"{field}={value!r}: {requirement}")
 
 
+def check_finite(field: str, value: float) -> None:
+    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), field,
+          value, "must be a finite number")
+
+
 def check_positive(field: str, value: float) -> None:
     check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, field, value,
           "must be a finite number > 0")
@@ -65,8 +85,14 @@ def check_nonnegative(field: str, value: float) -> None:
 
 
 def check_int_at_least(field: str, value: int, low: int) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value >= low, field, value,
-          f"must be an integer >= {low}")
+    check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_INT, field, value,
+          f"must be an integer >= {low} (at most 2**63 - 1)")
+
+
+def check_sigma(field: str, value: float) -> None:
+    """A usable noise std: finite, > 0 and <= ``MAX_SIGMA``."""
+    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and 0 < value <= MAX_SIGMA, field, value, f"must be a finite number in (0, {MAX_SIGMA:g}]")
 
 
 def check_open_unit(field: str, value: float) -> None:
@@ -100,7 +126,7 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-        obj = _build(cls, data, prefix="")
+        obj = _build(cls, data)
         obj.validate()
         return obj
 
@@ -152,8 +178,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
-    """Build ``cls`` from an optional YAML file plus ``key=value`` overrides, then validate."""
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (),
+                values: Mapping[str, Any] | None = None) -> C:
+    """Build ``cls`` from an optional YAML file, then ``key=value`` overrides (YAML values), then
+    ``values`` (dotted key -> value; text as typed on a command line, parsed by the field's type, never
+    as YAML, so a path stays a path), then validate. Later sources win."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -170,7 +199,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
                              f"got {type(loaded).__name__}")
         data = loaded
     valid = _field_paths(cls)
-    for key, value in parse_overrides(overrides).items():
+    for key, value in [*parse_overrides(overrides).items(), *(values or {}).items()]:
         set_dotted(data, key, value, valid_keys=valid)
     return cls.from_dict(data)
 
@@ -187,61 +216,157 @@ def _field_paths(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}={data!r}: must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{prefix}{unknown[0]}={data[unknown[0]]!r}: unknown config key "
-                         f"(known in this section: {', '.join(sorted(names))})")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp, value, name = hints[f.name], data[f.name], prefix + f.name
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, value or {}, name + ".")
-        else:
-            kwargs[f.name] = _coerce(tp, value, name)
-    return cls(**kwargs)
+def _allows_none(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    """Light type coercion: int -> float, list -> tuple; anything else must already match."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, name)
-            except ValueError:
-                continue
-        raise ValueError(f"{name}={value!r}: expected {tp}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name}={value!r}: expected a list")
-        (elem, *_rest) = typing.get_args(tp) or (Any,)
-        return tuple(_coerce(elem, v, name) for v in value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}={value!r}: expected a number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}={value!r}: expected an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}={value!r}: expected true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{name}={value!r}: expected a string")
-        return str(value)
+def _base_types(tp: Any) -> tuple[Any, ...]:
+    """``int | None`` -> ``(int,)``; ``float`` -> ``(float,)``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(arg for arg in typing.get_args(tp) if arg is not type(None))
+    return (tp,)
+
+
+def parse_number(text: str, kind: type) -> Any:
+    """A number as a person types it -> ``int`` or ``float`` (``text`` back unchanged if it is none).
+
+    Accepts ``1e-5``, ``1E-5``, ``0.00001``, ``1.0e-5``, ``100_000``, ``100000``, ``1e5`` (an ``int``
+    field takes any integral value: ``1e5`` -> 100000, ``2.5`` stays text and is refused by name).
+    YAML 1.1 reads ``1e-5`` as a string, so every numeric field's string values come through here.
+    """
+    cleaned = text.strip()
+    try:
+        exact = decimal.Decimal(cleaned)
+    except decimal.InvalidOperation:
+        return text
+    if kind is float:
+        return float(exact)
+    if exact.is_finite() and exact == exact.to_integral_value():
+        return int(exact)
+    return text
+
+
+def _integral_float(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
     return value
+
+
+def _parse_value(tp: Any, value: Any) -> Any:
+    """One field's value as declared: text parsed for numeric / bool / null fields, numbers as text for
+    string fields, comma-separated text as a list for tuple fields. Anything else is left for pydantic
+    to accept or refuse."""
+    bases = _base_types(tp)
+    if len(bases) != 1:
+        return value
+    base = bases[0]
+    if dataclasses.is_dataclass(base):
+        return _parse_text_values(base, value) if isinstance(value, Mapping) else value
+    if isinstance(value, str) and _allows_none(tp) and base is not str \
+            and value.strip().lower() in ("null", "none", "~", ""):
+        return None
+    if base is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        return value
+    if base in (int, float):
+        if isinstance(value, str):
+            return parse_number(value, base)
+        return _integral_float(value) if base is int else value
+    if base is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return value
+    if typing.get_origin(base) is tuple:
+        elem = (typing.get_args(base) or (Any,))[0]
+        if isinstance(value, str):
+            value = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [_parse_value(elem, v) for v in value]
+    return value
+
+
+def _parse_text_values(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with every field value passed through ``_parse_value`` (unknown keys kept for pydantic
+    to refuse by name)."""
+    hints = typing.get_type_hints(cls)
+    return {key: (_parse_value(hints[key], value) if key in hints else value) for key, value in data.items()}
+
+
+_PYDANTIC_CONFIG = pydantic.ConfigDict(extra="forbid")
+
+
+def _prepare_for_pydantic(cls: type) -> None:
+    """Give ``cls`` and its section dataclasses pydantic's config: unknown keys are refused."""
+    if "__pydantic_config__" not in vars(cls):
+        cls.__pydantic_config__ = _PYDANTIC_CONFIG  # type: ignore[attr-defined]
+    for tp in typing.get_type_hints(cls).values():
+        for base in _base_types(tp):
+            if dataclasses.is_dataclass(base) and isinstance(base, type):
+                _prepare_for_pydantic(base)
+
+
+@functools.cache
+def _adapter(cls: type) -> pydantic.TypeAdapter[Any]:
+    _prepare_for_pydantic(cls)
+    return pydantic.TypeAdapter(cls)
+
+
+_TYPE_REQUIREMENTS = {
+    "int_type": "expected an integer", "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number", "float_parsing": "expected a number",
+    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+    "string_type": "expected a string", "tuple_type": "expected a list", "list_type": "expected a list",
+    "dict_type": "expected a mapping", "dataclass_type": "must be a mapping",
+    "none_required": "expected null",
+}
+
+
+def _section_fields(cls: type, path: Sequence[Any]) -> list[str]:
+    """Field names of the section that ``path`` (a pydantic error location, minus the key) points into."""
+    for part in path:
+        hints = typing.get_type_hints(cls)
+        nested = [b for b in _base_types(hints.get(str(part), Any)) if dataclasses.is_dataclass(b)]
+        if not nested:
+            return []
+        cls = nested[0]
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(cls: type, data: Mapping[str, Any]) -> Any:
+    """``cls`` built from ``data`` by pydantic in strict mode (JSON semantics: a number is never taken
+    from a bool, an integer never from a fraction, a string never from a number) after the text of
+    numeric, bool and null fields was parsed. Raises ``ValueError("<dotted.field>=<value!r>: ...")``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config={data!r}: must be a mapping")
+    prepared = _parse_text_values(cls, data)
+    try:
+        encoded = json.dumps(prepared, allow_nan=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config: values must be numbers, strings, booleans, null, lists or mappings "
+                         f"({err})") from None
+    try:
+        return _adapter(cls).validate_json(encoded, strict=True)
+    except pydantic.ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        loc = [str(part) for part in first["loc"] if not isinstance(part, int)]
+        name = ".".join(loc) or "config"
+        if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            known = _section_fields(cls, loc[:-1])
+            raise ValueError(f"{name}={first['input']!r}: unknown config key "
+                             f"(known in this section: {', '.join(sorted(known))})") from None
+        requirement = _TYPE_REQUIREMENTS.get(first["type"], first["msg"])
+        raise ValueError(f"{name}={_error_value(data, first['loc'], first['input'])!r}: "
+                         f"{requirement}") from None
+
+
+def _error_value(data: Any, loc: Sequence[Any], fallback: Any) -> Any:
+    """The value the user gave at ``loc`` (pydantic reports the JSON-decoded one)."""
+    node = data
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return fallback
+    return node

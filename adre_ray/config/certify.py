@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from adre_ray.config.base import (
     DATASETS,
     DEFAULT_GRID,
+    MAX_SIGMA,
     TCERTIFY_MODES,
     JobConfig,
     check,
@@ -39,71 +40,56 @@ ABSTAINING_SHORTCUTS = ("skipped_misclassified", "early_abstain")
 class CertifyConfig(JobConfig):
     """PREDICT / CERTIFY / T-CERTIFY of one checkpoint over a strided subset of a split.
 
-    checkpoint        model checkpoint file or folder (``save_model_checkpoint`` format)
-    model_fn          instead of a checkpoint: ``module:function`` returning an nn.Module on [0, 1] images
-    dataset, data_dir, split   images to certify (``adre_ray.data.load_images``)
-    sigma             noise std; None -> the checkpoint's training sigma (error if it has none)
-    n0, n, alpha      pilot draws, estimation draws, failure probability of each certificate
-    start, skip, max_images    images start, start + skip, ... (at most max_images; None = to the end)
-    tcertify_mode, grid        T-CERTIFY's choice of the alpha split t (see adre_ray.smoothing.certify)
-    num_actors        certification actors; None = one per GPU (use_gpu) or one per CPU of the cluster
-    use_gpu           None = use GPUs when the cluster has any
-    batch_size        noisy images per forward pass (below one noise block rounded to a power of two,
-                      above it to whole blocks; adre_ray.smoothing.effective_batch_size)
-    shard_size        draws per task; n and n0 are cut into shards of this size (a shard's noise is
-                      seeded by (seed, idx, stream, shard), so results do not depend on the actor count)
-    amp, channels_last  bf16 autocast / channels_last on GPU actors (ignored on CPU)
-    compile, cuda_graphs  torch.compile the actors' model (any device) / replay it as CUDA graphs (GPU only)
-    images_in_flight  images sampled concurrently; None = enough to keep ~2 tasks queued per actor
-    flush_images, flush_seconds   write a Parquet part every this many finished images or seconds
-    actor_restarts    times Ray restarts a lost actor; its shards are re-run either way
-    resource_wait_s   seconds to wait for the actors' CPUs / GPUs before refusing num_actors
-    output_dir        result folder (Parquet parts + run.json); a re-run with equal settings resumes
-    experiment, tracking_uri   MLflow experiment and store ("none" disables tracking)
-    pb_bound          T-CERTIFY's runner-up bound: sum (eq. 14) or max (never looser; paper mode: sum)
-    skip_misclassified, early_abstain, early_abstain_delta, early_abstain_wave, n_policy,
-    iss_max_radius_loss   evaluation shortcuts (adre_ray.smoothing.shortcuts); they change rows, so
-                      they are part of the manifest
+    A shard's noise is seeded by (seed, idx, stream, shard), so results do not depend on the actor count.
+    Each field's meaning is its ``config_field`` text (shown by ``adre-ray certify --help``).
     """
 
-    checkpoint: str = ""
+    checkpoint: str = config_field("", "model checkpoint file or folder; a local path or an s3:// gs:// "
+                                       "file:// URI")
     model_fn: str | None = config_field(
         None, "instead of checkpoint: 'package.module:function' returning an nn.Module that takes [0, 1] "
               "images (e.g. denoiser + classifier); importable on every actor; needs sigma")
-    dataset: str = "cifar10"
-    data_dir: str = "data/cifar10"
-    split: str = "test"
-    sigma: float | None = None
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    start: int = 0
-    skip: int = 20
-    max_images: int | None = None
-    tcertify_mode: str = "pilot"
-    grid: tuple[float, ...] = DEFAULT_GRID
-    num_actors: int | None = None
-    use_gpu: bool | None = None
-    batch_size: int = 1000
-    shard_size: int = 10_000
-    seed: int = 0
-    amp: bool = True
-    channels_last: bool = True
+    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet")
+    data_dir: str = config_field("data/cifar10", "dataset folder (adre_ray.data.load_images)")
+    split: str = config_field("test", "split to certify: train | test")
+    sigma: float | None = config_field(None, "noise std; null = the checkpoint's training sigma")
+    n0: int = config_field(100, "pilot draws per image (choose the class cA)")
+    n: int = config_field(100_000, "estimation draws per image (the bound)")
+    alpha: float = config_field(0.001, "failure probability of each certificate, in (0, 1)")
+    start: int = config_field(0, "first image index")
+    skip: int = config_field(20, "certify images start, start + skip, ...")
+    max_images: int | None = config_field(None, "at most this many images; null = to the end of the split")
+    tcertify_mode: str = config_field("pilot", "T-CERTIFY's choice of the alpha split t: pilot | bonferroni "
+                                               "| paper")
+    grid: tuple[float, ...] = config_field(DEFAULT_GRID, "T-CERTIFY's grid of t values in (0, 1], "
+                                                         "comma-separated")
+    num_actors: int | None = config_field(None, "certification actors; null = one per GPU (use_gpu) or per "
+                                                "CPU of the cluster")
+    use_gpu: bool | None = config_field(None, "run actors on GPUs; null = when the cluster has any")
+    batch_size: int = config_field(1000, "noisy images per forward pass (rounded to the noise blocks: "
+                                         "adre_ray.smoothing.effective_batch_size)")
+    shard_size: int = config_field(10_000, "draws per task: n0 and n are cut into shards of this size")
+    seed: int = config_field(0, "noise seed")
+    amp: bool = config_field(True, "bf16 autocast on GPU actors (ignored on CPU)")
+    channels_last: bool = config_field(True, "channels_last memory format on GPU actors (ignored on CPU)")
     compile: bool = config_field(False, "torch.compile (inductor) each actor's model; speed only (one "
                                  "compilation per actor: batches are padded to one shape)")
     cuda_graphs: bool = config_field(False, "GPU actors replay the compiled model as CUDA graphs "
                                      "(small models; implies compile; ignored on CPU)")
-    images_in_flight: int | None = None
-    flush_images: int = 10
-    flush_seconds: float = 30.0
-    actor_restarts: int = 3
+    images_in_flight: int | None = config_field(None, "images sampled concurrently; null = enough to keep ~2 "
+                                                      "tasks queued per actor")
+    flush_images: int = config_field(10, "write a Parquet part every this many finished images")
+    flush_seconds: float = config_field(30.0, "... or every this many seconds")
+    actor_restarts: int = config_field(3, "times a lost actor is replaced; its shards are re-run either way")
     resource_wait_s: float = config_field(
         20.0, "seconds to wait for the CPUs / GPUs of num_actors actors (busy, or not yet added by an "
               "autoscaler) before refusing them")
-    output_dir: str = "results/certify"
-    experiment: str = "certify"
-    tracking_uri: str | None = None
-    progress: bool = True
+    output_dir: str = config_field("results/certify", "result folder (Parquet parts + run.json), local or "
+                                                      "s3:// gs:// file://; a re-run with equal settings "
+                                                      "resumes")
+    experiment: str = config_field("certify", "MLflow experiment")
+    tracking_uri: str | None = config_field(None, "MLflow store; null = $MLFLOW_TRACKING_URI; none = off")
+    progress: bool = config_field(True, "progress bar")
     pb_bound: str = config_field(
         "max", "T-CERTIFY runner-up bound: sum (eq. 14) or max (CP bound of the largest other count); "
                "paper mode always uses sum")
@@ -139,8 +125,8 @@ class CertifyConfig(JobConfig):
         check_choice("split", self.split, SPLITS)
         if self.sigma is not None:
             check(isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
-                  and math.isfinite(self.sigma) and self.sigma > 0, "sigma", self.sigma,
-                  "must be a finite number > 0 (or null to take it from the checkpoint)")
+                  and math.isfinite(self.sigma) and 0 < self.sigma <= MAX_SIGMA, "sigma", self.sigma,
+                  f"must be a finite number in (0, {MAX_SIGMA:g}] (or null to take it from the checkpoint)")
         check_int_at_least("n0", self.n0, 1)
         check_int_at_least("n", self.n, 1)
         check_open_unit("alpha", self.alpha)
@@ -166,7 +152,8 @@ class CertifyConfig(JobConfig):
             check_int_at_least("images_in_flight", self.images_in_flight, 1)
         check_int_at_least("flush_images", self.flush_images, 1)
         check(isinstance(self.flush_seconds, (int, float)) and not isinstance(self.flush_seconds, bool)
-              and self.flush_seconds >= 0, "flush_seconds", self.flush_seconds, "must be a number >= 0")
+              and math.isfinite(self.flush_seconds) and self.flush_seconds >= 0, "flush_seconds",
+              self.flush_seconds, "must be a finite number >= 0")
         check_int_at_least("actor_restarts", self.actor_restarts, 0)
         check(isinstance(self.resource_wait_s, (int, float)) and not isinstance(self.resource_wait_s, bool)
               and math.isfinite(self.resource_wait_s) and self.resource_wait_s >= 0, "resource_wait_s",

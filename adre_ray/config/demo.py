@@ -13,40 +13,40 @@ from adre_ray.config.base import (
     check_nonnegative,
     check_open_unit,
     check_positive,
+    check_sigma,
+    config_field,
 )
 
 
 @dataclass
 class DemoConfig(JobConfig):
-    """Sizes chosen so the whole demo takes well under 10 minutes on 2 CPU cores.
+    """Sizes chosen so the whole demo takes well under 10 minutes on 2 CPU cores."""
 
-    data_dir "auto": ``../shared/data/cifar10`` (Parquet) when it exists, else ``data/cifar10`` with
-    torchvision's download (needs internet).
-    """
-
-    data_dir: str = "auto"
-    download: bool = True
-    output_dir: str = "demo_output"
-    model: str = "small_cnn"
-    train_subset: int = 6_000
-    test_subset: int = 500
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1
-    sigma: float = 0.25
-    k: int = 2
-    lam: float = 0.1
-    num_workers: int = 2
-    num_images: int = 100
-    skip: int = 100
-    n0: int = 100
-    n: int = 1_000
-    alpha: float = 0.001
-    tcertify_mode: str = "pilot"
-    num_actors: int = 2
-    cert_batch_size: int = 500
-    seed: int = 0
-    experiment: str = "adre-demo"
+    data_dir: str = config_field("auto", "CIFAR-10 folder; auto = ../shared/data/cifar10 (Parquet) when it "
+                                         "exists, else data/cifar10")
+    download: bool = config_field(True, "let torchvision download CIFAR-10 when it is missing (internet)")
+    output_dir: str = config_field("demo_output", "folder for checkpoints, results, table, plots, MLflow "
+                                                  "store")
+    model: str = config_field("small_cnn", "architecture of both models")
+    train_subset: int = config_field(6_000, "training images (class-balanced subset)")
+    test_subset: int = config_field(500, "test images evaluated each epoch")
+    epochs: int = config_field(5, "training epochs")
+    batch_size: int = config_field(128, "global training batch")
+    lr: float = config_field(0.1, "SGD learning rate")
+    sigma: float = config_field(0.25, "noise std of training and certification")
+    k: int = config_field(2, "noise draws per training example (ADRE_REG)")
+    lam: float = config_field(0.1, "lambda, weight of the ADRE term")
+    num_workers: int = config_field(2, "Ray Train workers")
+    num_images: int = config_field(100, "test images certified")
+    skip: int = config_field(100, "certify every skip-th test image")
+    n0: int = config_field(100, "pilot draws per image")
+    n: int = config_field(1_000, "estimation draws per image")
+    alpha: float = config_field(0.001, "failure probability of each certificate")
+    tcertify_mode: str = config_field("pilot", "T-CERTIFY mode: pilot | bonferroni | paper")
+    num_actors: int = config_field(2, "certification actors")
+    cert_batch_size: int = config_field(500, "noisy images per forward pass when certifying")
+    seed: int = config_field(0, "seed of training and noise")
+    experiment: str = config_field("adre-demo", "MLflow experiment")
 
     def validate(self) -> None:
         check(bool(self.output_dir), "output_dir", self.output_dir, "must be a folder path")
@@ -55,7 +55,7 @@ class DemoConfig(JobConfig):
             check_int_at_least(name, getattr(self, name), 1)
         check_int_at_least("seed", self.seed, 0)
         check_positive("lr", self.lr)
-        check_positive("sigma", self.sigma)
+        check_sigma("sigma", self.sigma)
         check_nonnegative("lam", self.lam)
         check_open_unit("alpha", self.alpha)
         check_choice("tcertify_mode", self.tcertify_mode, TCERTIFY_MODES)

@@ -21,6 +21,8 @@ from adre_ray.config.base import (
     check_int_at_least,
     check_nonnegative,
     check_positive,
+    check_sigma,
+    config_field,
 )
 from adre_ray.config.tune import ValidationSection
 
@@ -43,137 +45,103 @@ def _check_name(name: str, value: Any, what: str) -> None:
 
 @dataclass
 class DataSection:
-    """dataset         cifar10 | imagenet
-    data_dir          dataset folder (Parquet, torchvision or image-folder layout; see adre_ray.data)
-    source            auto | parquet | torchvision | imagefolder
-    download          let torchvision download CIFAR-10 into data_dir (needs internet)
-    train_subset      train on a seeded class-balanced subset of this many images (null = all)
-    test_subset       evaluate each epoch on a seeded subset of this many test images (null = all)
-    subset_seed       seed of both subsets
-    augment           random crop + flip on the training images
-    loader_workers    DataLoader worker processes per training worker (0 = load in the training process)
-    """
+    """Where the images come from and which of them are used."""
 
-    dataset: str = "cifar10"
-    data_dir: str = "data/cifar10"
-    source: str = "auto"
-    download: bool = False
-    train_subset: int | None = None
-    test_subset: int | None = None
-    subset_seed: int = 0
-    augment: bool = True
-    loader_workers: int = 4
+    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet")
+    data_dir: str = config_field("data/cifar10", "dataset folder (Parquet, torchvision or image-folder "
+                                                 "layout)")
+    source: str = config_field("auto", "layout of data_dir: auto | parquet | torchvision | imagefolder")
+    download: bool = config_field(False, "let torchvision download CIFAR-10 into data_dir (needs internet)")
+    train_subset: int | None = config_field(None, "train on a seeded class-balanced subset of this many "
+                                                  "images (null = all)")
+    test_subset: int | None = config_field(None, "evaluate each epoch on a seeded subset of this many test "
+                                                 "images (null = all)")
+    subset_seed: int = config_field(0, "seed of both subsets")
+    augment: bool = config_field(True, "random crop + flip on the training images")
+    loader_workers: int = config_field(4, "DataLoader worker processes per training worker (0 = in-process)")
 
 
 @dataclass
 class LossSection:
-    """name              gaussian | adre_reg | smoothadv | adre_adv (adre_ray.training.build_loss)
-    sigma             noise std of training (and of the per-epoch noisy evaluation)
-    k                 noise draws per training example
-    lam               lambda, weight of the ADRE term (0 = Gaussian augmentation with k draws)
-    per_loss          mean (average CE over the k draws) | single (one random draw, the paper's Table 1)
-    epsilon           l2 radius of the PGD attack (smoothadv, adre_adv)
-    steps             PGD steps M
-    warmup_epochs     epochs over which epsilon ramps up linearly (SmoothAdv)
-    label_smoothing   label smoothing of the cross-entropy terms
-    """
+    """The training objective (adre_ray.training.build_loss)."""
 
-    name: str = "adre_reg"
-    sigma: float = 0.25
-    k: int = 8
-    lam: float = 0.2
-    per_loss: str = "mean"
-    epsilon: float = 0.0
-    steps: int = 1
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
+    name: str = config_field("adre_reg", "loss: gaussian | adre_reg | smoothadv | adre_adv")
+    sigma: float = config_field(0.25, "noise std of training and of the per-epoch noisy evaluation")
+    k: int = config_field(8, "noise draws per training example")
+    lam: float = config_field(0.2, "lambda, weight of the ADRE term (0 = Gaussian augmentation with k draws)")
+    per_loss: str = config_field("mean", "mean (CE averaged over the k draws) | single (one random draw)")
+    epsilon: float = config_field(0.0, "l2 radius of the PGD attack (smoothadv, adre_adv)")
+    steps: int = config_field(1, "PGD steps M")
+    warmup_epochs: int = config_field(0, "epochs over which epsilon ramps up linearly (SmoothAdv)")
+    label_smoothing: float = config_field(0.0, "label smoothing of the cross-entropy terms, in [0, 1)")
 
 
 @dataclass
 class OptimSection:
-    """SGD: lr (at global batch ``batch_size``), momentum, weight_decay, nesterov; decay_norm_and_bias
-    applies weight decay to biases and norm parameters too (the original papers do)."""
+    """SGD."""
 
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    decay_norm_and_bias: bool = False
+    lr: float = config_field(0.1, "SGD learning rate at the global batch size")
+    momentum: float = config_field(0.9, "SGD momentum, in [0, 1)")
+    weight_decay: float = config_field(1e-4, "weight decay")
+    nesterov: bool = config_field(False, "Nesterov momentum")
+    decay_norm_and_bias: bool = config_field(False, "apply weight decay to biases and norm parameters too "
+                                                    "(the original papers do)")
 
 
 @dataclass
 class ScheduleSection:
-    """name step (lr * gamma every step_size epochs) | cosine; epochs; linear warm-up over warmup_epochs.
-    The schedule is applied per iteration (adre_ray.training.build_scheduler)."""
+    """Learning-rate schedule, applied per iteration (adre_ray.training.build_scheduler)."""
 
-    name: str = "step"
-    epochs: int = 150
-    warmup_epochs: int = 0
-    step_size: int = 50
-    gamma: float = 0.1
+    name: str = config_field("step", "step (lr * gamma every step_size epochs) | cosine")
+    epochs: int = config_field(150, "training epochs")
+    warmup_epochs: int = config_field(0, "linear learning-rate warm-up epochs")
+    step_size: int = config_field(50, "epochs between decays (step)")
+    gamma: float = config_field(0.1, "decay factor (step), in (0, 1]")
 
 
 @dataclass
 class ScalingSection:
-    """num_workers       Ray Train workers (DDP processes); the global batch is split evenly over them
-    use_gpu           one GPU per worker (nccl backend, bf16 autocast, channels_last); else CPU (gloo)
-    cpus_per_worker   CPUs reserved per worker (torch threads on CPU workers; DataLoader workers share them)
-    gpus_per_worker   GPUs per worker when use_gpu
-    """
+    """Ray Train workers and their resources."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 1.0
+    num_workers: int = config_field(1, "Ray Train workers (DDP processes); the global batch is split evenly")
+    use_gpu: bool = config_field(False, "one GPU per worker (nccl, bf16 autocast, channels_last); else CPU "
+                                        "(gloo)")
+    cpus_per_worker: int = config_field(1, "CPUs reserved per worker")
+    gpus_per_worker: float = config_field(1.0, "GPUs per worker when use_gpu")
 
 
 @dataclass
 class RunSection:
-    """name              Ray Train run name; re-running with the same name and storage_path resumes it
-                      (null = <model>_<loss>_<timestamp>, a new run each time)
-    experiment        MLflow experiment
-    storage_path      where Ray Train writes checkpoints: a local folder (made absolute) or a cloud URI
-                      (s3://, gs://, ...) passed through to Ray
-    tracking_uri      MLflow store; null = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; "none" = off
-    max_failures      Ray Train restarts of the worker group after a failure (-1 = unlimited), each from
-                      the latest checkpoint
-    checkpoints_to_keep   newest checkpoints kept in storage
-    seed              model init, data order and noise are functions of (seed, epoch, rank)
-    amp               bf16 autocast on GPU (CPU always runs float32)
-    channels_last     channels_last memory format on GPU
-    compile           torch.compile the model
-    eval_max_batches  cap on test batches evaluated per epoch (null = the whole test subset)
-    train_max_batches cap on training batches per epoch (null = full epochs; for smoke tests, benchmarks)
-    progress          per-batch progress bar on rank 0 (one summary line per epoch is always printed)
-    verbose           Ray Train's own INFO logging (worker group start, every report of every rank)
-    """
+    """Run identity, storage, tracking, fault tolerance and speed switches."""
 
-    name: str | None = None
-    experiment: str = "adre-train"
-    storage_path: str = "runs"
-    tracking_uri: str | None = None
-    max_failures: int = 0
-    checkpoints_to_keep: int = 2
-    seed: int = 0
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    eval_max_batches: int | None = None
-    train_max_batches: int | None = None
-    progress: bool = False
-    verbose: bool = False
+    name: str | None = config_field(None, "Ray Train run name; the same name and storage_path resume it "
+                                          "(null = <model>_<loss>_<timestamp>, a new run)")
+    experiment: str = config_field("adre-train", "MLflow experiment")
+    storage_path: str = config_field("runs", "where Ray Train writes checkpoints: a local folder or a URI "
+                                             "(s3://, gs://, file://)")
+    tracking_uri: str | None = config_field(None, "MLflow store; null = $MLFLOW_TRACKING_URI, else "
+                                          "sqlite:///<cwd>/mlflow.db; none = off")
+    max_failures: int = config_field(0, "restarts of the worker group after a failure, from the latest "
+                                        "checkpoint (-1 = unlimited)")
+    checkpoints_to_keep: int = config_field(2, "newest checkpoints kept in storage")
+    seed: int = config_field(0, "model init, data order and noise are functions of (seed, epoch, rank)")
+    amp: bool = config_field(True, "bf16 autocast on GPU (CPU always runs float32)")
+    channels_last: bool = config_field(True, "channels_last memory format on GPU")
+    compile: bool = config_field(False, "torch.compile the model")
+    eval_max_batches: int | None = config_field(None, "cap on test batches per epoch (null = the whole test "
+                                                      "subset)")
+    train_max_batches: int | None = config_field(None, "cap on training batches per epoch (null = full "
+                                                       "epochs)")
+    progress: bool = config_field(False, "per-batch progress bar on rank 0")
+    verbose: bool = config_field(False, "Ray Train's own INFO logging")
 
 
 @dataclass
 class TrainConfig(JobConfig):
-    """Training of one base classifier (see the section classes for every field).
+    """Training of one base classifier (see the section classes for every field)."""
 
-    model             registered architecture (adre_ray.models.MODEL_NAMES)
-    batch_size        global batch per optimizer step, split evenly over scaling.num_workers
-    """
-
-    model: str = "cifar_resnet110"
-    batch_size: int = 400
+    model: str = config_field("cifar_resnet110", "registered architecture (adre_ray.models.MODEL_NAMES)")
+    batch_size: int = config_field(400, "global batch per optimizer step, split over scaling.num_workers")
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -229,7 +197,7 @@ class TrainConfig(JobConfig):
     def _validate_loss(self) -> None:
         loss = self.loss
         check_choice("loss.name", loss.name, LOSSES)
-        check_positive("loss.sigma", loss.sigma)
+        check_sigma("loss.sigma", loss.sigma)
         check_int_at_least("loss.k", loss.k, 1)
         check_nonnegative("loss.lam", loss.lam)
         check_choice("loss.per_loss", loss.per_loss, PER_LOSSES)

@@ -37,6 +37,8 @@ from adre_ray.config.base import (
     check_int_at_least,
     check_open_unit,
     check_positive,
+    config_field,
+    parse_number,
 )
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -48,30 +50,21 @@ SCALE_BY = "scale_by"
 
 @dataclass
 class ValidationSection:
-    """Approximate certified accuracy at the end of training (adre_ray.training.certified_validation).
+    """Approximate certified accuracy at the end of training (adre_ray.training.certified_validation)."""
 
-    enabled     run it after the final epoch and report approx_* metrics with that epoch's metrics
-    split       holdout (train-split images NOT in data.train_subset: never trained on) | test (the test
-                split: then the search has looked at the test set)
-    size        validation images (class-balanced, seeded by ``seed``)
-    n0, n       pilot and estimation draws per image (small n => conservative, lower estimate)
-    alpha       failure probability of each certificate
-    radius      radii r of approx_cert_acc_at_<r> / approx_tcert_acc_at_<r>
-    seed        choice of the images and the noise
-    batch_size  noisy images per forward pass
-    mode        T-CERTIFY's choice of the alpha split (pilot | bonferroni | paper)
-    """
+    enabled: bool = config_field(False, "run it after the final epoch and report approx_* metrics")
+    split: str = config_field("holdout", "holdout (train images outside data.train_subset) | test (then the "
+                                         "search has seen the test set)")
+    size: int = config_field(500, "validation images (class-balanced, seeded by seed)")
+    n0: int = config_field(100, "pilot draws per image")
+    n: int = config_field(1000, "estimation draws per image (small n => conservative, lower estimate)")
+    alpha: float = config_field(0.001, "failure probability of each certificate")
+    radius: tuple[float, ...] = config_field((0.25, 0.5), "radii r of approx_cert_acc_at_<r> / "
+                                                  "approx_tcert_acc_at_<r>")
+    seed: int = config_field(0, "choice of the images and the noise")
+    batch_size: int = config_field(1000, "noisy images per forward pass")
+    mode: str = config_field("pilot", "T-CERTIFY's choice of the alpha split: pilot | bonferroni | paper")
 
-    enabled: bool = False
-    split: str = "holdout"
-    size: int = 500
-    n0: int = 100
-    n: int = 1000
-    alpha: float = 0.001
-    radius: tuple[float, ...] = (0.25, 0.5)
-    seed: int = 0
-    batch_size: int = 1000
-    mode: str = "pilot"
 
     def validate(self, prefix: str = "validation.", data: Any = None) -> None:
         """Field checks; with ``data`` (the train config's data section) also that ``holdout`` has images
@@ -99,7 +92,7 @@ class ValidationSection:
 class SearchValidationSection(ValidationSection):
     """The space file's ``validation`` section: as ``ValidationSection`` but enabled unless it says not."""
 
-    enabled: bool = True
+    enabled: bool = config_field(True, "run it after each trial's final epoch (the search ranks by it)")
 
 
 @dataclass
@@ -113,13 +106,13 @@ class SchedulerSection:
     brackets         ASHA brackets
     """
 
-    name: str = "asha"
-    metric: str = "test_acc_noise"
-    mode: str = "max"
-    max_t: int | None = None
-    grace_period: int = 1
-    reduction_factor: float = 3.0
-    brackets: int = 1
+    name: str = config_field("asha", "asha (stop the worse trials at rungs) | fifo (every trial to the end)")
+    metric: str = config_field("test_acc_noise", "per-epoch metric ASHA compares at each rung")
+    mode: str = config_field("max", "min | max")
+    max_t: int | None = config_field(None, "last rung in epochs; null = the trials' schedule.epochs")
+    grace_period: int = config_field(1, "epochs every trial runs before it can be stopped")
+    reduction_factor: float = config_field(3.0, "keep the best 1 / reduction_factor at each rung")
+    brackets: int = config_field(1, "ASHA brackets")
 
 
 @dataclass
@@ -127,10 +120,10 @@ class ResourcesSection:
     """Resources of ONE trial (its Ray Train workers); null keeps the train config's ``scaling.*`` value.
     Trials run concurrently as far as the cluster holds them (or ``max_concurrent``)."""
 
-    num_workers: int | None = None
-    use_gpu: bool | None = None
-    cpus_per_worker: int | None = None
-    gpus_per_worker: float | None = None
+    num_workers: int | None = config_field(None, "Ray Train workers per trial (null = scaling.num_workers)")
+    use_gpu: bool | None = config_field(None, "GPUs for the trial's workers (null = scaling.use_gpu)")
+    cpus_per_worker: int | None = config_field(None, "CPUs per worker (null = scaling.cpus_per_worker)")
+    gpus_per_worker: float | None = config_field(None, "GPUs per worker (null = scaling.gpus_per_worker)")
 
     def overrides(self) -> dict[str, Any]:
         """The non-null fields as dotted ``scaling.*`` overrides of the train config."""
@@ -177,6 +170,10 @@ def parse_distribution(key: str, spec: Any) -> Distribution:
         raise ValueError(f"{name}={dict(spec)!r}: needs exactly one of {', '.join(DISTRIBUTIONS)}, "
                          f"got {len(kinds)}")
     kind, args = kinds[0], spec[kinds[0]]
+    if isinstance(args, (list, tuple)) and (kind not in ("grid", "choice") or spec.get(SCALE_BY)):
+        # numbers as typed: YAML 1.1 reads 1e-5 as text; randint needs integers, the rest any number
+        args = [parse_number(str(v), int) if kind == "randint" and isinstance(v, (str, float))
+                else parse_number(v, float) if isinstance(v, str) else v for v in args]
     scale_by = spec.get(SCALE_BY)
     if scale_by is not None:
         check(isinstance(scale_by, str) and scale_by != "" and scale_by != key, f"{name}.{SCALE_BY}",
@@ -227,20 +224,21 @@ class TuneSpace(JobConfig):
     tracking_uri    MLflow store; null = the train config's run.tracking_uri / $MLFLOW_TRACKING_URI
     """
 
-    name: str | None = None
-    search: dict[str, Any] = field(default_factory=dict)
-    num_samples: int = 1
-    metric: str = "approx_acr"
-    mode: str = "max"
-    max_concurrent: int | None = None
-    seed: int | None = 0
-    overrides: dict[str, Any] = field(default_factory=dict)
+    name: str | None = config_field(None, "search name (MLflow parent run, output subfolder); null = "
+                                  "tune_<timestamp>")
+    search: dict[str, Any] = config_field({}, "dotted TrainConfig key -> distribution")
+    num_samples: int = config_field(1, "samples drawn from the space (grids crossed, then repeated)")
+    metric: str = config_field("approx_acr", "objective each finished trial is ranked by")
+    mode: str = config_field("max", "min | max")
+    max_concurrent: int | None = config_field(None, "trials at once; null = as many as the cluster holds")
+    seed: int | None = config_field(0, "seed of Tune's sampler (null = unseeded)")
+    overrides: dict[str, Any] = config_field({}, "dotted TrainConfig keys applied to every trial")
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     validation: SearchValidationSection = field(default_factory=SearchValidationSection)
-    output_dir: str = "results/tune"
-    experiment: str = "adre-tune"
-    tracking_uri: str | None = None
+    output_dir: str = config_field("results/tune", "outputs go to <output_dir>/<name>/")
+    experiment: str = config_field("adre-tune", "MLflow experiment of the parent run and its trial runs")
+    tracking_uri: str | None = config_field(None, "MLflow store; null = the train config's run.tracking_uri")
 
     def distributions(self) -> list[Distribution]:
         return [parse_distribution(str(key), spec) for key, spec in self.search.items()]

@@ -27,9 +27,9 @@ def train_v2_enabled() -> bool:
 
 
 ADDRESS_HELP = ("Ray cluster to use: an address (host:port, ray://host:10001), 'auto' (any running "
-                "local cluster), or 'local' (a new private one). Default: $RAY_ADDRESS, else the cluster "
-                "started on this machine with `ray start`, else a new private local cluster (never "
-                "another job's private cluster)")
+                "local cluster), or 'local' (a new private one); never another job's private cluster "
+                "(default: $RAY_ADDRESS, else the cluster started on this machine with `ray start`, else a "
+                "new private local cluster)")
 """The ``--address`` help of ``adre-ray certify / train / tune``."""
 
 

@@ -23,7 +23,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -33,19 +32,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
+from adre_ray import storage
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
 from adre_ray.analysis.output_folder import check_output_dir, output_folder_lock
 from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS, CertifyConfig
+from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
 from adre_ray.data import build_dataset, dataset_info, load_images
 from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, interrupted, os_error_message
 from adre_ray.distributed.actors import CertifyActor
-from adre_ray.models.checkpoint import read_checkpoint
+from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 from adre_ray.models.model_fn import model_fn_identity
 from adre_ray.smoothing import (
     ABSTAIN,
@@ -87,7 +89,7 @@ class ShardTask:
 class CertifyResult:
     """What ``run_certification`` returns: the result folder, the summary of its selected images, the run."""
 
-    output_dir: Path
+    output_dir: Path | str
     summary: dict[str, float]
     mlflow_run_id: str | None
     images_certified: int = 0
@@ -104,7 +106,7 @@ class CertifyHooks:
     """
 
     on_shard_done: Callable[[CertifyPool, ShardTask], None] | None = None
-    on_part_written: Callable[[Path], None] | None = None
+    on_part_written: Callable[[Path | str], None] | None = None
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -209,11 +211,13 @@ class CertifyPool:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"num_actors={num_actors!r}: must be an integer >= 1")
         self.checkpoint = (model_fn_identity(model_fn) if model_fn is not None
-                           else str(Path(checkpoint).expanduser().resolve()))
+                           else storage.identity(checkpoint))
         self.num_classes = num_classes
         self.use_gpu = use_gpu
         self.actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0,
                                               "max_restarts": 0}
+        if storage.is_remote(self.checkpoint) and storage.storage_env():  # actors read it from the store
+            self.actor_options["runtime_env"] = {"env_vars": storage.storage_env()}
         self.actor_kwargs: dict[str, Any] = {
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
             "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
@@ -433,15 +437,15 @@ MLFLOW_RUN_FILE = "mlflow_run.json"
 that run instead of leaving it RUNNING and opening another)."""
 
 
-def previous_certify_run(out_dir: Path, tracking_uri: str | None) -> str | None:
+def previous_certify_run(out_dir: Path | str, tracking_uri: str | None) -> str | None:
     """The run id recorded in ``out_dir`` if it belongs to the same MLflow store and still exists there
     (not deleted); None otherwise (a new run is then opened)."""
     uri = resolve_tracking_uri(tracking_uri)
-    path = out_dir / MLFLOW_RUN_FILE
-    if uri == DISABLED or not path.is_file():
+    path = storage.join(out_dir, MLFLOW_RUN_FILE)
+    if uri == DISABLED or storage.file_type(path) != pafs.FileType.File:
         return None
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(storage.read_bytes(path))
         if record.get("tracking_uri") != uri:
             return None
         from mlflow.tracking import MlflowClient
@@ -452,12 +456,44 @@ def previous_certify_run(out_dir: Path, tracking_uri: str | None) -> str | None:
     return None if run.info.lifecycle_stage == "deleted" else str(run.info.run_id)
 
 
-def record_certify_run(out_dir: Path, tracking_uri: str | None, run_id: str) -> None:
-    """Write ``out_dir/mlflow_run.json`` (atomically) naming the store and the run."""
+def record_certify_run(out_dir: Path | str, tracking_uri: str | None, run_id: str) -> None:
+    """Write ``out_dir/mlflow_run.json`` (atomically: rename locally, one PUT on object storage) naming
+    the store and the run."""
     record = {"tracking_uri": resolve_tracking_uri(tracking_uri), "run_id": run_id}
-    tmp = out_dir / f".{MLFLOW_RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, out_dir / MLFLOW_RUN_FILE)
+    storage.write_bytes_atomic(storage.join(out_dir, MLFLOW_RUN_FILE), (json.dumps(record) + "\n").encode())
+
+
+GENERIC_CHECKPOINT_STEMS = ("model", "checkpoint", "best", "last", "final")
+
+
+def checkpoint_label(checkpoint: str) -> str:
+    """A short name telling checkpoints apart: the run folder plus the checkpoint folder for Ray Train
+    checkpoints (``my_run/checkpoint_epoch_000149/model.pt`` -> ``my_run-checkpoint_epoch_000149``), the
+    file's stem for a named file (``basic_sigma025.pt`` -> ``basic_sigma025``), the folder and stem for a
+    generic one (``runs/a/model.pt`` -> ``a-model``). Local paths and URIs alike."""
+    parts = [p for p in str(checkpoint).split("?", 1)[0].replace("\\", "/").split("/") if p]
+    if parts and parts[-1] == CHECKPOINT_FILENAME:
+        parts = parts[:-1]
+    if not parts:
+        return "checkpoint"
+    last = parts[-1]
+    stem = last.rsplit(".", 1)[0] if "." in last else last
+    if (stem.startswith("checkpoint_") or stem in GENERIC_CHECKPOINT_STEMS) and len(parts) > 1 \
+            and not parts[-2].endswith(":"):
+        return f"{parts[-2]}-{stem}"
+    return stem
+
+
+def certify_run_name(checkpoint: str, sigma: float, when: float | None = None) -> str:
+    """MLflow run name ``certify-<checkpoint label>-sigma<sigma>-<YYYYmmdd-HHMMSS>`` (UTC)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
+    return f"certify-{checkpoint_label(checkpoint)}-sigma{sigma:g}-{stamp}"
+
+
+def output_location(output_dir: str) -> Path | str:
+    """The result folder: a local ``Path``, or the URI itself for object storage (``s3://``, ``gs://``)
+    and ``file://`` (``adre_ray.storage``)."""
+    return output_dir if storage.is_uri(output_dir) else Path(output_dir).expanduser()
 
 
 def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
@@ -474,7 +510,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     cfg, train_run_id = resolve_settings(cfg)
     train_sigma, _ = model_facts(cfg)
     assert cfg.sigma is not None
-    out_dir = Path(cfg.output_dir).expanduser()
+    out_dir = output_location(cfg.output_dir)
     num_classes = dataset_info(cfg.dataset).num_classes
     split_size = len(build_dataset(cfg.dataset, cfg.data_dir, cfg.split, augment=False))  # type: ignore[arg-type]
     selected = select_indices(cfg, split_size)
@@ -486,8 +522,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
         todo = [i for i in selected if i not in done_before]
 
         tags = {"job": "certify", **({"train_run_id": train_run_id} if train_run_id else {})}
-        model_name = cfg.model_fn.rpartition(":")[2] if cfg.model_fn else Path(cfg.checkpoint).stem
-        run_name = f"certify-{model_name}-sigma{cfg.sigma:g}"
+        run_name = certify_run_name(cfg.model_fn or cfg.checkpoint, cfg.sigma)
         previous_run_id = previous_certify_run(out_dir, cfg.tracking_uri)
         with mlflow_run(cfg.experiment, run_name=run_name, tracking_uri=cfg.tracking_uri,
                         run_id=previous_run_id, tags=None if previous_run_id else tags) as run:
@@ -508,8 +543,9 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
             summary["images_certified_this_run"] = float(progress.done)
             if run_id:
                 log_metrics(mlflow_metrics(summary), step=len(table), tracking_uri=cfg.tracking_uri)
-                set_tags({"output_dir": str(out_dir.resolve())}, tracking_uri=cfg.tracking_uri)
-                log_artifact(out_dir, "results", tracking_uri=cfg.tracking_uri)
+                set_tags({"output_dir": storage.identity(out_dir)}, tracking_uri=cfg.tracking_uri)
+                if isinstance(out_dir, Path):  # object storage stays where it is; the tag points to it
+                    log_artifact(out_dir, "results", tracking_uri=cfg.tracking_uri)
     print(format_summary(summary, out_dir))
     return CertifyResult(output_dir=out_dir, summary=summary, mlflow_run_id=run_id,
                          images_certified=progress.done, samples_per_s=summary["samples_per_s"])
@@ -528,7 +564,7 @@ def _certify_images_or_job_error(*args: Any) -> _Progress:
 
 
 def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train_run_id: str | None,
-                    out_dir: Path, hooks: CertifyHooks, run_id: str | None,
+                    out_dir: Path | str, hooks: CertifyHooks, run_id: str | None,
                     given_pool: CertifyPool | None, train_sigma: float | None = None) -> _Progress:
     """The scheduling loop (steps 2-5 of the module docstring). Finished rows are written even when the
     loop stops on an exception (a hook's, a KeyboardInterrupt), so a re-run only redoes unfinished images."""
@@ -702,7 +738,7 @@ def _next_stage(cfg: CertifyConfig, image: _Image) -> list[ShardTask]:
     return wave
 
 
-def format_summary(summary: dict[str, float], out_dir: Path) -> str:
+def format_summary(summary: dict[str, float], out_dir: Path | str) -> str:
     """A short text table: certified accuracy per radius for CERTIFY and T-CERTIFY, ACR, abstain rates."""
     radii = [r for r in DEFAULT_RADII]
     head = "radius      " + " ".join(f"{r:>5.2f}" for r in radii) + "    ACR  abstain"
@@ -722,61 +758,32 @@ def format_summary(summary: dict[str, float], out_dir: Path) -> str:
 
 # -------------------------------------------------------------------------------------------------- CLI
 
-_FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--checkpoint", "checkpoint", str), ("--model-fn", "model_fn", str),
-    ("--dataset", "dataset", str), ("--data-dir", "data_dir", str),
-    ("--sigma", "sigma", float), ("--n0", "n0", int), ("--n", "n", int), ("--alpha", "alpha", float),
-    ("--skip", "skip", int), ("--start", "start", int), ("--max-images", "max_images", int),
-    ("--mode", "tcertify_mode", str), ("--grid", "grid", str), ("--actors", "num_actors", int),
-    ("--batch-size", "batch_size", int), ("--shard-size", "shard_size", int), ("--seed", "seed", int),
-    ("--output-dir", "output_dir", str), ("--experiment", "experiment", str),
-    ("--tracking-uri", "tracking_uri", str),
-    ("--pb-bound", "pb_bound", str), ("--skip-misclassified", "skip_misclassified", bool),
-    ("--early-abstain", "early_abstain", bool), ("--early-abstain-delta", "early_abstain_delta", float),
-    ("--early-abstain-wave", "early_abstain_wave", int), ("--n-policy", "n_policy", str),
-    ("--iss-max-radius-loss", "iss_max_radius_loss", float),
-)
+FLAG_NAMES: dict[str, str | tuple[str, ...]] = {"tcertify_mode": "--mode", "num_actors": "--actors"}
+"""Flags whose name is not the field's kebab-case name (that name works too). Every other top-level
+``CertifyConfig`` field gets ``--field-name`` automatically (``config.flags.add_field_flags``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="adre-ray certify",
-        description="PREDICT / CERTIFY / T-CERTIFY of a checkpoint on Ray actors (results as Parquet).")
-    parser.add_argument("--config", help="YAML file with CertifyConfig fields")
+        description="PREDICT / CERTIFY / T-CERTIFY of a checkpoint on Ray actors (results as Parquet). "
+                    "Settings come from --config, then --set, then the field flags (the last word wins).")
+    parser.add_argument("--config", help="YAML file with CertifyConfig fields (default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (YAML value), repeatable")
-    for flag, dest, kind in _FLAGS:
-        if kind is bool:  # a switch: present -> true (the config's default otherwise)
-            parser.add_argument(flag, dest=dest, action="store_true", default=None,
-                                help=f"config field {dest}")
-            continue
-        parser.add_argument(flag, dest=dest, type=kind, default=None,
-                            help=f"config field {dest}" + (" (comma-separated)" if dest == "grid" else ""))
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help="override a config field (YAML value), repeatable (default: none)")
+    add_field_flags(parser, CertifyConfig, FLAG_NAMES)
     parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     return parser
 
 
 def config_from_args(argv: Sequence[str]) -> CertifyConfig:
-    """YAML file, then ``--set`` overrides, then the convenience flags (the last word wins).
+    """YAML file, then ``--set`` overrides, then the field flags (the last word wins).
 
-    Flag values are passed on as JSON (valid YAML), so a path is never re-interpreted as YAML.
+    Flag values are text parsed by the field's type (``1e-5``, ``100_000``, ``null``, ``0.5,1.0``), never
+    as YAML, so a path is never re-interpreted.
     """
     args = build_parser().parse_args(list(argv))
-    overrides = list(args.set)
-    for _flag, dest, _kind in _FLAGS:
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        if dest == "grid":
-            try:
-                value = [float(v) for v in str(value).strip("[]() ").split(",") if v.strip()]
-            except ValueError:
-                raise ValueError(f"grid={getattr(args, dest)!r}: expected comma-separated numbers") from None
-        overrides.append(f"{dest}={json.dumps(value)}")
-    if args.no_progress:
-        overrides.append("progress=false")
-    return load_config(CertifyConfig, args.config, overrides)
+    return load_config(CertifyConfig, args.config, list(args.set), values=flag_values(args, CertifyConfig))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adre_ray import storage
 from adre_ray.analysis.output_folder import check_output_dir
 from adre_ray.config import load_config
+from adre_ray.config.flags import SuggestingParser, config_reference
 from adre_ray.config.train import TrainConfig
 from adre_ray.distributed._common import (
     ADDRESS_HELP,
@@ -375,8 +377,7 @@ def latest_checkpoint(run_path: str) -> Any | None:
     from ray.train import Checkpoint
 
     try:
-        fs, root = pafs.FileSystem.from_uri(run_path) if "://" in run_path else (pafs.LocalFileSystem(),
-                                                                                   run_path)
+        fs, root = storage.resolve(run_path) if "://" in run_path else (pafs.LocalFileSystem(), run_path)
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except (OSError, ValueError):
         return None
@@ -419,6 +420,9 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                           resources_per_worker=resources)
     fault_env = fault_worker_env(f"{run_kwargs['storage_path'].rstrip('/')}/{name}")
+    if storage.is_remote(run_kwargs["storage_path"]):  # honours $AWS_ENDPOINT_URL(_S3) like certify does
+        filesystem, inner = storage.resolve(run_kwargs["storage_path"])
+        run_kwargs.update(storage_filesystem=filesystem, storage_path=inner)
     if fault_env:
         run_kwargs["worker_runtime_env"] = {"env_vars": fault_env}
     if train_v2_enabled():  # Ray Train's own INFO lines (one per report and rank) only when verbose
@@ -577,13 +581,16 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adre-ray train",
+    parser = SuggestingParser(
+        prog="adre-ray train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a base classifier (Gaussian, ADRE_REG, SmoothAdv, ADRE_ADV) as DDP under "
-                    "Ray Train, tracked in MLflow.")
-    parser.add_argument("--config", help="YAML file with TrainConfig fields (see jobs/configs/train_*.yaml)")
+                    "Ray Train, tracked in MLflow.",
+        epilog="config keys (YAML file or --set KEY=VALUE):\n" + config_reference(TrainConfig))
+    parser.add_argument("--config", help="YAML file with TrainConfig fields (see jobs/configs/train_*.yaml; "
+                                         "default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field with a YAML value, e.g. loss.lam=0.2 (repeatable)")
+                        help="override a config field with a YAML value, e.g. loss.lam=0.2 (repeatable; "
+                             "default: none)")
     parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     return parser
 

@@ -24,9 +24,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
+from adre_ray import storage
 from adre_ray.data.info import dataset_info
 from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
 from adre_ray.models.registry import build_model, check_model_name
@@ -178,7 +180,11 @@ def save_model_checkpoint(path: str | Path, model: nn.Module, *, model_name: str
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """The checkpoint file for ``path`` (a file, or a directory holding ``model.pt``)."""
+    """The local checkpoint file for ``path`` (a file, or a directory holding ``model.pt``). ``path`` may
+    be a URI pyarrow opens (``s3://``, ``gs://``, ``file://``; see ``adre_ray.storage``): the file is then
+    downloaded to a local cache file first, and loaded from there as any other."""
+    if storage.is_uri(path):
+        return _remote_checkpoint_file(str(path))
     path = Path(path).expanduser()
     if path.is_dir():
         inner = path / CHECKPOINT_FILENAME
@@ -188,6 +194,21 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_file():
         raise ValueError(f"checkpoint={str(path)!r}: no such file or directory")
     return path
+
+
+def _remote_checkpoint_file(uri: str) -> Path:
+    try:
+        kind = storage.file_type(uri)
+        if kind == pafs.FileType.Directory:
+            inner = storage.join(uri, CHECKPOINT_FILENAME)
+            if storage.file_type(inner) != pafs.FileType.File:
+                raise ValueError(f"checkpoint={uri!r}: directory has no {CHECKPOINT_FILENAME}")
+            return storage.local_copy(inner)
+        if kind != pafs.FileType.File:
+            raise ValueError(f"checkpoint={uri!r}: no such file or directory")
+        return storage.local_copy(uri)
+    except OSError as err:
+        raise ValueError(f"checkpoint={uri!r}: cannot be read ({err})") from err
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,119 @@
+"""Command-line options generated from config fields (one source of truth for names, meanings, defaults).
+
+``add_field_flags(parser, CertifyConfig, names={"num_actors": "--actors"})`` adds one ``--kebab-case``
+flag per top-level field (a bool field gets ``--x / --no-x``), its help the field's ``config_field``
+meaning plus its default; ``flag_values(args, CertifyConfig)`` returns the flags given, as
+``load_config(..., values=...)`` takes them: text as typed, parsed by the field's type (``1e-5``,
+``100_000``, ``null``, ``a,b,c`` for a tuple), never as YAML. A field added to a config gets its flag
+with no other change. ``config_reference(TrainConfig)`` is the same text for every dotted key, for
+``--help`` epilogs of jobs configured by ``--set key=value``. ``SuggestingParser`` names the nearest
+option when one is mistyped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from adre_ray.config.base import _base_types, field_help
+
+FlagNames = Mapping[str, str | tuple[str, ...]]
+
+
+class SuggestingParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that adds "did you mean --x?" to an unknown or ambiguous option."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        match = re.search(r"unrecognized arguments: (\S+)", message)
+        if match:
+            typed = match.group(1).split("=", 1)[0]
+            close = difflib.get_close_matches(typed, list(self._option_string_actions), n=1, cutoff=0.6)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        super().error(message)
+
+
+def format_default(value: Any) -> str:
+    """A default as a user would type it: null, true / false, comma-separated lists."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(format_default(v) for v in value) or "[]"
+    if isinstance(value, dict):
+        return "{}" if not value else str(value)
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def field_text(cls: type, f: dataclasses.Field[Any]) -> str:
+    """``"<meaning> (default: <value>)"``."""
+    meaning = field_help(cls, f.name) or f.name.replace("_", " ")
+    return f"{meaning} (default: {format_default(field_default(f))})"
+
+
+def _flags_of(name: str, names: FlagNames) -> tuple[str, ...]:
+    chosen = names.get(name)
+    kebab = "--" + name.replace("_", "-")
+    if chosen is None:
+        return (kebab,)
+    chosen = (chosen,) if isinstance(chosen, str) else tuple(chosen)
+    return chosen + ((kebab,) if kebab not in chosen else ())
+
+
+def scalar_fields(cls: type, exclude: Iterable[str] = ()) -> list[dataclasses.Field[Any]]:
+    """Top-level fields of ``cls`` that are not sections (nested dataclasses) nor in ``exclude``."""
+    hints = typing.get_type_hints(cls)
+    skip = set(exclude)
+    return [f for f in dataclasses.fields(cls) if f.name not in skip
+            and not any(dataclasses.is_dataclass(b) for b in _base_types(hints[f.name]))]
+
+
+def add_field_flags(parser: argparse.ArgumentParser, cls: type, names: FlagNames | None = None,
+                    exclude: Iterable[str] = ()) -> None:
+    """One flag per top-level field of ``cls`` (``names`` renames some: field -> flag or flags; the
+    kebab-case name is kept as an alias). ``dest`` is the field name; unset flags stay None."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} fields (override --config and --set)")
+    for f in scalar_fields(cls, exclude):
+        flags = _flags_of(f.name, names or {})
+        text = field_text(cls, f).replace("%", "%%")
+        if _base_types(hints[f.name]) == (bool,):
+            group.add_argument(*flags, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                               help=text)
+        else:
+            group.add_argument(*flags, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+
+
+def flag_values(args: argparse.Namespace, cls: type, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The field flags given on the command line: field name -> value (text, or a bool)."""
+    return {f.name: getattr(args, f.name) for f in scalar_fields(cls, exclude)
+            if getattr(args, f.name, None) is not None}
+
+
+def config_reference(cls: type, prefix: str = "") -> str:
+    """Every dotted key of ``cls`` with its meaning and default, one per line (for --help epilogs)."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        nested = [b for b in _base_types(hints[f.name]) if dataclasses.is_dataclass(b)]
+        if nested:
+            lines.append(config_reference(nested[0], f"{prefix}{f.name}."))
+        else:
+            lines.append(f"  {prefix}{f.name:<{max(1, 26 - len(prefix))}} {field_text(cls, f)}")
+    return "\n".join(lines)

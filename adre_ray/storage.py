@@ -1,0 +1,174 @@
+"""Local paths and storage URIs (``s3://``, ``gs://``, ``file://``, ...) through pyarrow's filesystems.
+
+``resolve(path)`` gives ``(filesystem, path inside it)``: a local path -> ``LocalFileSystem`` and the
+absolute path; a URI -> ``pyarrow.fs.FileSystem.from_uri``. For ``s3://`` the endpoint comes from the
+URI's ``endpoint_override`` query, else ``$AWS_ENDPOINT_URL_S3``, else ``$AWS_ENDPOINT_URL`` (the AWS
+SDKs' variables; S3-compatible stores such as MinIO or a local test server), credentials and region from
+the usual ``AWS_*`` variables. No Ray, no hand-written clients.
+
+Object stores have no atomic rename, but a single object PUT is atomic: an object becomes visible whole
+or not at all (a multipart upload too, only when it is completed). ``write_bytes_atomic`` therefore
+writes a local file through a hidden temporary file + ``os.replace``, and an object with one PUT of the
+finished bytes (never a streamed upload that a failure could complete half-written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+TMP_SUFFIX = ".tmp"
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` (``file://`` included), False for a plain local path."""
+    text = str(path)
+    scheme = urlsplit(text).scheme
+    return "://" in text and len(scheme) > 1
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    """A URI other than ``file://`` (object storage or another remote filesystem)."""
+    return is_uri(path) and urlsplit(str(path)).scheme != "file"
+
+
+def endpoint_override() -> str | None:
+    """The S3 endpoint from ``$AWS_ENDPOINT_URL_S3`` or ``$AWS_ENDPOINT_URL`` (None: AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _with_endpoint(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.scheme not in ("s3", "s3a"):
+        return uri
+    query = dict(parse_qsl(parts.query))
+    endpoint = endpoint_override()
+    if endpoint and "endpoint_override" not in query:
+        query["endpoint_override"] = endpoint
+        if endpoint.startswith("http://"):
+            query.setdefault("scheme", "http")
+    return urlunsplit(("s3", parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+def resolve(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a URI; ``ValueError`` naming a bad URI."""
+    text = str(path)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(_with_endpoint(text))
+    except (ValueError, OSError) as err:  # pyarrow.ArrowInvalid is a ValueError
+        raise ValueError(f"path={text!r}: not a storage URI pyarrow can open ({err})") from err
+
+
+def join(base: str | os.PathLike[str], name: str) -> str:
+    """``base/name`` for a local path or a URI (a URI's query string is kept at the end)."""
+    text = str(base)
+    if not is_uri(text):
+        return str(Path(text).expanduser() / name)
+    parts = urlsplit(text)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/" + name, parts.query, ""))
+
+
+def identity(path: str | os.PathLike[str]) -> str:
+    """How a path is recorded (manifests, rows, MLflow): a URI as given, a local path made absolute."""
+    text = str(path)
+    return text if is_uri(text) else str(Path(text).expanduser().resolve())
+
+
+def file_type(path: str | os.PathLike[str]) -> pafs.FileType:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner).type
+
+
+def list_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Base names of the files directly in ``folder`` ([] when it does not exist)."""
+    fs, inner = resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as stream:
+        return stream.read()
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Make ``path`` hold ``data``, whole or not at all (see the module docstring)."""
+    if not is_remote(path):
+        target = Path(urlsplit(str(path)).path if is_uri(path) else path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return
+    fs, inner = resolve(path)
+    with fs.open_output_stream(inner) as stream:  # the bytes are all here: one PUT
+        stream.write(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def local_copy(path: str | os.PathLike[str]) -> Path:
+    """A local file with ``path``'s bytes: ``path`` itself when local, else a download into a per-URI
+    cache file under the temp folder (re-downloaded when the object's size or mtime changed)."""
+    if not is_uri(path):
+        return Path(path).expanduser()
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    if info.type != pafs.FileType.File:
+        raise ValueError(f"path={str(path)!r}: no such file")
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Path(inner)
+    key = hashlib.sha256(f"{path}|{info.size}|{info.mtime_ns}".encode()).hexdigest()[:24]
+    target = Path(tempfile.gettempdir()) / "adre_ray_cache" / key / info.base_name
+    if not (target.is_file() and target.stat().st_size == info.size):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+        try:
+            with fs.open_input_stream(inner) as stream, open(tmp, "wb") as handle:
+                while chunk := stream.read(1 << 22):
+                    handle.write(chunk)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return target
+
+
+STORAGE_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                    "GOOGLE_APPLICATION_CREDENTIALS")
+"""Variables that select and authenticate an object store; Ray jobs pass the driver's to their actors."""
+
+
+def storage_env() -> dict[str, str]:
+    """The driver's ``STORAGE_ENV_VARS`` that are set (for a Ray ``runtime_env``)."""
+    return {name: os.environ[name] for name in STORAGE_ENV_VARS if os.environ.get(name)}
