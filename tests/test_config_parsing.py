@@ -108,6 +108,8 @@ def test_bad_certify_values_refused_by_name_before_ray(monkeypatch, capsys, argv
     assert certify_job.main(["--checkpoint", "m.pt", *argv]) == 2
     err = capsys.readouterr().err
     assert f"error: {field}=" in err, err
+    if argv == ["--grid", "0.5,x"]:
+        assert f"error: grid={argv[1]!r}" in err, err  # the whole value as typed, not one element
 
 
 @pytest.mark.parametrize("override, field", [

@@ -362,9 +362,12 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
 
 
 def _error_value(data: Any, loc: Sequence[Any], fallback: Any) -> Any:
-    """The value the user gave at ``loc`` (pydantic reports the JSON-decoded one)."""
+    """The value the user gave for the field at ``loc`` (pydantic reports the JSON-decoded one, of one
+    list element): the whole field value, as the message names the field, not the element."""
     node = data
     for part in loc:
+        if isinstance(part, int):
+            break
         try:
             node = node[part]
         except (KeyError, IndexError, TypeError):
