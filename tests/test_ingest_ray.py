@@ -74,6 +74,14 @@ def test_loader_choice_and_split_files(imagenet_parquet, cifar10_dir):
     assert parquet_split_files(f"file://{imagenet_parquet}", "imagenet", "test")[0].startswith("/")
     with pytest.raises(ValueError, match="train_subset"):
         _cfg(imagenet_parquet, **{"data.train_subset": 200})
+    with pytest.raises(ValueError, match="data.train_subset=200: not supported for a URI"):
+        _cfg("s3://bucket/imagenet", **{"data.loader": "auto", "data.train_subset": 200})
+    with pytest.raises(ValueError, match="data.loader='torch': cannot read"):
+        _cfg("s3://bucket/imagenet", **{"data.loader": "torch"})
+    for field, bad in (("data.loader", "dali"), ("data.decode_cpus", -1), ("data.shuffle_buffer", -1),
+                       ("data.prefetch_batches", -1), ("data.decode_batch_size", 0)):
+        with pytest.raises(ValueError, match=field):
+            _cfg(imagenet_parquet, **{field: bad})
     with pytest.raises(ValueError, match="data.data_dir"):
         parquet_split_files(str(imagenet_parquet / "nothing"), "imagenet", "train")
 

@@ -240,8 +240,11 @@ class TrainConfig(JobConfig):
         check_choice("data.loader", d.loader, DATA_LOADERS)
         check(d.loader != "ray_data" or d.train_subset is None, "data.loader", d.loader,
               "does not support data.train_subset (use data.loader=torch)")
-        check(d.loader != "torch" or "://" not in d.data_dir or d.data_dir.startswith("file://"),
-              "data.loader", d.loader, f"cannot read data.data_dir={d.data_dir!r} (a URI: use ray_data)")
+        is_uri = "://" in d.data_dir and not d.data_dir.startswith("file://")
+        check(d.loader != "torch" or not is_uri, "data.loader", d.loader,
+              f"cannot read data.data_dir={d.data_dir!r} (a URI: use ray_data)")
+        check(not is_uri or d.train_subset is None, "data.train_subset", d.train_subset,
+              f"not supported for a URI data.data_dir={d.data_dir!r} (Ray Data input)")
         check_int_at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
         check_int_at_least("data.prefetch_batches", d.prefetch_batches, 0)
         check(_is_number(d.decode_cpus) and d.decode_cpus >= 0, "data.decode_cpus", d.decode_cpus,
