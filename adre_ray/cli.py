@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("adre_ray.distributed.train", "train a base classifier as DDP under Ray Train"),
     "certify": ("adre_ray.distributed.certify", "PREDICT / CERTIFY / T-CERTIFY on Ray actors"),
     "tune": ("adre_ray.distributed.tune", "Ray Tune search over lambda / epsilon / sigma / k / lr"),
+    "convert": ("adre_ray.distributed.convert", "ImageFolder tree -> Parquet shards, in parallel Ray tasks"),
     "analyze": ("adre_ray.analysis.report", "certified-accuracy tables and plots from results"),
     "demo": ("adre_ray.demo", "the end-to-end demo on one machine"),
     "import-checkpoint": ("adre_ray.models.import_cli",

@@ -190,3 +190,17 @@ def test_table1_mini_refuses_a_short_protocol_and_unknown_runs(bench):
         module.parse_args(["--epochs", "5"])
     with pytest.raises(SystemExit):
         module.parse_args(["--runs", "basic_s1.0"])
+
+
+def test_ingest_bytes_counter_sees_row_group_rereads(bench, tmp_path):
+    """benchmarks/ingest.py's torch-side byte count: a cache of one row group re-reads row groups on a
+    shuffled epoch; a cache holding the dataset reads each row group once (ratio to the image column's
+    compressed bytes exactly 1)."""
+    import pyarrow.parquet as pq
+
+    module = bench("ingest")
+    files = module.write_shards(module.synthetic_jpegs(48, size=(64, 48)), tmp_path / "train", 16, 8)
+    image_bytes = sum(pq.ParquetFile(f).metadata.row_group(g).column(0).total_compressed_size
+                      for f in files for g in range(pq.ParquetFile(f).metadata.num_row_groups))
+    assert module.torch_epoch_bytes(files, cache_bytes=2**30) == image_bytes
+    assert module.torch_epoch_bytes(files, cache_bytes=0) > 3 * image_bytes

@@ -33,6 +33,19 @@ def test_head_and_gpu_worker_types(cluster):
         assert node_type["node_config"]["InstanceType"]
 
 
+def test_cpu_only_ingest_worker_type(cluster):
+    """Ray Data's decode tasks get CPU-only nodes beside the GPU workers (issue 14)."""
+    node_types = cluster["available_node_types"]
+    cpu_only = {name: t for name, t in node_types.items() if name != cluster["head_node_type"]
+                and t.get("resources", {}).get("GPU", 0) == 0 and t.get("resources", {}).get("CPU", 0) > 0}
+    assert cpu_only, "no CPU-only worker type for ingest"
+    total = sum(t["max_workers"] for name, t in node_types.items() if name != cluster["head_node_type"])
+    assert total <= cluster["max_workers"]
+    for node_type in cpu_only.values():
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"]
+        assert node_type["node_config"]["InstanceType"]
+
+
 def test_installs_and_mounts_the_project(cluster):
     assert "." in cluster["file_mounts"].values(), "the project code is not mounted on the nodes"
     mount = next(remote for remote, local in cluster["file_mounts"].items() if local == ".")

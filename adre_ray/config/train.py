@@ -27,6 +27,7 @@ from adre_ray.config.base import (
 from adre_ray.config.tune import ValidationSection
 
 DATA_SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
+DATA_LOADERS = ("auto", "ray_data", "torch")
 
 ADVERSARIAL_LOSSES = ("smoothadv", "adre_adv")
 
@@ -59,6 +60,16 @@ class DataSection:
     subset_seed: int = config_field(0, "seed of both subsets")
     augment: bool = config_field(True, "random crop + flip on the training images")
     loader_workers: int = config_field(4, "DataLoader worker processes per training worker (0 = in-process)")
+    loader: str = config_field("auto", "training input: ray_data (Ray Data streaming from Parquet, local "
+                               "or URI) | torch (DataLoader) | auto (ray_data for ImageNet Parquet and URIs)")
+    shuffle_buffer: int = config_field(2000, "ray_data: rows in each worker's seeded local shuffle buffer "
+                                       "(0 = none; the file order is shuffled every epoch regardless)")
+    prefetch_batches: int = config_field(2, "ray_data: batches each worker prefetches")
+    decode_cpus: float = config_field(1.0, "ray_data: CPUs reserved per read / decode task (0 = share "
+                                      "the training workers' CPUs)")
+    decode_batch_size: int = config_field(64, "ray_data: images per decode task batch")
+    deterministic: bool = config_field(False, "ray_data: keep Ray Data's block order (preserve_order); "
+                                       "slower; augmentation draws stay unseeded")
 
 
 @dataclass
@@ -193,6 +204,20 @@ class TrainConfig(JobConfig):
         check_int_at_least("data.subset_seed", d.subset_seed, 0)
         _check_bool("data.augment", d.augment)
         check_int_at_least("data.loader_workers", d.loader_workers, 0)
+        check_choice("data.loader", d.loader, DATA_LOADERS)
+        check(d.loader != "ray_data" or d.train_subset is None, "data.loader", d.loader,
+              "does not support data.train_subset (use data.loader=torch)")
+        is_uri = "://" in d.data_dir and not d.data_dir.startswith("file://")
+        check(d.loader != "torch" or not is_uri, "data.loader", d.loader,
+              f"cannot read data.data_dir={d.data_dir!r} (a URI: use ray_data)")
+        check(not is_uri or d.train_subset is None, "data.train_subset", d.train_subset,
+              f"not supported for a URI data.data_dir={d.data_dir!r} (Ray Data input)")
+        check_int_at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
+        check_int_at_least("data.prefetch_batches", d.prefetch_batches, 0)
+        check(_is_number(d.decode_cpus) and d.decode_cpus >= 0, "data.decode_cpus", d.decode_cpus,
+              "must be a number >= 0")
+        check_int_at_least("data.decode_batch_size", d.decode_batch_size, 1)
+        _check_bool("data.deterministic", d.deterministic)
 
     def _validate_loss(self) -> None:
         loss = self.loss

@@ -56,7 +56,9 @@ TRAIN_CONFIG_KEY = "train_config"
 MLFLOW_RUN_ID_KEY = "mlflow_run_id"
 TRACKING_URI_KEY = "tracking_uri"
 RESUME_FROM_KEY = "resume_from"
-RESERVED_KEYS = (TRAIN_CONFIG_KEY, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, RESUME_FROM_KEY)
+LOADER_KEY = "loader"
+"""Loop-config key: the resolved training input, ``ray_data`` or ``torch`` (:func:`build_trainer` sets it)."""
+RESERVED_KEYS = (TRAIN_CONFIG_KEY, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, RESUME_FROM_KEY, LOADER_KEY)
 TRAIN_STATE_FILENAME = "train_state.pt"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 RUN_PATH_TAG = "adre_ray.train_path"
@@ -199,32 +201,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp_dtype = torch.bfloat16 if (on_gpu and cfg.run.amp) else None
     _seed_everything(cfg.run.seed, -1, 0)  # identical initial weights on every rank
 
-    # data: each worker trains on its DistributedSampler shard and evaluates a strided test shard
+    # data: each worker trains on its DistributedSampler shard (or its Ray Data shard) and evaluates a
+    # strided test shard
     data = cfg.data
     info = dataset_info(data.dataset)
-    first_on_node = context.get_local_rank() == 0
-    download_barrier = data.download and world_size > 1  # the first worker of each node downloads alone
-    if download_barrier and not first_on_node:
-        torch.distributed.barrier()
-    train_set = build_dataset(data.dataset, data.data_dir, "train", source=data.source, augment=data.augment,
-                              subset=data.train_subset, subset_seed=data.subset_seed, download=data.download)
-    test_set = build_dataset(data.dataset, data.data_dir, "test", source=data.source, augment=False,
-                             subset=data.test_subset, subset_seed=data.subset_seed, download=data.download)
-    if download_barrier and first_on_node:
-        torch.distributed.barrier()
-    test_shard = Subset(test_set, range(rank, len(test_set), world_size))  # type: ignore[arg-type]
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=cfg.run.seed, drop_last=False)
     batch = cfg.per_worker_batch_size
-    if len(sampler) < batch:
-        raise ValueError(f"batch_size={cfg.batch_size}: each of {world_size} workers gets {len(sampler)} "
-                         f"training images, fewer than its batch of {batch}")
     loader_kwargs: dict[str, Any] = dict(num_workers=data.loader_workers, pin_memory=on_gpu,
                                          persistent_workers=data.loader_workers > 0)
-    train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True, **loader_kwargs)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # keeps our sampler, moves to device
-    test_loader = DataLoader(test_shard, batch_size=batch, shuffle=False, **loader_kwargs)
-    steps_per_epoch = len(sampler) // batch
+    test_loader: Any = None
+    if config.get(LOADER_KEY) == "ray_data":  # adre_ray.distributed.ingest: batches streamed by Ray Data
+        from adre_ray.distributed.ingest import is_uri, worker_loaders
+
+        epoch_loader, steps_per_epoch, test_loader = worker_loaders(cfg, rank=rank, world_size=world_size,
+                                                                    device=device)
+        if not is_uri(data.data_dir):  # a local test split: the same seeded subset as the torch loader
+            test_set = build_dataset(data.dataset, data.data_dir, "test", source=data.source, augment=False,
+                                     subset=data.test_subset, subset_seed=data.subset_seed)
+    else:
+        first_on_node = context.get_local_rank() == 0
+        download_barrier = data.download and world_size > 1  # the first worker of each node downloads alone
+        if download_barrier and not first_on_node:
+            torch.distributed.barrier()
+        train_set = build_dataset(data.dataset, data.data_dir, "train", source=data.source,
+                                  augment=data.augment, subset=data.train_subset,
+                                  subset_seed=data.subset_seed, download=data.download)
+        test_set = build_dataset(data.dataset, data.data_dir, "test", source=data.source, augment=False,
+                                 subset=data.test_subset, subset_seed=data.subset_seed,
+                                 download=data.download)
+        if download_barrier and first_on_node:
+            torch.distributed.barrier()
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=cfg.run.seed, drop_last=False)
+        if len(sampler) < batch:
+            raise ValueError(f"batch_size={cfg.batch_size}: each of {world_size} workers gets {len(sampler)} "
+                             f"training images, fewer than its batch of {batch}")
+        train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
+                                  **loader_kwargs)
+        train_loader = ray.train.torch.prepare_data_loader(train_loader)  # keeps our sampler, moves to device
+
+        def epoch_loader(epoch: int) -> Any:
+            sampler.set_epoch(epoch)
+            return train_loader
+
+        steps_per_epoch = len(sampler) // batch
+    if test_loader is None:
+        test_shard = Subset(test_set, range(rank, len(test_set), world_size))  # type: ignore[arg-type]
+        test_loader = DataLoader(test_shard, batch_size=batch, shuffle=False, **loader_kwargs)
     if cfg.run.train_max_batches is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.run.train_max_batches)
 
@@ -263,7 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
         _seed_everything(cfg.run.seed, epoch, rank)
-        sampler.set_epoch(epoch)
+        train_loader = epoch_loader(epoch)
         loader = train_loader if fault is None else fault.wrap(train_loader, epoch=epoch, rank=rank)
         train_stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, device=device,
                                       epoch=epoch, amp_dtype=amp_dtype, max_batches=cfg.run.train_max_batches,
@@ -410,7 +432,14 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     resources: dict[str, float] = {"CPU": float(scaling.cpus_per_worker)}
     if scaling.use_gpu:
         resources["GPU"] = float(scaling.gpus_per_worker)
-    loop_config = {TRAIN_CONFIG_KEY: cfg.to_dict(), **dict(extra_loop_config or {})}
+    from adre_ray.distributed.ingest import build_data_config, build_ray_datasets, resolve_loader
+
+    loader = resolve_loader(cfg)
+    loop_config = {TRAIN_CONFIG_KEY: cfg.to_dict(), **dict(extra_loop_config or {}), LOADER_KEY: loader}
+    data_kwargs: dict[str, Any] = {}
+    if loader == "ray_data":  # Parquet streamed by Ray Data, decoded in CPU tasks
+        datasets = build_ray_datasets(cfg)
+        data_kwargs = dict(datasets=datasets, dataset_config=build_data_config(cfg, datasets))
     if resume_from is not None:
         loop_config[RESUME_FROM_KEY] = str(resume_from)
     run_kwargs: dict[str, Any] = dict(
@@ -438,6 +467,7 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(**scaling_kwargs),
         run_config=RunConfig(**run_kwargs),
+        **data_kwargs,
     )
 
 
@@ -465,7 +495,7 @@ def _checkpoint_uri(checkpoint: Any, run_path: str) -> str:
 
 def _check_local_data(cfg: TrainConfig) -> None:
     """On a local Ray (no cluster address), fail early with a ValueError if the data is not there."""
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") or "://" in cfg.data.data_dir:  # a URI: listed when the trainer is built
         return
     from adre_ray.data import build_dataset, resolve_source
 
