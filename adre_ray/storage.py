@@ -115,14 +115,14 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return
     fs, inner = resolve(path)
     with fs.open_output_stream(inner) as stream:  # the bytes are all here: one PUT
         stream.write(data)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)

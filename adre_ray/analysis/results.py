@@ -146,7 +146,7 @@ def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out_dir)
+    storage.fsync_dir(out_dir)
     return final
 
 
@@ -183,19 +183,6 @@ def _plain(value: Any) -> Any:
         return value.item()
     return value
 
-
-def _fsync_dir(path: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -382,7 +382,7 @@ def model_identity(cfg: CertifyConfig) -> str:
     ``model_fn:<module:function>``."""
     if cfg.model_fn is not None:
         return model_fn_identity(cfg.model_fn)
-    return str(Path(cfg.checkpoint).expanduser().resolve())
+    return storage.identity(cfg.checkpoint)
 
 
 def model_facts(cfg: CertifyConfig) -> tuple[float | None, str | None]:
