@@ -162,8 +162,8 @@ def test_two_trial_search_runs_to_the_end(ray_cluster, cifar10_dir: Path, mlflow
 def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluster, cifar10_dir, tmp_path,
                                                                       capsys, monkeypatch):
     """Issue 16. Kept last in the suite: a search run in-process can leave a trial's placement group on
-    the shared cluster for a while. Before: a re-run started over (both trials again) and left the old parent and child runs RUNNING;
-    ``--set run.tracking_uri`` was ignored (runs went to ./mlflow.db)."""
+    the shared cluster for a while. Before: a re-run started over (both trials again) and left the old
+    parent and child runs RUNNING; ``--set run.tracking_uri`` was ignored (runs went to ./mlflow.db)."""
     import json
     import signal
 
