@@ -171,14 +171,21 @@ def test_two_certify_jobs_at_once_both_finish_with_all_their_images(small_checkp
                             max_images=images[name], tracking_uri="none")
 
     first = _certify_process(args("a"), env, tmp_path / "a.log")
-    deadline = time.monotonic() + 240
-    while not (outs["a"] / "run.json").exists():  # written once job a has its Ray cluster
-        assert first.poll() is None, (tmp_path / "a.log").read_text()
-        assert time.monotonic() < deadline, "job a did not start"
-        time.sleep(0.5)
-    second = _certify_process(args("b"), env, tmp_path / "b.log")
-    for name, proc in (("a", first), ("b", second)):
-        assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()
+    jobs = {"a": first}
+    try:
+        deadline = time.monotonic() + 240
+        while not (outs["a"] / "run.json").exists():  # written once job a has its Ray cluster
+            assert first.poll() is None, (tmp_path / "a.log").read_text()
+            assert time.monotonic() < deadline, "job a did not start"
+            time.sleep(0.5)
+        jobs["b"] = _certify_process(args("b"), env, tmp_path / "b.log")
+        for name, proc in jobs.items():
+            assert proc.wait(timeout=300) == 0, (tmp_path / f"{name}.log").read_text()
+    finally:
+        for proc in jobs.values():  # a failed wait leaves no job behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     for name, out in outs.items():
         assert sorted(read_results(out).column("idx").to_pylist()) == [20 * i for i in range(images[name])]
 
