@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +155,67 @@ def test_two_trial_search_runs_to_the_end(ray_cluster, cifar10_dir: Path, mlflow
     assert parent.data.tags["best_trial_id"] == best_row["trial_id"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {TRIALS_FILENAME, BEST_CONFIG_FILENAME} <= artifacts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluster, cifar10_dir, tmp_path,
+                                                                      capsys, monkeypatch):
+    """Issue 16. Kept last in the suite: a search run in-process can leave a trial's placement group on
+    the shared cluster for a while. Before: a re-run started over (both trials again) and left the old
+    parent and child runs RUNNING; ``--set run.tracking_uri`` was ignored (runs went to ./mlflow.db)."""
+    import json
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    tune_main = main
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'tune.db'}"
+    out = tmp_path / "out"
+    args = ["--space", str(REPO / "tune_spaces" / "tiny_cpu.yaml"),
+            "--config", str(REPO / "jobs" / "configs" / "train_cifar10_small_cpu.yaml"),
+            "--output-dir", str(out), "--max-concurrent", "1",
+            "--set", f"data.data_dir={cifar10_dir}", "--set", f"run.tracking_uri={uri}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="r16", dir="/tmp"))  # its own Ray, not the test cluster
+    log = tmp_path / "first.log"
+    first = subprocess.Popen([sys.executable, "-m", "adre_ray.cli", "tune", *args], cwd=cwd, env=env,
+                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 400
+    try:
+        tune_dir = out / "tiny_cpu" / "tune"
+        while not any("approx_acr" in p.read_text() for p in tune_dir.rglob("result.json")):
+            assert first.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the first trial did not finish"
+            time.sleep(1.0)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        first.wait()
+    killed_at = time.time()
+    reports = [json.loads(line) for p in tune_dir.rglob("result.json") for line in p.read_text().splitlines()
+               if "approx_acr" in line]
+    done_before = {r["trial_id"] for r in reports}
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment_by_name("adre-tune") is not None  # the search's own store, not ./mlflow.db
+
+    assert tune_main(args) == 0
+    assert "resuming search 'tiny_cpu'" in capsys.readouterr().out
+    with (out / "tiny_cpu" / TRIALS_FILENAME).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(float(r["loss.lam"]) for r in rows) == [0.0, 0.2]
+    assert all(r["status"] == "COMPLETED" for r in rows), rows
+    for row in rows:  # the trial finished before the kill was kept, not trained again
+        assert (float(row["finished_at"]) < killed_at) == (row["trial_id"] in done_before), (row, done_before)
+    runs = client.search_runs([client.get_experiment_by_name("adre-tune").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("adre_ray.job") == "tune"]
+    children = [r for r in runs if r.data.tags.get("adre_ray.job") == "tune-trial"]
+    assert len(parents) == 1 and len(children) == 2, [(r.info.run_name, r.info.status) for r in runs]
+    assert {c.data.tags[TRIAL_ID_TAG] for c in children} == {r["trial_id"] for r in rows}
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert not (cwd / "mlflow.db").exists()
