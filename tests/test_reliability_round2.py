@@ -505,6 +505,33 @@ def test_analyze_refuses_a_folder_mixing_settings(second, named, tmp_path, capsy
     assert not (tmp_path / "report").exists()
 
 
+def test_analyze_reads_a_shortcut_folder_whose_rows_made_fewer_draws(tmp_path, capsys):
+    """A shortcut row's n is the draws it made (0 skipped, fewer stopped early or by ISS): not a second
+    setting. The folder analyzes, its table names the run's n, and a real mix of n is still refused."""
+    import json
+
+    from adre_ray.analysis.report import main as analyze
+    from adre_ray.analysis.results import SCHEMA_VERSION, write_part
+
+    skipped = _analysis_row(1, n=0, counts=[0] * 10, correct=False, correct_tcertify=False,
+                            certify_predict=-1, tcertify_predict=-1, radius_certify=0.0,
+                            radius_tcertify=0.0, shortcut="skipped_misclassified", samples_used=1000)
+    stopped = _analysis_row(2, n=200, counts=[191] + [1] * 9, correct=False, correct_tcertify=False,
+                            certify_predict=-1, tcertify_predict=-1, radius_certify=0.0,
+                            radius_tcertify=0.0, shortcut="early_abstain", samples_used=1200)
+    folder = tmp_path / "shortcuts"
+    write_part(folder, [_analysis_row(0), skipped, stopped])
+    manifest = {"sigma": 0.25, "n0": 1000, "n": 1000, "alpha": 0.001, "mode": "pilot",
+                "schema_version": SCHEMA_VERSION}
+    (folder / "run.json").write_text(json.dumps(manifest))
+    assert analyze([str(folder), "--output-dir", str(tmp_path / "report")]) == 0, capsys.readouterr().err
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| 1000 |" in table and "0/1000" not in table and "200" not in table.split("\n")[2]
+    write_part(folder, [_analysis_row(3, n=500, counts=[491] + [1] * 9)])  # a full row of another n
+    assert analyze([str(folder), "--output-dir", str(tmp_path / "report2")]) == 2
+    assert "rows mix n=1000, n=500" in capsys.readouterr().err
+
+
 def test_analyze_refuses_an_unknown_newer_schema_and_rows_that_contradict_run_json(tmp_path, capsys):
     """Before: a newer writer's folder was read as 0 % certified."""
     import json

@@ -40,6 +40,7 @@ from adre_ray.analysis.tables import (
     METHOD_CHOICES,
     TABLE_RADII,
     certified_accuracy_table,
+    setting_values,
     to_csv,
     to_markdown,
 )
@@ -148,7 +149,7 @@ def check_rows(table: pa.Table, name: str) -> None:
         raise ValueError(f"result={name!r}: rows with schema_version={versions[-1]}, newer than this "
                          f"adre-ray reads ({SCHEMA_VERSION}); upgrade adre-ray to analyze them")
     for column in SETTING_COLUMNS:
-        values = sorted({v for v in table.column(column).to_pylist() if v is not None}, key=str)
+        values = sorted(set(setting_values(table, column)), key=str)
         if len(values) > 1:
             shown = ", ".join(f"{column}={v!r}" for v in values[:5])
             raise ValueError(f"result={name!r}: rows mix {shown}; give each setting as its own result")
@@ -160,7 +161,7 @@ def check_rows_match_manifest(table: pa.Table, manifest: dict, name: str) -> Non
         if key not in manifest or manifest[key] is None:
             continue
         wanted = manifest[key]
-        for value in {v for v in table.column(column).to_pylist() if v is not None}:
+        for value in set(setting_values(table, column, fallback=False)):
             same = value == wanted or (isinstance(value, float) and isinstance(wanted, (int, float))
                                        and math.isclose(value, wanted, rel_tol=1e-12))
             if not same:

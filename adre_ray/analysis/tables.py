@@ -52,11 +52,29 @@ def selected_methods(method: str) -> tuple[str, ...]:
     return METHODS if method == "both" else (method,)
 
 
+def setting_values(table: Any, name: str, fallback: bool = True) -> list[Any]:
+    """The values of column ``name`` that describe the run's setting (None dropped).
+
+    For ``n`` only rows that made all their main draws count (``shortcut`` none or absent): a shortcut
+    row's ``n`` is the draws it made (0 when skipped, fewer when stopped early or chosen by ISS); when
+    every row took a shortcut, the largest ``n`` made stands for the run (``fallback``) or nothing does.
+    """
+    values = table.column(name).to_pylist()
+    if name == "n" and "shortcut" in table.column_names:
+        shortcuts = table.column("shortcut").to_pylist()
+        full = [v for v, s in zip(values, shortcuts, strict=True) if s in (None, "none")]
+        made = [v for v in values if v is not None]
+        keep_full = any(v is not None for v in full) or not fallback
+        values = full if keep_full else ([max(made)] if made else [])
+    return [v for v in values if v is not None]
+
+
 def distinct_values(table: Any, name: str) -> str:
-    """The distinct values of column ``name`` joined by '/', or '' when the column is absent."""
+    """The distinct setting values of column ``name`` joined by '/', or '' when the column is absent
+    (``setting_values``: a shortcut row's ``n`` is not the run's n)."""
     if name not in table.column_names:
         return ""
-    values = sorted({v for v in table.column(name).to_pylist() if v is not None})
+    values = sorted(set(setting_values(table, name)))
     return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
