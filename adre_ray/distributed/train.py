@@ -449,11 +449,13 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                           resources_per_worker=resources)
     fault_env = fault_worker_env(f"{run_kwargs['storage_path'].rstrip('/')}/{name}")
+    worker_env = dict(fault_env)
     if storage.is_remote(run_kwargs["storage_path"]):  # honours $AWS_ENDPOINT_URL(_S3) like certify does
         filesystem, inner = storage.resolve(run_kwargs["storage_path"])
         run_kwargs.update(storage_filesystem=filesystem, storage_path=inner)
-    if fault_env:
-        run_kwargs["worker_runtime_env"] = {"env_vars": fault_env}
+        worker_env.update(storage.storage_env())  # workers upload checkpoints with the driver's settings
+    if worker_env:
+        run_kwargs["worker_runtime_env"] = {"env_vars": worker_env}
     if train_v2_enabled():  # Ray Train's own INFO lines (one per report and rank) only when verbose
         from ray.train import LoggingConfig
 
