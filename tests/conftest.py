@@ -32,6 +32,20 @@ def ray_cluster():
 
 
 @pytest.fixture()
+def idle_ray_cluster(ray_cluster):
+    """The shared cluster once all its CPUs are free: Ray Data's read tasks need a whole CPU of the two,
+    and an earlier test's killed actors or finished trials free theirs a little after the test ends."""
+    import time
+
+    deadline = time.monotonic() + 60.0
+    total = ray_cluster.cluster_resources().get("CPU", 0)
+    while ray_cluster.available_resources().get("CPU", 0) < total:
+        assert time.monotonic() < deadline, f"CPUs still held after 60 s: {ray_cluster.available_resources()}"
+        time.sleep(0.5)
+    return ray_cluster
+
+
+@pytest.fixture()
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A fresh local SQLite MLflow store per test (embedded, no server)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

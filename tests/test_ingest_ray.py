@@ -101,7 +101,7 @@ def _first_labels(cfg: TrainConfig, batches: int = 2) -> list[list[int]]:
     return out
 
 
-def test_same_seed_same_first_batches(ray_cluster, imagenet_parquet):
+def test_same_seed_same_first_batches(idle_ray_cluster, imagenet_parquet):
     """With data.deterministic (preserve_order) the seeded file order and local shuffle buffer fix the
     batches; another seed gives others."""
     cfg = _cfg(imagenet_parquet, **{"data.deterministic": True, "data.augment": False})
@@ -132,7 +132,7 @@ def _record_labels_loop(config: dict) -> None:
 
 
 @pytest.mark.slow
-def test_two_workers_see_every_image_exactly_once(ray_cluster, imagenet_parquet, tmp_path):
+def test_two_workers_see_every_image_exactly_once(idle_ray_cluster, imagenet_parquet, tmp_path):
     import sys
 
     from ray import cloudpickle
@@ -159,7 +159,7 @@ def test_two_workers_see_every_image_exactly_once(ray_cluster, imagenet_parquet,
 
 
 @pytest.mark.slow
-def test_adre_ray_train_runs_on_ray_data(ray_cluster, imagenet_parquet, tmp_path, monkeypatch):
+def test_adre_ray_train_runs_on_ray_data(idle_ray_cluster, imagenet_parquet, tmp_path, monkeypatch):
     """The real training loop (train_loop_per_worker) on the Ray Data input: one worker, one epoch of
     ADRE_REG with small_cnn on 224 x 224 crops, capped at 2 batches; the noisy evaluation reads the local
     val split map-style."""
