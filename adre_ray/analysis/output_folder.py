@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from adre_ray import storage
+
 LOCK_NAME = ".adre_ray.lock"
 
 
@@ -29,16 +31,11 @@ class OutputFolderBusyError(ValueError):
     """Another live process holds the lock of the folder."""
 
 
-def _is_uri(folder: str | os.PathLike[str]) -> bool:
-    text = str(folder)
-    return "://" in text and not text.startswith("file://")
-
-
 def check_output_dir(folder: str | os.PathLike[str], field: str = "output_dir") -> None:
     """``ValueError`` naming ``folder`` if results could not be written there: the path (or a parent) is a
     file, the nearest existing folder is not writable, or its file system has no free space. Creates
     nothing. A URI with a scheme is not checked here (its store reports its own errors)."""
-    if _is_uri(folder):
+    if storage.is_remote(folder):
         return
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
@@ -82,7 +79,7 @@ def output_folder_lock(folder: str | os.PathLike[str], field: str = "output_dir"
     Raises ``OutputFolderBusyError`` (a ``ValueError``) naming the holder when a live process has it, and
     ``ValueError`` naming the folder when it cannot be created or written. For a URI yields None.
     """
-    if _is_uri(folder):
+    if storage.is_remote(folder):
         yield None
         return
     root = Path(folder).expanduser()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,6 @@ adre_ray.smoothing.sampler.NOISE_SCHEME)."""
 MANIFEST_NAME = "run.json"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
-TMP_SUFFIX = ".tmp"
 
 MANIFEST_FIELDS = ("checkpoint", "dataset", "split", "sigma", "n0", "n", "alpha", "seed", "mode", "grid",
                    "shard_size", "pb_bound", "skip_misclassified", "early_abstain", "early_abstain_delta",
@@ -128,26 +126,11 @@ def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table
     first = int(pc.min(table.column("idx")).as_py())
     token = uuid.uuid4().hex
     name = f"{PART_PREFIX}{first:09d}-{token}{PART_SUFFIX}"
-    if storage.is_uri(out_dir):
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer)  # complete in memory before anything is sent
-        storage.write_bytes_atomic(storage.join(out_dir, name), buffer.getvalue().to_pybytes())
-        return storage.join(out_dir, name)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / name
-    tmp = out_dir / f".{final.name}{TMP_SUFFIX}"
-    try:
-        with open(tmp, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    storage.fsync_dir(out_dir)
-    return final
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)  # complete in memory before anything is written
+    target = storage.join(out_dir, name)
+    storage.write_bytes_atomic(target, buffer.getvalue().to_pybytes())  # temp + rename, or one PUT
+    return target if storage.is_uri(out_dir) else Path(out_dir) / name
 
 
 def _rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:

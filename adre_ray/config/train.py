@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from adre_ray import storage
 from adre_ray.config.base import (
     DATASETS,
     LOSSES,
@@ -207,7 +208,7 @@ class TrainConfig(JobConfig):
         check_choice("data.loader", d.loader, DATA_LOADERS)
         check(d.loader != "ray_data" or d.train_subset is None, "data.loader", d.loader,
               "does not support data.train_subset (use data.loader=torch)")
-        is_uri = "://" in d.data_dir and not d.data_dir.startswith("file://")
+        is_uri = storage.is_remote(d.data_dir)
         check(d.loader != "torch" or not is_uri, "data.loader", d.loader,
               f"cannot read data.data_dir={d.data_dir!r} (a URI: use ray_data)")
         check(not is_uri or d.train_subset is None, "data.train_subset", d.train_subset,

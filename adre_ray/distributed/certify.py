@@ -398,18 +398,24 @@ def resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None]:
     Warns (``UserWarning``) when the certification sigma differs from the recorded training sigma: the
     certificate is valid at any sigma, but a model is usually accurate under its training noise only.
     """
+    cfg, train_run_id, _ = _resolve_settings(cfg)
+    return cfg, train_run_id
+
+
+def _resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None, float | None]:
+    """``resolve_settings`` plus the checkpoint's training sigma (None when unrecorded), from one read."""
     ckpt_sigma, train_run_id = model_facts(cfg)
     if cfg.sigma is not None and ckpt_sigma is not None and not math.isclose(cfg.sigma, ckpt_sigma):
         warnings.warn(f"sigma={cfg.sigma:g} differs from the sigma={ckpt_sigma:g} the checkpoint "
                       f"{cfg.checkpoint!r} was trained with (both are recorded in the rows: sigma, "
-                      "train_sigma)", UserWarning, stacklevel=2)
+                      "train_sigma)", UserWarning, stacklevel=3)
     if cfg.sigma is None:
         if ckpt_sigma is None:
             raise ValueError(f"sigma=None: checkpoint {cfg.checkpoint!r} records no training sigma; "
                              "set sigma")
         cfg = dataclasses.replace(cfg, sigma=ckpt_sigma)
         cfg.validate()
-    return cfg, train_run_id
+    return cfg, train_run_id, ckpt_sigma
 
 
 def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
@@ -507,8 +513,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     """
     cfg.validate()
     hooks = hooks or CertifyHooks()
-    cfg, train_run_id = resolve_settings(cfg)
-    train_sigma, _ = model_facts(cfg)
+    cfg, train_run_id, train_sigma = _resolve_settings(cfg)
     assert cfg.sigma is not None
     out_dir = output_location(cfg.output_dir)
     num_classes = dataset_info(cfg.dataset).num_classes

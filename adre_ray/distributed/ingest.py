@@ -32,17 +32,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from adre_ray import storage
 from adre_ray.config.train import TrainConfig
 
 TRAIN_KEY = "train"
 TEST_KEY = "test"
 _SPLIT_NAMES = {("cifar10", "train"): ("train",), ("cifar10", "test"): ("test",),
                 ("imagenet", "train"): ("train",), ("imagenet", "test"): ("val", "validation", "test")}
-
-
-def is_uri(path: str) -> bool:
-    """Whether ``path`` names a location through a filesystem scheme (``s3://``, ``gs://``, ...)."""
-    return "://" in path and not path.startswith("file://")
 
 
 def _pick_split(paths: list[str], root: str, names: tuple[str, ...]) -> list[str]:
@@ -65,7 +61,7 @@ def parquet_split_files(data_dir: str, dataset: str, split: str) -> list[str]:
     (the converter's), or ``<name>-*.parquet``, also under ``data/``. ``ValueError`` naming ``data_dir``
     when there are none."""
     names = _SPLIT_NAMES[(dataset, split)]
-    if not is_uri(data_dir):
+    if not storage.is_remote(data_dir):
         from adre_ray.data import parquet_files
 
         local = Path(data_dir.removeprefix("file://")).expanduser()
@@ -73,7 +69,7 @@ def parquet_split_files(data_dir: str, dataset: str, split: str) -> list[str]:
     else:
         import pyarrow.fs as pafs
 
-        fs, root = pafs.FileSystem.from_uri(data_dir)
+        fs, root = storage.resolve(data_dir)
         root = root.rstrip("/")
         try:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -98,7 +94,7 @@ def resolve_loader(cfg: TrainConfig) -> str:
         return data.loader
     if data.train_subset is not None:
         return "torch"
-    if is_uri(data.data_dir):
+    if storage.is_remote(data.data_dir):
         return "ray_data"
     if data.dataset != "imagenet" or data.source not in ("auto", "parquet"):
         return "torch"
@@ -133,7 +129,7 @@ def build_ray_datasets(cfg: TrainConfig) -> dict[str, Any]:
                          "(use data.loader=torch)")
     train_files = parquet_split_files(data.data_dir, data.dataset, "train")
     datasets = {TRAIN_KEY: _decoded(train_files, cfg, augment=data.augment, shuffle_seed=cfg.run.seed)}
-    if is_uri(data.data_dir):
+    if storage.is_remote(data.data_dir):
         test = _decoded(parquet_split_files(data.data_dir, data.dataset, "test"), cfg, augment=False,
                         shuffle_seed=None)
         datasets[TEST_KEY] = test.limit(data.test_subset) if data.test_subset is not None else test
@@ -184,12 +180,11 @@ class ShardLoader:
 
 def parquet_row_count(files: list[str]) -> int:
     """Rows of ``files`` (local paths or URIs), from their footers only."""
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     total = 0
     for path in files:
-        fs, inner = pafs.FileSystem.from_uri(path) if is_uri(path) else (None, path)
+        fs, inner = storage.resolve(path) if storage.is_remote(path) else (None, path)
         total += pq.read_metadata(inner, filesystem=fs).num_rows
     return total
 
@@ -216,7 +211,7 @@ def worker_loaders(cfg: TrainConfig, *, rank: int, world_size: int, device: Any
                            seed=rng_seed(cfg.run.seed, epoch, rank), drop_last=True, **common)
 
     test_loader = None
-    if is_uri(data.data_dir):
+    if storage.is_remote(data.data_dir):
         test_loader = ShardLoader(ray.train.get_dataset_shard(TEST_KEY), batches=0, shuffle_buffer=0,
                                   seed=None, drop_last=False, **common)
     return epoch_loader, per_worker // batch, test_loader

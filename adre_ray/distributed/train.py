@@ -31,7 +31,7 @@ from typing import Any
 
 from adre_ray import storage
 from adre_ray.analysis.output_folder import check_output_dir
-from adre_ray.config import load_config
+from adre_ray.config import flatten, load_config
 from adre_ray.config.flags import SuggestingParser, config_reference
 from adre_ray.config.train import TrainConfig
 from adre_ray.distributed._common import (
@@ -210,11 +210,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                          persistent_workers=data.loader_workers > 0)
     test_loader: Any = None
     if config.get(LOADER_KEY) == "ray_data":  # adre_ray.distributed.ingest: batches streamed by Ray Data
-        from adre_ray.distributed.ingest import is_uri, worker_loaders
+        from adre_ray.distributed.ingest import worker_loaders
 
         epoch_loader, steps_per_epoch, test_loader = worker_loaders(cfg, rank=rank, world_size=world_size,
                                                                     device=device)
-        if not is_uri(data.data_dir):  # a local test split: the same seeded subset as the torch loader
+        if not storage.is_remote(data.data_dir):  # a local test split: the torch loader's seeded subset
             test_set = build_dataset(data.dataset, data.data_dir, "test", source=data.source, augment=False,
                                      subset=data.test_subset, subset_seed=data.subset_seed)
     else:
@@ -530,14 +530,9 @@ optimizer, the rest of the schedule, seed, amp, training data) would silently mi
 run: refused."""
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
+def _flat(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``flatten`` with tuples as lists (a stored config holds lists where a live one holds tuples)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in flatten(data).items()}
 
 
 def check_resume_settings(cfg: TrainConfig, checkpoint: Any, where: str) -> None:

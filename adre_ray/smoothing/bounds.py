@@ -96,13 +96,9 @@ def cp_upper(N: int, n: int, beta: float) -> float:
 # PB_BOUNDS: ``sum`` = eq. 14 (``pB_upper``), ``max`` = CP bound of the largest other count.
 
 
-def pB_upper_max(other_counts: Sequence[int] | np.ndarray, n: int, beta: float) -> float:
-    """cp_upper(max_j N_j, n, beta): inf { p : P(Bin(n, p) <= max_j N_j) <= beta }.
-
-    Guarantee: P(pB_upper_max < max_j p_j) <= beta (see the module docstring), and it is <= ``pB_upper``
-    on the same counts and level. Edge cases as ``pB_upper``: no other classes -> 0; ``beta <= 0`` -> 1;
-    ``beta >= 1`` -> 0.
-    """
+def _check_runner_up_args(other_counts: Sequence[int] | np.ndarray, n: int,
+                          beta: float) -> tuple[int, np.ndarray, float]:
+    """(n, counts array, float beta) of a runner-up bound's arguments; ``ValueError`` naming a bad one."""
     n = _check_n(n)
     counts = as_count_array("other_counts", other_counts)
     if counts.size and counts.max() > n:
@@ -110,13 +106,24 @@ def pB_upper_max(other_counts: Sequence[int] | np.ndarray, n: int, beta: float) 
                          f"(found {int(counts.max())})")
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or math.isnan(beta):
         raise ValueError(f"beta={beta!r}: must be a number")
+    return n, counts, float(beta)
+
+
+def pB_upper_max(other_counts: Sequence[int] | np.ndarray, n: int, beta: float) -> float:
+    """cp_upper(max_j N_j, n, beta): inf { p : P(Bin(n, p) <= max_j N_j) <= beta }.
+
+    Guarantee: P(pB_upper_max < max_j p_j) <= beta (see the module docstring), and it is <= ``pB_upper``
+    on the same counts and level. Edge cases as ``pB_upper``: no other classes -> 0; ``beta <= 0`` -> 1;
+    ``beta >= 1`` -> 0.
+    """
+    n, counts, beta = _check_runner_up_args(other_counts, n, beta)
     if counts.size == 0:
         return 0.0
     if beta <= 0:
         return 1.0
     if beta >= 1:
         return 0.0
-    return cp_upper(int(counts.max()), n, float(beta))
+    return cp_upper(int(counts.max()), n, beta)
 
 
 def runner_up_upper(other_counts: Sequence[int] | np.ndarray, n: int, beta: float, bound: str) -> float:
@@ -141,14 +148,7 @@ def pB_upper(other_counts: Sequence[int] | np.ndarray, n: int, beta: float) -> f
     <= beta / m), then solved by Brent's method to ~1e-15 and rounded up so that S(result) <= beta.
     Equal counts are grouped, so 1,000 classes cost a handful of vectorized CDF calls per iteration.
     """
-    n = _check_n(n)
-    counts = as_count_array("other_counts", other_counts)
-    if counts.size and counts.max() > n:
-        raise ValueError(f"other_counts={_short(other_counts)}: counts must be <= n={n} "
-                         f"(found {int(counts.max())})")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or math.isnan(beta):
-        raise ValueError(f"beta={beta!r}: must be a number")
-    beta = float(beta)
+    n, counts, beta = _check_runner_up_args(other_counts, n, beta)
     m = int(counts.size)
     if m == 0:
         return 0.0
