@@ -78,6 +78,8 @@ class FaultKill:
         with os.fdopen(fd, "w") as handle:
             handle.write(f"epoch={self.epoch},rank={self.rank},batch={self.batch}\n")
         _wait_for_reports_collected()
+        if self.epoch > 0:
+            _wait_for_checkpoint_registered(Path(self.marker).parent, self.epoch - 1)
         print(f"[adre-ray train] fault injection: rank {self.rank} exits in epoch {self.epoch} "
               f"before batch {self.batch}", file=sys.__stdout__ or sys.stdout, flush=True)
         os._exit(1)
@@ -111,6 +113,25 @@ def _wait_for_reports_collected(timeout_s: float = 60.0) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while not result_queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _wait_for_checkpoint_registered(run_folder: Path, epoch: int, timeout_s: float = 60.0) -> None:
+    """Block until the controller's checkpoint record in ``run_folder`` (Ray Train's
+    ``checkpoint_manager_snapshot.json``, written when it registers a checkpoint) lists epoch ``epoch``'s
+    checkpoint: an empty result queue means the report was taken, not yet that its checkpoint is the one
+    a restarted worker group resumes from."""
+    from adre_ray.distributed.train import CHECKPOINT_PREFIX
+
+    wanted = f'"{CHECKPOINT_PREFIX}{epoch:06d}"'
+    snapshot = run_folder / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if wanted in snapshot.read_text():
+                return
+        except OSError:  # not written yet
+            pass
         time.sleep(0.1)
 
 
