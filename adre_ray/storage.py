@@ -19,7 +19,7 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -36,6 +36,21 @@ def is_uri(path: str | os.PathLike[str]) -> bool:
 def is_remote(path: str | os.PathLike[str]) -> bool:
     """A URI other than ``file://`` (object storage or another remote filesystem)."""
     return is_uri(path) and urlsplit(str(path)).scheme != "file"
+
+
+def local_path(path: str | os.PathLike[str]) -> Path:
+    """The canonical local path of a plain path or a ``file://`` URI: ``~`` expanded, made absolute,
+    symlinks and ``..`` resolved, no trailing slash. Two spellings of one folder give one path.
+    ``ValueError`` for a remote URI (it has no local path)."""
+    text = str(path)
+    if is_remote(text):
+        raise ValueError(f"path={text!r}: a remote URI has no local path")
+    if is_uri(text):
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"path={text!r}: a file:// URI of another host ({parts.netloc!r})")
+        text = unquote(parts.path)
+    return Path(text).expanduser().resolve()
 
 
 def endpoint_override() -> str | None:

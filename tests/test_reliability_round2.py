@@ -174,7 +174,7 @@ def test_two_certify_jobs_at_once_both_finish_with_all_their_images(small_checkp
     jobs = {"a": first}
     try:
         deadline = time.monotonic() + 240
-        while not (outs["a"] / "run.json").exists():  # written once job a has its Ray cluster
+        while not (outs["a"] / "_run.json").exists():  # written once job a has its Ray cluster
             assert first.poll() is None, (tmp_path / "a.log").read_text()
             assert time.monotonic() < deadline, "job a did not start"
             time.sleep(0.5)
@@ -234,7 +234,7 @@ def test_second_certify_into_a_busy_folder_is_refused_naming_the_holder(ray_clus
                                                   tracking_uri="none")])
         err = capsys.readouterr().err
         assert code == 2 and f"in use by another run (pid {holder.pid} on" in err, err
-        assert part_files(out) == [] and not (out / "run.json").exists()
+        assert part_files(out) == [] and not (out / "_run.json").exists()
     finally:
         holder.kill()
         holder.wait()
@@ -553,6 +553,6 @@ def test_analyze_refuses_an_unknown_newer_schema_and_rows_that_contradict_run_js
     assert f"run.json: schema_version={newer} is newer" in capsys.readouterr().err
     (folder / "run.json").write_text(json.dumps({**manifest, "sigma": 0.5, "schema_version": SCHEMA_VERSION}))
     assert analyze([str(folder), "--output-dir", str(tmp_path / "r3")]) == 2
-    assert "rows have sigma=0.25 but run.json says sigma=0.5" in capsys.readouterr().err
+    assert "rows have sigma=0.25 but its manifest says sigma=0.5" in capsys.readouterr().err
     (folder / "run.json").write_text(json.dumps({**manifest, "schema_version": SCHEMA_VERSION}))
     assert analyze([str(folder), "--output-dir", str(tmp_path / "r4")]) == 0  # control: consistent

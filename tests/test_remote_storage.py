@@ -141,7 +141,7 @@ def test_readme_cluster_certify_line_on_s3_certifies_and_resumes(s3_endpoint, ra
     assert seen[-1].images_certified == 1 and completed_indices(output) == {0, 1000, 2000}
     rows = read_results(output)
     assert rows.column("checkpoint").to_pylist() == [checkpoint] * 3
-    assert all(name.endswith(".parquet") or name == "run.json" for name in storage.list_files(output))
+    assert all(name.endswith(".parquet") or name == "_run.json" for name in storage.list_files(output))
     capsys.readouterr()
     assert cli.main(["analyze", output, "--output-dir", str(tmp_path / "analysis"), "--no-log-mlflow"]) == 0
     assert (tmp_path / "analysis" / "table.md").is_file()

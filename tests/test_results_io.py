@@ -176,7 +176,7 @@ def test_manifest_without_noise_scheme_is_scheme_1(tmp_path):
 
 def test_parts_without_manifest_are_refused(tmp_path):
     write_part(tmp_path, [make_row(1)])
-    with pytest.raises(ValueError, match="no run.json"):
+    with pytest.raises(ValueError, match="no _run.json"):
         ensure_manifest(tmp_path, SETTINGS)
     assert part_files(tmp_path) and not (tmp_path / MANIFEST_NAME).exists()
 

@@ -26,6 +26,9 @@ from adre_ray import storage
 
 LOCK_NAME = ".adre_ray.lock"
 
+_HELD: dict[str, int] = {}
+"""Canonical folders whose lock this process holds, with the nesting depth."""
+
 
 class OutputFolderBusyError(ValueError):
     """Another live process holds the lock of the folder."""
@@ -37,7 +40,7 @@ def check_output_dir(folder: str | os.PathLike[str], field: str = "output_dir") 
     nothing. A URI with a scheme is not checked here (its store reports its own errors)."""
     if storage.is_remote(folder):
         return
-    path = Path(folder).expanduser()
+    path = storage.local_path(folder)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{field}={str(folder)!r}: is a file, not a folder")
     existing = path
@@ -77,13 +80,24 @@ def output_folder_lock(folder: str | os.PathLike[str], field: str = "output_dir"
     """Hold the folder's lock for the ``with`` body (creating the folder if needed); yields the lock file.
 
     Raises ``OutputFolderBusyError`` (a ``ValueError``) naming the holder when a live process has it, and
-    ``ValueError`` naming the folder when it cannot be created or written. For a URI yields None.
+    ``ValueError`` naming the folder when it cannot be created or written. For a remote URI yields None.
+
+    The folder is named by its canonical local path (``storage.local_path``): a plain path, a relative
+    one, a trailing slash, a symlink and a ``file://`` URI of one folder are one lock. Re-entrant within
+    a process (a nested ``with`` on the same folder holds the lock already and yields the same file).
     """
     if storage.is_remote(folder):
         yield None
         return
-    root = Path(folder).expanduser()
+    root = storage.local_path(folder)
     path = root / LOCK_NAME
+    if str(root) in _HELD:
+        _HELD[str(root)] += 1
+        try:
+            yield path
+        finally:
+            _HELD[str(root)] -= 1
+        return
     try:
         root.mkdir(parents=True, exist_ok=True)
         while True:
@@ -107,9 +121,11 @@ def output_folder_lock(folder: str | os.PathLike[str], field: str = "output_dir"
         os.write(fd, (json.dumps(info) + "\n").encode())
     except OSError as err:
         raise _os_error(root, field, err) from err
+    _HELD[str(root)] = 1
     try:
         yield path
     finally:
+        del _HELD[str(root)]
         try:
             path.unlink(missing_ok=True)  # unlink first, then unlock: see the samestat check above
         finally:

@@ -35,7 +35,14 @@ from adre_ray import storage
 from adre_ray.analysis.metrics import METHODS, check_radii, methods_present, mlflow_metrics, summarize
 from adre_ray.analysis.plots import plot_certified_accuracy, plot_certify_vs_tcertify
 from adre_ray.analysis.published_logs import is_certify_log, read_certify_log
-from adre_ray.analysis.results import MANIFEST_NAME, SCHEMA_VERSION, part_files, read_manifest, read_results
+from adre_ray.analysis.results import (
+    MANIFEST_FIELDS,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    part_files,
+    read_manifest,
+    read_results,
+)
 from adre_ray.analysis.tables import (
     METHOD_CHOICES,
     TABLE_RADII,
@@ -76,6 +83,10 @@ class LoadedResult:
     run_id: str | None = None
     kind: str = "parquet"
     """"parquet" (certification results) or "certify_log" (a published CERTIFY log)."""
+    sources: tuple[str, ...] = ()
+    """The files or folders the rows were read from."""
+    skipped: tuple[str, ...] = ()
+    """MLflow artifact folders below the RESULT that were not read."""
 
 
 def parse_run_spec(spec: str) -> tuple[str, str] | None:
@@ -90,40 +101,115 @@ def parse_run_spec(spec: str) -> tuple[str, str] | None:
     return None
 
 
-def read_result_path(path: str | Path, spec: str | None = None) -> pa.Table:
+MLFLOW_STORE_FOLDERS = ("mlartifacts", "mlruns")
+"""Folders where MLflow keeps artifact copies (a SQLite store's ``mlartifacts/``, a file store's
+``mlruns/``): a search for results below a folder never enters them, so a logged copy is not read as a
+second result."""
+
+
+@dataclass(frozen=True)
+class ResultRead:
+    """The rows of one RESULT, the folders or files they were read from, and the MLflow artifact folders
+    that were left out."""
+
+    table: pa.Table
+    sources: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+
+def find_result_sources(root: Path) -> tuple[list[Path], list[Path]]:
+    """(result folders and loose Parquet files below ``root``, MLflow artifact folders not entered).
+
+    A folder holding parts or a manifest is one result: what lies below it is not searched. Hidden
+    folders and files (``.``, ``_``) are skipped, as Parquet readers do."""
+    found: list[Path] = []
+    skipped: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here != root and (part_files(here) or read_manifest(here) is not None):
+            found.append(here)
+            dirnames[:] = []
+            continue
+        skipped += [here / d for d in sorted(dirnames) if d in MLFLOW_STORE_FOLDERS]
+        dirnames[:] = sorted(d for d in dirnames if d not in MLFLOW_STORE_FOLDERS and not d.startswith((".", "_")))
+        found += [here / f for f in sorted(filenames) if f.endswith(".parquet") and not f.startswith((".", "_"))]
+    return sorted(found), skipped
+
+
+def read_result_path(path: str | Path, spec: str | None = None) -> ResultRead:
     """Every result row under ``path``: a Parquet file, a folder of parts, or a folder holding such
-    folders or files (an MLflow download), local or at a URI pyarrow opens (``s3://``, ``gs://``,
-    ``file://``: a Parquet file or a folder of parts). ``ValueError`` naming ``spec`` (or the path) when
+    folders or files (an MLflow download, a demo output folder), local or at a URI pyarrow opens
+    (``s3://``, ``gs://``, ``file://``: a Parquet file or a folder of parts).
+
+    Rows of different checkpoints or runs are never pooled: several result folders below ``path`` are
+    read as one result only when they hold one run (same checkpoint and settings, no image twice),
+    else ``ValueError`` names them and how to give them as separate RESULTs. MLflow's artifact copies
+    (``mlartifacts/``, ``mlruns/``) are not read. ``ValueError`` naming ``spec`` (or the path) when
     nothing is there or no rows are found."""
+    name = spec if spec is not None else str(path)
     if storage.is_uri(path):
         table = read_results(str(path))
-        if table.num_rows == 0:
-            raise ValueError(f"result={spec or str(path)!r}: no result rows found "
-                             "(expected the Parquet parts of a certification run)")
-        return table
-    path = Path(path)
-    name = spec if spec is not None else str(path)
-    if not path.exists():
-        raise ValueError(f"result={name!r}: no such file or directory")
-    if path.is_file() or part_files(path):
-        table = read_results(path)
+        sources: list[str] = [str(path)]
+        skipped: list[Path] = []
+        manifests: list[dict] = []
     else:
-        files = sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
-        tables = [read_results(f) for f in files]
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"result={name!r}: no such file or directory")
+        if path.is_file() or part_files(path) or read_manifest(path) is not None:
+            found, skipped = [path], []
+        else:
+            found, skipped = find_result_sources(path)
+        tables = [read_results(f) for f in found]
+        manifests = []
+        for folder in (f for f in found if f.is_dir()):
+            if (manifest := read_manifest(folder)) is not None:
+                check_manifest(manifest, str(folder / MANIFEST_NAME))
+                manifests.append(manifest)
+        check_one_run(name, found, tables)
+        sources = [str(f) for f in found]
         table = pa.concat_tables(tables, promote_options="default") if tables else None
-        if table is not None:
+        if table is not None and len(tables) > 1:
             table = table.take(pc.sort_indices(table, sort_keys=[("idx", "ascending")]))
     if table is None or table.num_rows == 0:
         raise ValueError(f"result={name!r}: no result rows found "
                          "(expected the Parquet parts of a certification run)")
-    manifests = [path] if path.is_dir() and read_manifest(path) is not None else \
-        sorted(m.parent for m in path.rglob(MANIFEST_NAME)) if path.is_dir() else []
-    for folder in manifests:
-        check_manifest(read_manifest(folder) or {}, str(folder / MANIFEST_NAME))
     check_rows(table, name)
-    if len(manifests) == 1:
-        check_rows_match_manifest(table, read_manifest(manifests[0]) or {}, name)
-    return table
+    if manifests and all(_same_settings(m, manifests[0]) for m in manifests):
+        check_rows_match_manifest(table, manifests[0], name)
+    return ResultRead(table, tuple(sources), tuple(str(s) for s in skipped))
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in MANIFEST_FIELDS)
+
+
+def check_one_run(name: str, found: Sequence[Path], tables: Sequence[pa.Table]) -> None:
+    """``ValueError`` when the result sources ``found`` under one RESULT are not one run: rows of several
+    checkpoints, folders whose manifests differ, or an image in two of them. The message names the
+    sources and says how to give them as separate RESULTs."""
+    if len(found) < 2:
+        return
+    checkpoints = {str(f): sorted({c for c in t.column("checkpoint").to_pylist() if c is not None})
+                   for f, t in zip(found, tables, strict=True)}
+    manifests = [read_manifest(f) for f in found if f.is_dir()]
+    how = (f"give each as its own RESULT with a --label, e.g. adre-ray analyze "
+           f"{' '.join(str(f) for f in found)} " + " ".join(f"--label NAME{i + 1}" for i in range(len(found))))
+    if len({c for cs in checkpoints.values() for c in cs}) > 1:
+        shown = "; ".join(f"{f}: {', '.join(cs) or 'no checkpoint recorded'}" for f, cs in checkpoints.items())
+        raise ValueError(f"result={name!r} holds results of different checkpoints ({shown}); they are not "
+                         f"pooled into one row: {how}")
+    present = [m for m in manifests if m is not None]
+    if len(present) != len(manifests) or any(not _same_settings(m, present[0]) for m in present):
+        raise ValueError(f"result={name!r} holds {len(found)} runs with different settings "
+                         f"({', '.join(str(f) for f in found)}); they are not pooled into one row: {how}")
+    seen: dict[int, str] = {}
+    for source, table in zip(found, tables, strict=True):
+        for idx in table.column("idx").to_pylist():
+            if idx in seen and seen[idx] != str(source):
+                raise ValueError(f"result={name!r}: idx={idx} is in both {seen[idx]} and {source} (a copy of "
+                                 f"one run?); it is not counted twice: {how}")
+            seen[idx] = str(source)
 
 
 SETTING_COLUMNS = ("sigma", "n0", "n", "alpha", "tcertify_mode")
@@ -148,6 +234,11 @@ def check_rows(table: pa.Table, name: str) -> None:
     if versions and versions[-1] > SCHEMA_VERSION:
         raise ValueError(f"result={name!r}: rows with schema_version={versions[-1]}, newer than this "
                          f"adre-ray reads ({SCHEMA_VERSION}); upgrade adre-ray to analyze them")
+    checkpoints = sorted({c for c in table.column("checkpoint").to_pylist() if c is not None})
+    if len(checkpoints) > 1:
+        raise ValueError(f"result={name!r}: rows of {len(checkpoints)} checkpoints ({', '.join(checkpoints[:5])}) "
+                         "are not pooled into one row; give each checkpoint's rows as its own RESULT "
+                         "(with --label NAME for each)")
     for column in SETTING_COLUMNS:
         values = sorted(set(setting_values(table, column)), key=str)
         if len(values) > 1:
@@ -165,7 +256,7 @@ def check_rows_match_manifest(table: pa.Table, manifest: dict, name: str) -> Non
             same = value == wanted or (isinstance(value, float) and isinstance(wanted, (int, float))
                                        and math.isclose(value, wanted, rel_tol=1e-12))
             if not same:
-                raise ValueError(f"result={name!r}: rows have {column}={value!r} but run.json says "
+                raise ValueError(f"result={name!r}: rows have {column}={value!r} but its manifest says "
                                  f"{key}={wanted!r}")
 
 
@@ -198,15 +289,17 @@ def load_result(spec: str, *, tracking_uri: str, download_dir: Path) -> LoadedRe
     if parsed is None:
         path = Path(spec)
         if is_certify_log(path):
-            return LoadedResult(spec, read_certify_log(path), path.stem or path.name, kind="certify_log")
+            return LoadedResult(spec, read_certify_log(path), path.stem or path.name, kind="certify_log",
+                                sources=(str(path),))
         label = path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
-        source = spec if storage.is_uri(spec) else path
-        return LoadedResult(spec, read_result_path(source, spec), label or str(path))
+        read = read_result_path(spec if storage.is_uri(spec) else path, spec)
+        return LoadedResult(spec, read.table, label or str(path), sources=read.sources, skipped=read.skipped)
     run_id, artifact_path = parsed
     dst = download_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", run_id)
     dst.mkdir(parents=True, exist_ok=True)
     local, run_name = _download_run(run_id, artifact_path, spec, tracking_uri, dst)
-    return LoadedResult(spec, read_result_path(local, spec), run_name, run_id)
+    read = read_result_path(local, spec)
+    return LoadedResult(spec, read.table, run_name, run_id, sources=(spec,), skipped=read.skipped)
 
 
 def apply_sigmas(results: Sequence[LoadedResult], sigmas: Sequence[float] | None) -> list[LoadedResult]:
@@ -356,6 +449,10 @@ def run_analysis(args: argparse.Namespace) -> str:
                    for spec in args.results]
     results = apply_sigmas(results, getattr(args, "sigma", None))
     labels = unique_labels(args.label if args.label is not None else [r.default_label for r in results])
+    for label, result in zip(labels, results, strict=True):
+        print(f"adre-ray analyze: {label}: read {result.table.num_rows} rows from {', '.join(result.sources)}"
+              + (f" (not read: MLflow artifact copies in {', '.join(result.skipped)})" if result.skipped else ""),
+              file=sys.stderr)
     markdown, summaries = write_outputs(results, labels, args.output_dir, radii, args.plot_method)
     log = args.log_mlflow if args.log_mlflow is not None else (from_run or uri_given)
     if log and tracking_uri != DISABLED:

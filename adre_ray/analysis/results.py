@@ -2,8 +2,13 @@
 
 Layout of an output folder::
 
-    out_dir/run.json                         the run manifest (settings every row was made with)
+    out_dir/_run.json                        the run manifest (settings every row was made with)
     out_dir/part-000000020-<uuid>.parquet    finished images, named by the part's first idx
+
+Side files start with ``_`` or ``.`` (``_run.json``, ``_mlflow_run.json``, ``.adre_ray.lock``), names that
+Parquet readers skip, so the folder is a Parquet dataset: ``pyarrow.dataset.dataset(out_dir)`` and
+``pandas.read_parquet(out_dir)`` read the rows. Folders written before (``run.json``) stay readable and
+resumable: the old name is read when the new one is absent.
 
 Guarantees:
 
@@ -46,7 +51,9 @@ SCHEMA_VERSION = 3
 ``train_sigma`` and ``noise_scheme`` (the sampler's noise stream version,
 adre_ray.smoothing.sampler.NOISE_SCHEME)."""
 
-MANIFEST_NAME = "run.json"
+MANIFEST_NAME = "_run.json"
+LEGACY_MANIFEST_NAME = "run.json"
+"""The manifest's name in folders written before it started with ``_`` (read, never written anew)."""
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 
@@ -390,10 +397,23 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def side_file(out_dir: str | Path, name: str, legacy_name: str) -> str:
+    """``out_dir/name``, or ``out_dir/legacy_name`` when only that one exists (a folder of an older
+    version)."""
+    path = storage.join(out_dir, name)
+    if storage.file_type(path) != pafs.FileType.File:
+        legacy = storage.join(out_dir, legacy_name)
+        if storage.file_type(legacy) == pafs.FileType.File:
+            return legacy
+    return path
+
+
 def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
-    """``out_dir/run.json`` as a dict, or None when absent. ``ValueError`` naming the file if unreadable."""
+    """``out_dir/_run.json`` (or an older folder's ``run.json``) as a dict, or None when absent.
+    ``ValueError`` naming the file if unreadable."""
     path = storage.join(out_dir, MANIFEST_NAME)
     try:
+        path = side_file(out_dir, MANIFEST_NAME, LEGACY_MANIFEST_NAME)
         if storage.file_type(path) != pafs.FileType.File:
             return None
         data = json.loads(storage.read_bytes(path))
@@ -405,12 +425,25 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
 
 
 def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
-    """Write ``run.json`` for a new run, or check that a resumed run has the same settings.
+    """Write ``_run.json`` for a new run, or check that a resumed run has the same settings.
 
     ``settings`` must hold every key of ``MANIFEST_FIELDS`` (other keys are stored, not compared); a key
     of ``MANIFEST_DEFAULTS`` left out of ``settings`` or absent from an older manifest takes its default.
     Returns True when an existing manifest matched (a resume), False when a new one was written.
-    Raises ``ValueError`` naming the first differing field, e.g.
+    Raises ``ValueError`` as ``check_manifest_settings`` does.
+    """
+    if check_manifest_settings(out_dir, settings):
+        return True
+    wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
+    record = {**wanted, "schema_version": SCHEMA_VERSION}
+    storage.write_bytes_atomic(storage.join(out_dir, MANIFEST_NAME),
+                               (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    return False
+
+
+def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
+    """Whether ``out_dir`` holds a manifest with these settings (True: a resume; False: a new run), writing
+    nothing. Raises ``ValueError`` naming the first differing field, e.g.
     ``output_dir='out': sigma=0.5 differs from the run already there (sigma=0.25); use a new output_dir``.
     Parts without a manifest are refused too: their settings are unknown.
     """
@@ -431,14 +464,11 @@ def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     if part_files(out_dir):
         raise ValueError(f"output_dir={str(out_dir)!r}: holds result parts but no {MANIFEST_NAME}, so their "
                          "settings are unknown; use a new output_dir")
-    record = {**wanted, "schema_version": SCHEMA_VERSION}
-    storage.write_bytes_atomic(storage.join(out_dir, MANIFEST_NAME),
-                               (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return False
 
 
 __all__ = [
-    "MANIFEST_DEFAULTS", "MANIFEST_FIELDS", "MANIFEST_NAME", "RESULT_SCHEMA", "SCHEMA_VERSION",
-    "completed_indices",
-    "ensure_manifest", "part_files", "read_manifest", "read_results", "upgrade_table", "write_part",
+    "LEGACY_MANIFEST_NAME", "MANIFEST_DEFAULTS", "MANIFEST_FIELDS", "MANIFEST_NAME", "RESULT_SCHEMA",
+    "SCHEMA_VERSION", "check_manifest_settings", "completed_indices",
+    "ensure_manifest", "side_file", "part_files", "read_manifest", "read_results", "upgrade_table", "write_part",
 ]

@@ -40,7 +40,14 @@ from tqdm import tqdm
 from adre_ray import storage
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
 from adre_ray.analysis.output_folder import check_output_dir, output_folder_lock
-from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
+from adre_ray.analysis.results import (
+    check_manifest_settings,
+    completed_indices,
+    ensure_manifest,
+    read_results,
+    side_file,
+    write_part,
+)
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS, CertifyConfig
 from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
@@ -438,16 +445,18 @@ def shortcut_settings(cfg: CertifyConfig) -> dict[str, Any]:
     }
 
 
-MLFLOW_RUN_FILE = "mlflow_run.json"
+MLFLOW_RUN_FILE = "_mlflow_run.json"
 """In a result folder: the MLflow store and run id of the certification writing it (so a resume continues
-that run instead of leaving it RUNNING and opening another)."""
+that run instead of leaving it RUNNING and opening another). ``_``: Parquet readers skip it."""
+LEGACY_MLFLOW_RUN_FILE = "mlflow_run.json"
+"""Its name in folders written before (read when the new one is absent)."""
 
 
 def previous_certify_run(out_dir: Path | str, tracking_uri: str | None) -> str | None:
     """The run id recorded in ``out_dir`` if it belongs to the same MLflow store and still exists there
     (not deleted); None otherwise (a new run is then opened)."""
     uri = resolve_tracking_uri(tracking_uri)
-    path = storage.join(out_dir, MLFLOW_RUN_FILE)
+    path = side_file(out_dir, MLFLOW_RUN_FILE, LEGACY_MLFLOW_RUN_FILE)
     if uri == DISABLED or storage.file_type(path) != pafs.FileType.File:
         return None
     try:
@@ -463,7 +472,7 @@ def previous_certify_run(out_dir: Path | str, tracking_uri: str | None) -> str |
 
 
 def record_certify_run(out_dir: Path | str, tracking_uri: str | None, run_id: str) -> None:
-    """Write ``out_dir/mlflow_run.json`` (atomically: rename locally, one PUT on object storage) naming
+    """Write ``out_dir/_mlflow_run.json`` (atomically: rename locally, one PUT on object storage) naming
     the store and the run."""
     record = {"tracking_uri": resolve_tracking_uri(tracking_uri), "run_id": run_id}
     storage.write_bytes_atomic(storage.join(out_dir, MLFLOW_RUN_FILE), (json.dumps(record) + "\n").encode())
@@ -554,6 +563,15 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     print(format_summary(summary, out_dir))
     return CertifyResult(output_dir=out_dir, summary=summary, mlflow_run_id=run_id,
                          images_certified=progress.done, samples_per_s=summary["samples_per_s"])
+
+
+def check_resume(cfg: CertifyConfig) -> None:
+    """``ValueError`` naming the field when ``cfg.output_dir`` holds a run of other settings (as
+    ``run_certification`` would raise, but without Ray and without writing anything)."""
+    with warnings.catch_warnings():  # run_certification gives the sigma warning, once
+        warnings.simplefilter("ignore", UserWarning)
+        resolved, _, _ = _resolve_settings(cfg)
+    check_manifest_settings(output_location(resolved.output_dir), manifest_settings(resolved))
 
 
 def _certify_images_or_job_error(*args: Any) -> _Progress:
@@ -799,8 +817,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         check_output_dir(cfg.output_dir)  # a file in the way, a read-only folder: before Ray starts
-        started = connect_ray(build_parser().parse_args(argv).address)
-        result = run_certification(cfg)
+        with output_folder_lock(output_location(cfg.output_dir)):  # held on (re-entered) by the run
+            check_resume(cfg)  # the lock and a manifest of other settings refuse before Ray starts
+            started = connect_ray(build_parser().parse_args(argv).address)
+            result = run_certification(cfg)
     except ValueError as err:
         print(f"adre-ray certify: error: {err}", file=sys.stderr)
         return 2
