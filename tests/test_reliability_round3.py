@@ -119,3 +119,79 @@ def test_certify_manifest_refusal_comes_before_ray(checkpoint, cifar10_dir, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "sigma=0.25 differs from the run already there (sigma=0.5)" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ------------------------------------------------------- 7. analyze never pools runs or MLflow copies
+
+
+def _row(idx: int, label: int, cls: int, radius: float, checkpoint: str) -> dict:
+    counts = [1] * 10
+    counts[max(cls, 0)] = 991
+    return {
+        "idx": idx, "label": label, "predict": cls, "correct": cls == label, "correct_tcertify": cls == label,
+        "certify_predict": cls, "tcertify_predict": cls, "radius_certify": radius, "radius_tcertify": radius,
+        "tcertify_mode": "pilot", "pA_lower": 0.9, "pB_upper": 0.05, "alpha_prime": 0.001,
+        "pA_lower_certify": 0.9, "counts": counts, "pilot_counts": counts, "n0": 100, "n": 1000,
+        "alpha": 0.001, "sigma": 0.25, "seed": 0, "time_s": 0.1, "checkpoint": checkpoint, "train_run_id": "",
+    }
+
+
+def _result_folder(folder: Path, checkpoint: str, indices: range) -> Path:
+    from adre_ray.analysis.results import MANIFEST_FIELDS, ensure_manifest, write_part
+
+    settings = {key: None for key in MANIFEST_FIELDS}
+    settings.update(checkpoint=checkpoint, sigma=0.25, n0=100, n=1000, alpha=0.001, mode="pilot", seed=0)
+    ensure_manifest(folder, settings)
+    write_part(folder, [_row(i, i % 10, i % 10 if i % 3 else -1, 0.1 * (i % 5), checkpoint) for i in indices])
+    return folder
+
+
+def _demo_like_output(root: Path) -> dict[str, Path]:
+    """The layout of ``adre-ray demo``'s folder: two models' results and MLflow's copies of them."""
+    import shutil
+
+    folders = {loss: _result_folder(root / "certify" / loss, f"/runs/demo_{loss}/model.pt", range(50))
+               for loss in ("adre_reg", "gaussian")}
+    for number, folder in enumerate(folders.values()):
+        shutil.copytree(folder, root / "mlartifacts" / "1" / f"run{number}" / "artifacts" / "results")
+    (root / "analysis").mkdir()
+    return folders
+
+
+def test_analyze_of_a_demo_folder_refuses_to_pool_two_models(tmp_path, capsys):
+    """Before: four Parquet folders (two models + two MLflow copies) became one row of 200 images, exit 0."""
+    demo = tmp_path / "demo_output"
+    folders = _demo_like_output(demo)
+    code = cli.main(["analyze", str(demo), "--output-dir", str(tmp_path / "a"), "--no-log-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different checkpoints" in err, err
+    assert all(str(f) in err for f in folders.values()) and "--label" in err
+    assert "mlartifacts" not in err.split("e.g.")[0]  # the copies are not among the results found
+    assert not (tmp_path / "a").exists()
+
+
+def test_analyze_reads_a_folder_once_beside_its_mlflow_copy_and_says_what_it_read(tmp_path, capsys):
+    import json
+    import shutil
+
+    demo = tmp_path / "demo_output"
+    folders = _demo_like_output(demo)
+    shutil.rmtree(folders["gaussian"])
+    code = cli.main(["analyze", str(demo), "--output-dir", str(tmp_path / "a"), "--no-log-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert [s["metrics"]["certify/num_images"] for s in summary.values()] == [50.0]  # not 100 (the copies) nor 150
+    assert f"read 50 rows from {folders['adre_reg']}" in err
+    assert f"not read: MLflow artifact copies in {demo / 'mlartifacts'}" in err
+
+
+def test_analyze_pools_the_folders_of_one_run_but_never_an_image_twice(tmp_path, capsys):
+    root = tmp_path / "split_run"
+    _result_folder(root / "first", "/m.pt", range(0, 20))
+    _result_folder(root / "second", "/m.pt", range(20, 40))
+    assert cli.main(["analyze", str(root), "--output-dir", str(tmp_path / "a"), "--no-log-mlflow"]) == 0
+    assert "read 40 rows from" in capsys.readouterr().err
+    _result_folder(root / "third", "/m.pt", range(30, 35))
+    assert cli.main(["analyze", str(root), "--output-dir", str(tmp_path / "b"), "--no-log-mlflow"]) == 2
+    assert "idx=30 is in both" in capsys.readouterr().err
