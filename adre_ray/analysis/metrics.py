@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS
 
@@ -75,12 +77,15 @@ def _check_radius_correct(radius: Any, correct: Any) -> tuple[np.ndarray, np.nda
 def certified_accuracy(radius: np.ndarray, correct: np.ndarray, radii: Sequence[float]) -> np.ndarray:
     """CA(r) = #{i : correct_i and radius_i >= r} / N for each r in ``radii`` (N = all images).
 
-    A NaN radius never counts as certified. Returns a float array shaped like ``radii``.
+    A NaN radius never counts as certified. Returns a float array shaped like ``radii``. Memory O(N),
+    time O((N + len(radii)) log N): the correctly certified radii are sorted once and counted by
+    binary search (``radius >= r - RADIUS_TOL``), never as an N x len(radii) matrix.
     """
     radius_arr, correct_arr = _check_radius_correct(radius, correct)
     grid = check_radii(radii)
-    certified = correct_arr[:, None] & (radius_arr[:, None] >= grid[None, :] - RADIUS_TOL)
-    return certified.sum(axis=0) / radius_arr.size
+    certified = np.sort(radius_arr[correct_arr & ~np.isnan(radius_arr)])
+    below = np.searchsorted(certified, grid - RADIUS_TOL, side="left")
+    return (certified.size - below) / radius_arr.size
 
 
 def average_certified_radius(radius: np.ndarray, correct: np.ndarray) -> float:
@@ -103,16 +108,57 @@ def radius_key(method: str, r: float) -> str:
     return f"{method}/cert_acc@{r:.2f}"
 
 
-def _column(table: Any, name: str) -> np.ndarray | None:
-    """Column ``name`` of a pyarrow Table or a mapping of columns (nulls as None); None if absent."""
-    names = table.column_names if hasattr(table, "column_names") else list(table.keys())
-    if name not in names:
+_ARROW_TYPES = {float: pa.float64(), np.int64: pa.int64(), bool: pa.bool_()}
+
+
+def _names(table: Any) -> list[str]:
+    return table.column_names if hasattr(table, "column_names") else list(table.keys())
+
+
+def _values(table: Any, name: str, dtype: Any, fill: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(column ``name`` as a ``dtype`` array with nulls replaced by ``fill``, mask of the nulls), or None
+    when the column is absent. ``table``: a pyarrow Table (converted column-wise, no Python object per
+    row) or a mapping of column name -> 1-D values (None for null)."""
+    if name not in _names(table):
         return None
     col = table.column(name) if hasattr(table, "column_names") else table[name]
-    if hasattr(col, "to_pylist"):  # pyarrow Array / ChunkedArray: nulls would break to_numpy
-        values = col.to_pylist()
-        return np.asarray(values, dtype=object) if values and None in values else np.asarray(values)
-    return np.asarray(col)
+    if isinstance(col, (pa.Array, pa.ChunkedArray)):
+        typed = col.cast(_ARROW_TYPES[dtype])
+        nulls = np.asarray(typed.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        filled = pc.fill_null(typed, pa.scalar(fill, _ARROW_TYPES[dtype]))
+        return np.asarray(filled.to_numpy(zero_copy_only=False), dtype=dtype), nulls
+    listed = list(np.asarray(col, dtype=object)) if not isinstance(col, list) else col
+    nulls = np.array([v is None for v in listed], dtype=bool)
+    return np.array([fill if v is None else v for v in listed], dtype=dtype).reshape(-1), nulls
+
+
+def _absent(n: int, dtype: Any, fill: Any) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(n, fill, dtype=dtype), np.ones(n, dtype=bool)
+
+
+def _string_counts(table: Any, name: str) -> dict[str, int]:
+    """How many rows hold each non-null value of string column ``name`` ({} when absent)."""
+    if name not in _names(table):
+        return {}
+    col = table.column(name) if hasattr(table, "column_names") else table[name]
+    if isinstance(col, (pa.Array, pa.ChunkedArray)):
+        counts = pc.value_counts(col.cast(pa.string()))
+        return {str(v): int(c) for v, c in zip(counts.field("values").to_pylist(),
+                                                 counts.field("counts").to_pylist(), strict=True)
+                if v is not None}
+    values = [v for v in col if v is not None]
+    return {str(v): values.count(v) for v in set(values)}
+
+
+def _is_in(table: Any, name: str, wanted: Sequence[str], n: int) -> np.ndarray:
+    """Mask of the rows whose string column ``name`` is one of ``wanted`` (all False when absent)."""
+    if name not in _names(table):
+        return np.zeros(n, dtype=bool)
+    col = table.column(name) if hasattr(table, "column_names") else table[name]
+    if isinstance(col, (pa.Array, pa.ChunkedArray)):
+        found = pc.is_in(col.cast(pa.string()), value_set=pa.array(list(wanted), pa.string()))
+        return np.asarray(pc.fill_null(found, False).to_numpy(zero_copy_only=False), dtype=bool)
+    return np.array([v in wanted for v in col], dtype=bool)
 
 
 def _num_rows(table: Any) -> int:
@@ -122,18 +168,6 @@ def _num_rows(table: Any) -> int:
     if len(lengths) > 1:
         raise ValueError(f"table: columns have different lengths {sorted(lengths)}")
     return lengths.pop() if lengths else 0
-
-
-def _floats(values: np.ndarray) -> np.ndarray:
-    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
-
-
-def _nullable(values: np.ndarray | None, n: int) -> tuple[list[Any], np.ndarray]:
-    """(values as a list, mask of nulls); an absent column is all null."""
-    if values is None:
-        return [None] * n, np.ones(n, dtype=bool)
-    listed = list(values)
-    return listed, np.array([v is None for v in listed], dtype=bool)
 
 
 def method_columns(table: Any, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,27 +181,23 @@ def method_columns(table: Any, method: str) -> tuple[np.ndarray, np.ndarray, np.
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: must be one of {METHODS}")
-    radius_col = _column(table, _RADIUS_COLUMN[method])
+    radius_col = _values(table, _RADIUS_COLUMN[method], float, np.nan)
     if radius_col is None:
         raise ValueError(f"table: missing column {_RADIUS_COLUMN[method]!r} needed for method={method!r}")
-    radius = _floats(radius_col)
+    radius = radius_col[0]
     n = radius.size
     certified = radius > 0  # NaN > 0 is False
-    correct_list, correct_null = _nullable(_column(table, _CORRECT_COLUMN[method]), n)
+    correct, correct_null = _values(table, _CORRECT_COLUMN[method], bool, False) or _absent(n, bool, False)
     if correct_null.any():
         if method == "certify":
             fallback = np.zeros(n, dtype=bool)
         else:
-            base, _ = _nullable(_column(table, "correct"), n)
-            fallback = np.array([bool(v) if v is not None else False for v in base]) & certified
-        correct_list = [fallback[i] if correct_null[i] else correct_list[i] for i in range(n)]
-    correct = np.array([bool(v) for v in correct_list], dtype=bool)
-    shortcut_list, _ = _nullable(_column(table, "shortcut"), n)
-    abstained_by_shortcut = np.array([v in ABSTAINING_SHORTCUTS for v in shortcut_list], dtype=bool)
-    correct &= ~abstained_by_shortcut  # a skipped / early-abstained row is never certified-correct
-    predict_list, predict_null = _nullable(_column(table, _PREDICT_COLUMN[method]), n)
-    predict = np.array([(0 if certified[i] else ABSTAIN) if predict_null[i] else int(predict_list[i])
-                        for i in range(n)], dtype=np.int64)
+            base, _ = _values(table, "correct", bool, False) or _absent(n, bool, False)
+            fallback = base & certified
+        correct = np.where(correct_null, fallback, correct)
+    correct &= ~_is_in(table, "shortcut", tuple(ABSTAINING_SHORTCUTS), n)  # skipped / early-abstained rows
+    given, predict_null = _values(table, _PREDICT_COLUMN[method], np.int64, 0) or _absent(n, np.int64, 0)
+    predict = np.where(predict_null, np.where(certified, 0, ABSTAIN), given).astype(np.int64)
     return radius, correct, predict
 
 
@@ -179,8 +209,8 @@ def methods_present(table: Any) -> tuple[str, ...]:
     """
     present = []
     for method in METHODS:
-        values = _column(table, _RADIUS_COLUMN[method])
-        if values is not None and any(v is not None for v in values):
+        values = _values(table, _RADIUS_COLUMN[method], float, np.nan)
+        if values is not None and not values[1].all():
             present.append(method)
     return tuple(present)
 
@@ -212,15 +242,13 @@ def summarize(table: Any, radii: Sequence[float] = DEFAULT_RADII) -> dict[str, f
         summary[f"{method}/acr"] = average_certified_radius(radius, correct)
         summary[f"{method}/abstain_rate"] = abstain_rate(predict)
         summary[f"{method}/num_images"] = float(num_images)
-    predict_list, predict_null = _nullable(_column(table, "predict"), num_images)
-    label_list, label_null = _nullable(_column(table, "label"), num_images)
+    predict, predict_null = _values(table, "predict", np.int64, 0) or _absent(num_images, np.int64, 0)
+    labels, label_null = _values(table, "label", np.int64, 0) or _absent(num_images, np.int64, 0)
     if not predict_null.all():
         known = ~predict_null
-        predict = np.array([int(v) for v, k in zip(predict_list, known, strict=True) if k], dtype=np.int64)
-        summary["predict/abstain_rate"] = abstain_rate(predict)
+        summary["predict/abstain_rate"] = abstain_rate(predict[known])
         if not label_null[known].any():
-            labels = np.array([int(v) for v, k in zip(label_list, known, strict=True) if k], dtype=np.int64)
-            summary["predict/accuracy"] = float(np.mean(predict == labels))
+            summary["predict/accuracy"] = float(np.mean(predict[known] == labels[known]))
     summary.update(sample_summary(table, num_images))
     return summary
 
@@ -228,22 +256,16 @@ def summarize(table: Any, radii: Sequence[float] = DEFAULT_RADII) -> dict[str, f
 def sample_summary(table: Any, num_images: int) -> dict[str, float]:
     """``samples/per_image`` (mean draws per image) and ``shortcut/<name>_rate`` per shortcut taken."""
     out: dict[str, float] = {}
-    used, used_null = _nullable(_column(table, "samples_used"), num_images)
-    n0, _ = _nullable(_column(table, "n0"), num_images)
-    n, _ = _nullable(_column(table, "n"), num_images)
-    samples = []
-    for i in range(num_images):
-        if not used_null[i]:
-            samples.append(float(used[i]))
-        elif n0[i] is not None and n[i] is not None:
-            samples.append(float(n0[i]) + float(n[i]))
-    if samples:
-        out["samples/per_image"] = float(np.mean(samples))
-    shortcuts, _ = _nullable(_column(table, "shortcut"), num_images)
-    for name in sorted({v for v in shortcuts if v not in (None, "none")}):
-        out[f"shortcut/{name}_rate"] = float(np.mean([v == name for v in shortcuts]))
+    used, used_null = _values(table, "samples_used", float, 0.0) or _absent(num_images, float, 0.0)
+    n0, n0_null = _values(table, "n0", float, 0.0) or _absent(num_images, float, 0.0)
+    n, n_null = _values(table, "n", float, 0.0) or _absent(num_images, float, 0.0)
+    known = ~used_null | (~n0_null & ~n_null)
+    if known.any():
+        out["samples/per_image"] = float(np.mean(np.where(used_null, n0 + n, used)[known]))
+    for name, count in sorted(_string_counts(table, "shortcut").items()):
+        if name != "none":
+            out[f"shortcut/{name}_rate"] = count / num_images
     return out
-
 
 
 def mlflow_metric_name(key: str) -> str:

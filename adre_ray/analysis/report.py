@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from adre_ray import storage
 from adre_ray.analysis.metrics import METHODS, check_radii, methods_present, mlflow_metrics, summarize
 from adre_ray.analysis.plots import plot_certified_accuracy, plot_certify_vs_tcertify
-from adre_ray.analysis.published_logs import is_certify_log, read_certify_log
+from adre_ray.analysis.published_logs import is_certify_log, looks_like_text_table, read_certify_log
 from adre_ray.analysis.results import (
     MANIFEST_FIELDS,
     MANIFEST_NAME,
@@ -117,6 +117,10 @@ class ResultRead:
     skipped: tuple[str, ...] = ()
 
 
+HIDDEN = (".", "_")
+"""Prefixes of the file and folder names that Parquet readers (and this search) skip."""
+
+
 def find_result_sources(root: Path) -> tuple[list[Path], list[Path]]:
     """(result folders and loose Parquet files below ``root``, MLflow artifact folders not entered).
 
@@ -131,8 +135,9 @@ def find_result_sources(root: Path) -> tuple[list[Path], list[Path]]:
             dirnames[:] = []
             continue
         skipped += [here / d for d in sorted(dirnames) if d in MLFLOW_STORE_FOLDERS]
-        dirnames[:] = sorted(d for d in dirnames if d not in MLFLOW_STORE_FOLDERS and not d.startswith((".", "_")))
-        found += [here / f for f in sorted(filenames) if f.endswith(".parquet") and not f.startswith((".", "_"))]
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in MLFLOW_STORE_FOLDERS and not d.startswith(HIDDEN))
+        found += [here / f for f in sorted(filenames) if f.endswith(".parquet") and not f.startswith(HIDDEN)]
     return sorted(found), skipped
 
 
@@ -193,10 +198,11 @@ def check_one_run(name: str, found: Sequence[Path], tables: Sequence[pa.Table]) 
     checkpoints = {str(f): sorted({c for c in t.column("checkpoint").to_pylist() if c is not None})
                    for f, t in zip(found, tables, strict=True)}
     manifests = [read_manifest(f) for f in found if f.is_dir()]
-    how = (f"give each as its own RESULT with a --label, e.g. adre-ray analyze "
-           f"{' '.join(str(f) for f in found)} " + " ".join(f"--label NAME{i + 1}" for i in range(len(found))))
+    how = ("give each as its own RESULT with a --label, e.g. adre-ray analyze "
+           + " ".join([*map(str, found), *(f"--label NAME{i + 1}" for i in range(len(found)))]))
     if len({c for cs in checkpoints.values() for c in cs}) > 1:
-        shown = "; ".join(f"{f}: {', '.join(cs) or 'no checkpoint recorded'}" for f, cs in checkpoints.items())
+        shown = "; ".join(f"{f}: {', '.join(cs) or 'no checkpoint recorded'}"
+                          for f, cs in checkpoints.items())
         raise ValueError(f"result={name!r} holds results of different checkpoints ({shown}); they are not "
                          f"pooled into one row: {how}")
     present = [m for m in manifests if m is not None]
@@ -236,7 +242,8 @@ def check_rows(table: pa.Table, name: str) -> None:
                          f"adre-ray reads ({SCHEMA_VERSION}); upgrade adre-ray to analyze them")
     checkpoints = sorted({c for c in table.column("checkpoint").to_pylist() if c is not None})
     if len(checkpoints) > 1:
-        raise ValueError(f"result={name!r}: rows of {len(checkpoints)} checkpoints ({', '.join(checkpoints[:5])}) "
+        raise ValueError(f"result={name!r}: rows of {len(checkpoints)} checkpoints "
+                         f"({', '.join(checkpoints[:5])}) "
                          "are not pooled into one row; give each checkpoint's rows as its own RESULT "
                          "(with --label NAME for each)")
     for column in SETTING_COLUMNS:
@@ -288,7 +295,7 @@ def load_result(spec: str, *, tracking_uri: str, download_dir: Path) -> LoadedRe
     parsed = parse_run_spec(spec)
     if parsed is None:
         path = Path(spec)
-        if is_certify_log(path):
+        if is_certify_log(path) or (path.is_file() and looks_like_text_table(path)):
             return LoadedResult(spec, read_certify_log(path), path.stem or path.name, kind="certify_log",
                                 sources=(str(path),))
         label = path.name[: -len(".parquet")] if path.name.endswith(".parquet") else path.name
@@ -450,9 +457,10 @@ def run_analysis(args: argparse.Namespace) -> str:
     results = apply_sigmas(results, getattr(args, "sigma", None))
     labels = unique_labels(args.label if args.label is not None else [r.default_label for r in results])
     for label, result in zip(labels, results, strict=True):
+        skipped = (f" (not read: MLflow artifact copies in {', '.join(result.skipped)})"
+                   if result.skipped else "")
         print(f"adre-ray analyze: {label}: read {result.table.num_rows} rows from {', '.join(result.sources)}"
-              + (f" (not read: MLflow artifact copies in {', '.join(result.skipped)})" if result.skipped else ""),
-              file=sys.stderr)
+              + skipped, file=sys.stderr)
     markdown, summaries = write_outputs(results, labels, args.output_dir, radii, args.plot_method)
     log = args.log_mlflow if args.log_mlflow is not None else (from_run or uri_given)
     if log and tracking_uri != DISABLED:

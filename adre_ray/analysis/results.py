@@ -301,7 +301,10 @@ def _derive_sum(source: str) -> Any:
     def derive(t: pa.Table) -> pa.Array | None:
         if source not in t.schema.names:
             return None
-        values = t.column(source).to_pylist()
+        column = t.column(source)
+        if column.null_count == len(column):  # e.g. a published log: no counts, so no n
+            return pa.nulls(len(column), pa.int64())
+        values = column.to_pylist()
         return pa.array([None if v is None else int(sum(v)) for v in values], pa.int64())
     return derive
 
@@ -314,7 +317,8 @@ def _derive_samples_used(t: pa.Table) -> pa.Array | None:
 
 def _constant(value: str) -> Any:
     def derive(t: pa.Table) -> pa.Array:
-        return pa.array([value] * t.num_rows, pa.string())
+        codes = pa.array(np.zeros(t.num_rows, np.int32))  # no Python object per row
+        return pa.DictionaryArray.from_arrays(codes, pa.array([value], pa.string())).cast(pa.string())
     return derive
 
 
@@ -338,19 +342,20 @@ def upgrade_table(table: pa.Table) -> pa.Table:
     if "idx" not in table.schema.names:
         raise ValueError("no idx column")
     present = dict(zip(table.schema.names, table.columns, strict=True))
+    nulls: dict[pa.DataType, pa.Array] = {}  # one all-null array per type, shared by its columns
     for field in RESULT_SCHEMA:
         if field.name in present:
             continue
         derive = _DERIVED.get(field.name)
         value = derive(table) if derive else None
         if field.name == "noise_scheme" and value is None:  # files before v3: noise scheme 1
-            value = pa.array([1] * table.num_rows, pa.int64())
+            value = pa.array(np.ones(table.num_rows, np.int64))
         if field.name == "schema_version" and value is None:
             meta = table.schema.metadata or {}
             version = meta.get(b"adre_ray.schema_version")
-            value = pa.array([int(version) if version else 1] * table.num_rows, pa.int64())
+            value = pa.array(np.full(table.num_rows, int(version) if version else 1, np.int64))
         if value is None:
-            value = pa.nulls(table.num_rows, field.type)
+            value = nulls.setdefault(field.type, pa.nulls(table.num_rows, field.type))
         present[field.name] = value
         table = table.append_column(field.name, value)
     columns, fields = [], []
@@ -470,5 +475,6 @@ def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any]) ->
 __all__ = [
     "LEGACY_MANIFEST_NAME", "MANIFEST_DEFAULTS", "MANIFEST_FIELDS", "MANIFEST_NAME", "RESULT_SCHEMA",
     "SCHEMA_VERSION", "check_manifest_settings", "completed_indices",
-    "ensure_manifest", "side_file", "part_files", "read_manifest", "read_results", "upgrade_table", "write_part",
+    "ensure_manifest", "side_file", "part_files", "read_manifest", "read_results", "upgrade_table",
+    "write_part",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from adre_ray.analysis.metrics import (
     METHODS,
@@ -53,20 +54,24 @@ def selected_methods(method: str) -> tuple[str, ...]:
 
 
 def setting_values(table: Any, name: str, fallback: bool = True) -> list[Any]:
-    """The values of column ``name`` that describe the run's setting (None dropped).
+    """The distinct values of column ``name`` that describe the run's setting (None dropped).
 
     For ``n`` only rows that made all their main draws count (``shortcut`` none or absent): a shortcut
     row's ``n`` is the draws it made (0 when skipped, fewer when stopped early or chosen by ISS); when
     every row took a shortcut, the largest ``n`` made stands for the run (``fallback``) or nothing does.
+    Computed column-wise (``pyarrow.compute``), without a Python object per row.
     """
-    values = table.column(name).to_pylist()
+    column = table.column(name)
     if name == "n" and "shortcut" in table.column_names:
-        shortcuts = table.column("shortcut").to_pylist()
-        full = [v for v, s in zip(values, shortcuts, strict=True) if s in (None, "none")]
-        made = [v for v in values if v is not None]
-        keep_full = any(v is not None for v in full) or not fallback
-        values = full if keep_full else ([max(made)] if made else [])
-    return [v for v in values if v is not None]
+        shortcut = table.column("shortcut")
+        full_rows = pc.fill_null(pc.equal(shortcut, "none"), True)
+        full = pc.drop_null(column.filter(full_rows))
+        if len(full) or not fallback:
+            column = full
+        else:
+            made = pc.max(column).as_py()
+            return [] if made is None else [made]
+    return [v for v in pc.unique(column).to_pylist() if v is not None]
 
 
 def distinct_values(table: Any, name: str) -> str:
