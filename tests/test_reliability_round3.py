@@ -289,3 +289,42 @@ def test_analyze_of_a_big_log_uses_memory_linear_in_its_rows_with_a_small_consta
     code, grown = done.stdout.split()[-2:]
     assert code == "0", done.stderr
     assert int(grown) < 1_000 * rows, f"{int(grown) / rows:.0f} bytes per row"
+
+
+# ------------------------------------------------------------ 4. convert decodes every image fully
+
+
+def test_convert_refuses_a_truncated_jpeg_naming_it(tmp_path):
+    """Before: ``img.verify()`` passed a JPEG cut to its first 1000 bytes; training failed later with
+    "image file is truncated"."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from adre_ray.data.convert import plan_conversion, write_shard
+
+    src = tmp_path / "src"
+    for label, name in enumerate(("cat", "dog")):
+        (src / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = np.random.default_rng(10 * label + i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+            (src / "train" / name / f"{i}.JPEG").write_bytes(buffer.getvalue())
+    bad = src / "train" / "dog" / "1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:1000])  # head -c 1000
+    with Image.open(bad) as img:
+        img.verify()  # the old check passes it
+    (plan,) = plan_conversion(src, rows_per_file=2)
+    outcomes = {}
+    for shard in plan.shards:
+        try:
+            outcomes[shard.name] = write_shard(shard, plan.folder, plan.class_names, tmp_path / "dst",
+                                               rows_per_group=2)
+        except ValueError as err:
+            outcomes[shard.name] = str(err)
+    failed = [o for o in outcomes.values() if o != "written"]
+    assert len(failed) == 1 and f"src='{bad}': not a readable image" in failed[0] and "truncated" in failed[0]
+    written = sorted(p.name for p in (tmp_path / "dst" / "train").iterdir())
+    assert written == sorted(name for name, o in outcomes.items() if o == "written")  # no temp file left

@@ -19,6 +19,7 @@ temporary name and renamed into place, so a shard is either complete or absent.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -138,10 +139,13 @@ def shard_is_complete(path: Path, shard: Shard) -> bool:
 
 
 def _checked_bytes(path: Path) -> bytes:
+    """The file's bytes, after decoding every pixel of them (``Image.load``; ``verify`` alone reads the
+    header and structure only, so a truncated JPEG would pass and fail training later). ``ValueError``
+    naming the file when Pillow cannot decode it whole (truncated, corrupt, not an image)."""
     data = path.read_bytes()
     try:
-        with Image.open(path) as img:
-            img.verify()  # header and structure, without decoding all pixels
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes the whole image; a truncated file raises "image file is truncated"
     except Exception as err:  # noqa: BLE001 - Pillow raises many types for a bad file
         raise ValueError(f"src={str(path)!r}: not a readable image ({err})") from err
     return data
