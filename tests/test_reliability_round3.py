@@ -328,3 +328,35 @@ def test_convert_refuses_a_truncated_jpeg_naming_it(tmp_path):
     assert len(failed) == 1 and f"src='{bad}': not a readable image" in failed[0] and "truncated" in failed[0]
     written = sorted(p.name for p in (tmp_path / "dst" / "train").iterdir())
     assert written == sorted(name for name, o in outcomes.items() if o == "written")  # no temp file left
+
+
+# ------------------------------------------------------------------- import-checkpoint refusals
+
+
+@pytest.mark.parametrize("sigma", ["inf", "nan", "0", "-0.25", "1e308"])
+def test_import_checkpoint_refuses_a_sigma_certify_would_refuse(tmp_path, capsys, sigma):
+    """Before: ``--sigma inf`` was written into the checkpoint; certify refused it later, after Ray started."""
+    from test_import_checkpoint import original_cifar, save_original
+
+    src = save_original(tmp_path / "src.pth.tar", original_cifar(), "cifar_resnet20")
+    code = cli.main(["import-checkpoint", str(src), "--format", "smoothing", "--dataset", "cifar10",
+                     "--output", str(tmp_path / "out.pt"), "--sigma", sigma])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--sigma={float(sigma)!r}: must be a finite number in (0, " in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pth.tar"]
+
+
+@pytest.mark.parametrize("below", ["parent", "grandparent"])
+def test_import_checkpoint_refuses_an_output_below_a_file(tmp_path, capsys, below):
+    """Before: a traceback (NotADirectoryError) and exit 1."""
+    from test_import_checkpoint import original_cifar, save_original
+
+    src = save_original(tmp_path / "src.pth.tar", original_cifar(), "cifar_resnet20")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    output = blocker / "model.pt" if below == "parent" else blocker / "sub" / "model.pt"
+    code = cli.main(["import-checkpoint", str(src), "--format", "smoothing", "--dataset", "cifar10",
+                     "--output", str(output), "--sigma", "0.25"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--output='{output}': '{blocker}' is a file" in err, err
+    assert "Traceback" not in err and blocker.read_text() == "a file"

@@ -14,7 +14,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from adre_ray.config.base import DATASETS
+from pathlib import Path
+
+from adre_ray.config.base import DATASETS, check_sigma
 from adre_ray.models.importers import IMPORT_FORMATS, import_checkpoint
 
 
@@ -38,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """``ValueError`` naming the value before anything is read or written: ``--sigma`` not a finite number
+    in (0, MAX_SIGMA] (inf and nan included), or an ``--output`` below a regular file (no folder can be
+    made there)."""
+    if args.sigma is not None:
+        check_sigma("--sigma", args.sigma)
+    existing = Path(args.output).expanduser().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"--output={args.output!r}: {str(existing)!r} is a file, so nothing can be written "
+                         "below it")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``adre-ray import-checkpoint`` and ``jobs/import_checkpoint.py``."""
     try:
@@ -45,10 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
+        check_arguments(args)
         path = import_checkpoint(args.source, args.output, source_format=args.source_format,
                                  dataset=args.dataset, arch=args.arch, sigma=args.sigma)
     except ValueError as err:
         print(f"adre-ray import-checkpoint: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. no space left, permission denied while writing
+        print(f"adre-ray import-checkpoint: error: cannot write {args.output!r}: {err.strerror or err}",
+              file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

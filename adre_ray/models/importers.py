@@ -176,8 +176,9 @@ def import_checkpoint(src: str | Path, output: str | Path, *, source_format: str
     """
     if source_format not in IMPORT_FORMATS:
         raise ValueError(f"format={source_format!r}: must be one of {', '.join(IMPORT_FORMATS)}")
-    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0):
-        raise ValueError(f"sigma={sigma!r}: must be a number > 0")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0
+                              or not math.isfinite(sigma)):
+        raise ValueError(f"sigma={sigma!r}: must be a finite number > 0")
     _check_dataset(dataset)
     out = Path(output).expanduser()
     if out.is_file() or (out.is_dir() and (out / "model.pt").exists()):
