@@ -6,10 +6,14 @@ URI's ``endpoint_override`` query, else ``$AWS_ENDPOINT_URL_S3``, else ``$AWS_EN
 SDKs' variables; S3-compatible stores such as MinIO or a local test server), credentials and region from
 the usual ``AWS_*`` variables. No Ray, no hand-written clients.
 
-Object stores have no atomic rename, but a single object PUT is atomic: an object becomes visible whole
-or not at all (a multipart upload too, only when it is completed). ``write_bytes_atomic`` therefore
-writes a local file through a hidden temporary file + ``os.replace``, and an object with one PUT of the
-finished bytes (never a streamed upload that a failure could complete half-written).
+Object stores have no atomic rename, but an object becomes visible whole or not at all: a single PUT,
+and a multipart upload too, which S3 and GCS show only once it is completed. ``write_bytes_atomic``
+therefore writes a local file through a hidden temporary file + ``os.replace``, and an object from the
+finished bytes in one ``write`` to pyarrow's S3 output stream. pyarrow sends them as a multipart upload
+(pyarrow 25 starts one when the stream opens, for any size; large objects are cut into parts of 5-10 MB)
+and completes it when the stream is closed; older versions may use a single PUT for small objects.
+Readers never see a partial object either way. A failed write raises ``OSError`` whose ``filename`` is
+the object's URI (without its query string).
 """
 
 from __future__ import annotations
@@ -133,8 +137,20 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         fsync_dir(target.parent)
         return
     fs, inner = resolve(path)
-    with fs.open_output_stream(inner) as stream:  # the bytes are all here: one PUT
-        stream.write(data)
+    try:
+        with fs.open_output_stream(inner) as stream:  # all bytes at once: one PUT, or one multipart upload
+            stream.write(data)
+    except OSError as err:  # pyarrow's errors name no object: name it
+        raise OSError(err.errno, err.strerror or str(err), display_uri(path)) from err
+
+
+def display_uri(path: str | os.PathLike[str]) -> str:
+    """``path`` fit for a message: a URI without its query string (which may carry keys)."""
+    text = str(path)
+    if not is_uri(text):
+        return text
+    parts = urlsplit(text)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def fsync_dir(path: Path) -> None:

@@ -360,3 +360,80 @@ def test_import_checkpoint_refuses_an_output_below_a_file(tmp_path, capsys, belo
     err = capsys.readouterr().err
     assert code == 2 and f"--output='{output}': '{blocker}' is a file" in err, err
     assert "Traceback" not in err and blocker.read_text() == "a file"
+
+
+# ------------------------------------------------------------- object-store writes: named, whole
+
+
+@pytest.fixture()
+def s3_server(monkeypatch):
+    """A moto S3 server with one bucket, ``adre-ok``; the AWS_* variables point at it."""
+    import socket
+
+    import pyarrow.fs as pafs
+
+    moto_server = pytest.importorskip("moto.server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(name, value)
+    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("adre-ok")
+    yield endpoint
+    server.stop()
+
+
+def test_a_failed_object_write_names_the_object_and_a_large_part_arrives_whole(s3_server):
+    """Before: ``cannot write 'output'``. A 12 MB object goes as a multipart upload and is read back whole."""
+    from adre_ray import storage
+    from adre_ray.distributed._common import os_error_message
+
+    target = "s3://no-such-bucket/results/part-000000000-x.parquet"
+    with pytest.raises(OSError) as caught:
+        storage.write_bytes_atomic(target + "?region=us-east-1", b"rows")
+    assert caught.value.filename == target
+    assert os_error_message(caught.value).startswith(f"cannot write '{target}': ")
+    big = os.urandom(12 << 20)
+    storage.write_bytes_atomic("s3://adre-ok/results/big.parquet", big)
+    assert storage.read_bytes("s3://adre-ok/results/big.parquet") == big
+    assert storage.list_files("s3://adre-ok/results") == ["big.parquet"]
+
+
+# ------------------------------------------------ a result folder is a Parquet dataset; old ones resume
+
+
+def test_a_result_folder_is_a_parquet_dataset_and_an_old_folder_still_resumes(tmp_path):
+    """Before: ``pd.read_parquet(folder)`` failed on ``run.json`` / ``mlflow_run.json`` beside the parts."""
+    import json
+
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    from adre_ray.analysis.output_folder import output_folder_lock
+    from adre_ray.analysis.results import check_manifest_settings, read_manifest, read_results
+    from adre_ray.distributed.certify import previous_certify_run, record_certify_run
+
+    folder = _result_folder(tmp_path / "new", "/m.pt", range(7))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record_certify_run(folder, uri, "0123abcd")
+    with output_folder_lock(folder):  # the lock file is there while a run writes
+        assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("part-")) == [
+            ".adre_ray.lock", "_mlflow_run.json", "_run.json"]
+        assert sorted(ds.dataset(folder).to_table().column("idx").to_pylist()) == list(range(7))
+        assert sorted(pd.read_parquet(folder)["idx"]) == list(range(7))
+
+    old = tmp_path / "old"  # the layout of earlier versions: run.json, mlflow_run.json
+    old.mkdir()
+    for part in folder.glob("part-*"):
+        (old / part.name).write_bytes(part.read_bytes())
+    (old / "run.json").write_text((folder / "_run.json").read_text())
+    (old / "mlflow_run.json").write_text(json.dumps({"tracking_uri": "none", "run_id": "x"}))
+    settings = {k: v for k, v in read_manifest(folder).items() if k != "schema_version"}
+    assert read_manifest(old) == read_manifest(folder)
+    assert check_manifest_settings(old, settings) is True  # a resume, not a new run
+    assert read_results(old).equals(read_results(folder))
+    assert previous_certify_run(old, "none") is None and not (old / "_run.json").exists()

@@ -15,7 +15,8 @@ Guarantees:
 - ``write_part`` is atomic: in a local folder the part is written to a hidden temporary file in
   ``out_dir``, flushed to disk and moved into place with ``os.replace``; on object storage (``s3://``,
   ``gs://``; ``out_dir`` may be any URI pyarrow opens, see ``adre_ray.storage``) the finished bytes are
-  sent in one PUT under the part's unique final name, and an object PUT is atomic. A reader sees a whole
+  sent in one upload under the part's unique final name, and an object appears only once its upload
+  (a PUT or a multipart upload) is complete. A reader sees a whole
   part or none of it, and a run killed mid-write leaves at most a ``.tmp`` file that readers ignore.
   Resume lists the folder's parts (a prefix listing on object storage, which is strongly consistent on
   S3 and GCS), so every part written before a crash is found.
@@ -136,7 +137,7 @@ def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)  # complete in memory before anything is written
     target = storage.join(out_dir, name)
-    storage.write_bytes_atomic(target, buffer.getvalue().to_pybytes())  # temp + rename, or one PUT
+    storage.write_bytes_atomic(target, buffer.getvalue().to_pybytes())  # temp + rename, or one upload
     return target if storage.is_uri(out_dir) else Path(out_dir) / name
 
 

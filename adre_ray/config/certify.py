@@ -84,7 +84,7 @@ class CertifyConfig(JobConfig):
     resource_wait_s: float = config_field(
         20.0, "seconds to wait for the CPUs / GPUs of num_actors actors (busy, or not yet added by an "
               "autoscaler) before refusing them")
-    output_dir: str = config_field("results/certify", "result folder (Parquet parts + run.json), local or "
+    output_dir: str = config_field("results/certify", "result folder (Parquet parts + _run.json), local or "
                                                       "s3:// gs:// file://; a re-run with equal settings "
                                                       "resumes")
     experiment: str = config_field("certify", "MLflow experiment")

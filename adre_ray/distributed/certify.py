@@ -472,7 +472,7 @@ def previous_certify_run(out_dir: Path | str, tracking_uri: str | None) -> str |
 
 
 def record_certify_run(out_dir: Path | str, tracking_uri: str | None, run_id: str) -> None:
-    """Write ``out_dir/_mlflow_run.json`` (atomically: rename locally, one PUT on object storage) naming
+    """Write ``out_dir/_mlflow_run.json`` (atomically: rename locally, one upload on object storage) naming
     the store and the run."""
     record = {"tracking_uri": resolve_tracking_uri(tracking_uri), "run_id": run_id}
     storage.write_bytes_atomic(storage.join(out_dir, MLFLOW_RUN_FILE), (json.dumps(record) + "\n").encode())
