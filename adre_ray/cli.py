@@ -23,6 +23,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+HELP_PARSERS: dict[str, str] = {
+    "certify": "certify_parser", "tune": "tune_parser", "import-checkpoint": "import_checkpoint_parser",
+}
+"""Commands whose modules import torch or Ray: for ``--help`` only their parser (``adre_ray.parsers``,
+configs only) is built, so help is instant. The other commands' modules are light at import."""
+
+
 def version() -> str:
     """The installed package's version (its metadata), else "unknown" (a source tree on PYTHONPATH)."""
     try:
@@ -52,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         print(f"adre-ray: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name in HELP_PARSERS and any(arg in ("-h", "--help") for arg in rest):
+        parsers = importlib.import_module("adre_ray.parsers")
+        getattr(parsers, HELP_PARSERS[name])().parse_args(rest)  # prints the help: SystemExit(0), as main's
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

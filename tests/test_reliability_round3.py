@@ -335,7 +335,7 @@ def test_convert_refuses_a_truncated_jpeg_naming_it(tmp_path):
 
 @pytest.mark.parametrize("sigma", ["inf", "nan", "0", "-0.25", "1e308"])
 def test_import_checkpoint_refuses_a_sigma_certify_would_refuse(tmp_path, capsys, sigma):
-    """Before: ``--sigma inf`` was written into the checkpoint; certify refused it later, after Ray started."""
+    """Before: ``--sigma inf`` was written into the checkpoint; certify refused it later, after Ray."""
     from test_import_checkpoint import original_cifar, save_original
 
     src = save_original(tmp_path / "src.pth.tar", original_cifar(), "cifar_resnet20")
@@ -437,3 +437,32 @@ def test_a_result_folder_is_a_parquet_dataset_and_an_old_folder_still_resumes(tm
     assert check_manifest_settings(old, settings) is True  # a resume, not a new run
     assert read_results(old).equals(read_results(folder))
     assert previous_certify_run(old, "none") is None and not (old / "_run.json").exists()
+
+
+# ------------------------------------------------------------------------- --help is instant
+
+_HELP_IMPORTS = """
+import contextlib, io, json, sys
+from adre_ray import cli
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        code = cli.main([sys.argv[1], "--help"])
+    except SystemExit as exit_:
+        code = exit_.code
+heavy = ("torch", "torchvision", "ray", "mlflow", "matplotlib")
+print(json.dumps([code, "usage: adre-ray " + sys.argv[1] in out.getvalue(),
+                  sorted(m for m in heavy if m in sys.modules)]))
+"""
+
+
+def test_every_commands_help_imports_no_torch_ray_mlflow_or_matplotlib():
+    """Before: ``adre-ray certify --help`` imported torch and torchvision (7.5 s); tune, convert and
+    import-checkpoint too, analyze matplotlib."""
+    import json
+
+    seen = {}
+    for command in cli.COMMANDS:
+        done = subprocess.run([sys.executable, "-c", _HELP_IMPORTS, command], env=ENV, capture_output=True,
+                              text=True, timeout=600)
+        seen[command] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {command: value for command, value in seen.items() if value != [0, True, []]} == {}

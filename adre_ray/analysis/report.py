@@ -33,7 +33,6 @@ import pyarrow.compute as pc
 
 from adre_ray import storage
 from adre_ray.analysis.metrics import METHODS, check_radii, methods_present, mlflow_metrics, summarize
-from adre_ray.analysis.plots import plot_certified_accuracy, plot_certify_vs_tcertify
 from adre_ray.analysis.published_logs import is_certify_log, looks_like_text_table, read_certify_log
 from adre_ray.analysis.results import (
     MANIFEST_FIELDS,
@@ -393,6 +392,11 @@ def write_outputs(results: Sequence[LoadedResult], labels: Sequence[str], output
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(rows, output_dir / "table.md")
     to_csv(rows, output_dir / "table.csv")
+    from adre_ray.analysis.plots import (  # matplotlib: not for --help
+        plot_certified_accuracy,
+        plot_certify_vs_tcertify,
+    )
+
     plot_certified_accuracy(runs, output_dir / "certified_accuracy.png", method=plot_method)
     for label, table in runs.items():
         if set(methods_present(table)) == set(METHODS):  # a published log has no T-CERTIFY to compare

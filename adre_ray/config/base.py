@@ -28,6 +28,8 @@ import yaml
 C = TypeVar("C", bound="JobConfig")
 
 DATASETS = ("cifar10", "imagenet")
+IMPORT_FORMATS = ("smoothing", "torchvision")
+"""Checkpoint formats ``adre-ray import-checkpoint`` reads (``adre_ray.models.importers``)."""
 LOSSES = ("gaussian", "adre_reg", "smoothadv", "adre_adv")
 TCERTIFY_MODES = ("paper", "bonferroni", "pilot")
 PER_LOSSES = ("mean", "single")

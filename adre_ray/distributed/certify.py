@@ -18,7 +18,6 @@ Algorithm of the driver (``run_certification``):
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -50,12 +49,13 @@ from adre_ray.analysis.results import (
 )
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS, CertifyConfig
-from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
+from adre_ray.config.flags import flag_values
 from adre_ray.data import build_dataset, dataset_info, load_images
-from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, interrupted, os_error_message
+from adre_ray.distributed._common import connect_ray, interrupted, os_error_message
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 from adre_ray.models.model_fn import model_fn_identity
+from adre_ray.parsers import CERTIFY_FLAG_NAMES, certify_parser
 from adre_ray.smoothing import (
     ABSTAIN,
     MAIN_STREAM,
@@ -781,22 +781,8 @@ def format_summary(summary: dict[str, float], out_dir: Path | str) -> str:
 
 # -------------------------------------------------------------------------------------------------- CLI
 
-FLAG_NAMES: dict[str, str | tuple[str, ...]] = {"tcertify_mode": "--mode", "num_actors": "--actors"}
-"""Flags whose name is not the field's kebab-case name (that name works too). Every other top-level
-``CertifyConfig`` field gets ``--field-name`` automatically (``config.flags.add_field_flags``)."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = SuggestingParser(
-        prog="adre-ray certify",
-        description="PREDICT / CERTIFY / T-CERTIFY of a checkpoint on Ray actors (results as Parquet). "
-                    "Settings come from --config, then --set, then the field flags (the last word wins).")
-    parser.add_argument("--config", help="YAML file with CertifyConfig fields (default: none)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (YAML value), repeatable (default: none)")
-    add_field_flags(parser, CertifyConfig, FLAG_NAMES)
-    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
-    return parser
+FLAG_NAMES = CERTIFY_FLAG_NAMES
+build_parser = certify_parser
 
 
 def config_from_args(argv: Sequence[str]) -> CertifyConfig:

@@ -16,15 +16,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from adre_ray.data.convert import (
-    SplitPlan,
-    check_no_foreign_files,
-    check_split,
-    plan_conversion,
-    write_shard,
-)
+if TYPE_CHECKING:
+    from adre_ray.data.convert import SplitPlan
 
 DEFAULT_ROWS_PER_FILE = 10_000
 DEFAULT_ROWS_PER_GROUP = 500
@@ -44,6 +39,8 @@ def convert_image_folder(src: str | Path, dst: str | Path, *, rows_per_file: int
     if not cpus_per_task > 0:
         raise ValueError(f"cpus_per_task={cpus_per_task!r}: must be > 0")
     dst = Path(dst).expanduser().resolve()
+    from adre_ray.data.convert import check_no_foreign_files, check_split, plan_conversion, write_shard
+
     plans: list[SplitPlan] = plan_conversion(Path(src).expanduser().resolve(), rows_per_file=rows_per_file,
                                              seed=seed)
     for plan in plans:
@@ -94,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``adre-ray convert``: exit 0 on success, 2 on bad input or a failed check (message on stderr)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from adre_ray.data.convert import plan_conversion  # imports torch: after --help has exited
     from adre_ray.distributed._common import connect_ray
 
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         # refuse bad input before starting Ray (the plan reads no image)
         plan_conversion(args.src, rows_per_file=args.rows_per_file, seed=args.seed)

@@ -23,7 +23,6 @@ metrics; status FINISHED, KILLED when ASHA stopped it, FAILED on error).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -38,17 +37,16 @@ from typing import Any
 import yaml
 
 from adre_ray.config import load_config, parse_overrides
-from adre_ray.config.flags import SuggestingParser, config_reference
 from adre_ray.config.train import TrainConfig
 from adre_ray.config.tune import Distribution, TuneSpace, load_space
 from adre_ray.distributed._common import (
-    ADDRESS_HELP,
     connect_ray,
     interrupted,
     is_local_storage,
     resolve_storage_path,
 )
 from adre_ray.distributed.train import EPOCH_METRICS, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, build_trainer
+from adre_ray.parsers import tune_parser
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -444,32 +442,7 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
 # -- command line --------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = SuggestingParser(
-        prog="adre-ray tune", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="space file keys (--space FILE):\n" + config_reference(TuneSpace)
-               + "\n\ntrain config keys (--config FILE, --set KEY=VALUE):\n" + config_reference(TrainConfig),
-        description="Ray Tune search over TrainConfig keys (lambda, epsilon, sigma, k, lr, ...): each trial "
-                    "a Ray Train run, ASHA early stopping, ranked by approximate certified accuracy, tracked "
-                    "in MLflow (parent run + one child run per trial).")
-    parser.add_argument("--space", required=True,
-                        help="search space YAML (see tune_spaces/ and docs/tune.md; required)")
-    parser.add_argument("--config", help="train config YAML (TrainConfig fields) every trial starts "
-                                         "from (default: none)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a train config field for every trial, e.g. schedule.epochs=30 "
-                             "(default: none)")
-    parser.add_argument("--num-samples", default=None, metavar="N",
-                        help="override the space's num_samples (default: the space's)")
-    parser.add_argument("--max-concurrent", default=None, metavar="N",
-                        help="trials at once (default: the space's max_concurrent, else as resources allow)")
-    parser.add_argument("--name", default=None,
-                        help="override the search name (output subfolder, MLflow run name; default: the "
-                             "space's)")
-    parser.add_argument("--output-dir", default=None, help="override the space's output_dir (default: the "
-                                                           "space's)")
-    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
-    return parser
+build_parser = tune_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

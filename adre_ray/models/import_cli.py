@@ -13,31 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-
 from pathlib import Path
 
-from adre_ray.config.base import DATASETS, check_sigma
-from adre_ray.models.importers import IMPORT_FORMATS, import_checkpoint
+from adre_ray.config.base import check_sigma
+from adre_ray.models.importers import import_checkpoint
+from adre_ray.parsers import import_checkpoint_parser
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adre-ray import-checkpoint",
-        description="Convert a randomized-smoothing or torchvision checkpoint into an adre-ray checkpoint "
-                    "(same logits; read with torch.load(weights_only=True), so no code in it runs).")
-    parser.add_argument("source", metavar="SRC", help="checkpoint file to import")
-    parser.add_argument("--format", dest="source_format", required=True, choices=IMPORT_FORMATS,
-                        help="smoothing: {arch, state_dict, epoch, optimizer} of the original randomized-"
-                             "smoothing code (Cohen, SmoothAdv, MACER, ...); torchvision: a plain state dict")
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="dataset the model was trained on")
-    parser.add_argument("--output", required=True, help="adre-ray checkpoint to write (file, or folder for "
-                                                        "model.pt); never overwritten")
-    parser.add_argument("--sigma", type=float, default=None,
-                        help="training noise level, recorded so certify defaults to it and warns on another")
-    parser.add_argument("--arch", default="resnet50",
-                        help="architecture of a torchvision state dict (default resnet50; smoothing files "
-                             "name their own)")
-    return parser
+build_parser = import_checkpoint_parser
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ run code when unpickled is refused. Keys or shapes that do not fit the architect
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from adre_ray.config.base import IMPORT_FORMATS
 from adre_ray.data.info import dataset_info
 from adre_ray.models.checkpoint import save_model_checkpoint, strip_wrapper_prefixes
 from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
 from adre_ray.models.registry import build_model
 
-IMPORT_FORMATS = ("smoothing", "torchvision")
 """Values of ``--format``."""
 
 SMOOTHING_ARCHS = ("cifar_resnet20", "cifar_resnet110", "resnet50")
