@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from adre_ray.config.train import TrainConfig
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 METHODS = (("adre_reg", "ADRE_REG"), ("gaussian", "Basic"))
+RUN_TIME = "About 8-10 minutes on 2 CPU cores"
+"""How long the demo takes with the default sizes (``--help`` and the README say the same)."""
 
 
 @dataclass
@@ -44,6 +47,74 @@ def resolve_data_dir(cfg: DemoConfig) -> tuple[str, str, bool]:
         if (candidate / "test.parquet").is_file():
             return str(candidate.resolve()), "parquet", False
     return str(Path("data/cifar10").resolve()), "torchvision", cfg.download
+
+
+def largest_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY or T-CERTIFY can give with ``n`` draws at level ``alpha``:
+    sigma * Phi^-1(alpha^(1/n)), reached when all n draws vote for one class (pA_lower = alpha^(1/n));
+    T-CERTIFY's radius never exceeds CERTIFY's largest (its two terms are each at most that one)."""
+    from scipy.stats import norm
+
+    from adre_ray.smoothing.bounds import pA_lower
+
+    return float(sigma * norm.ppf(pA_lower(n, n, alpha)))
+
+
+def table_radii(cfg: DemoConfig) -> tuple[list[float], float]:
+    """(the table's radii that ``cfg.n`` draws can reach, the largest certifiable radius)."""
+    from adre_ray.analysis.metrics import TABLE_RADII
+
+    top = largest_certifiable_radius(cfg.sigma, cfg.n, cfg.alpha)
+    return [r for r in TABLE_RADII if r <= top] or [0.0], top
+
+
+class EpochProgress:
+    """Prints a line per finished training epoch while a training runs (``with EpochProgress(...)``),
+    read from the run's MLflow metrics (the workers log each epoch there), every ``interval`` s."""
+
+    def __init__(self, label: str, run_name: str, experiment: str, tracking_uri: str, epochs: int,
+                 interval: float = 2.0) -> None:
+        self.label, self.run_name, self.experiment = label, run_name, experiment
+        self.tracking_uri, self.epochs, self.interval = tracking_uri, epochs, interval
+        self.shown: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="demo-epoch-progress", daemon=True)
+        self._started = time.perf_counter()
+
+    def __enter__(self) -> EpochProgress:
+        import mlflow.tracking  # noqa: F401  (imported here: a first import inside the thread can deadlock)
+
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # the last epoch, if it landed after the previous poll
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        """Print the epochs logged since the last call (a tracking error is ignored: progress only)."""
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                return
+            runs = client.search_runs([experiment.experiment_id],
+                                      filter_string=f"attributes.run_name = '{self.run_name}'")
+            history = client.get_metric_history(runs[0].info.run_id, "test_acc_noise") if runs else []
+        except Exception:  # noqa: BLE001 - progress is best effort
+            return
+        for point in sorted(history, key=lambda p: p.step):
+            if point.step not in self.shown:
+                self.shown.add(point.step)
+                print(f"[demo] {self.label}: epoch {point.step + 1}/{self.epochs} done, test accuracy under "
+                      f"noise {point.value:.3f} ({time.perf_counter() - self._started:.0f} s)", flush=True)
 
 
 def train_config(cfg: DemoConfig, loss: str, data_dir: str, source: str, download: bool,
@@ -98,7 +169,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         step = time.perf_counter()
         print(f"[demo] training {label} ({cfg.model}, {cfg.train_subset} images, {cfg.epochs} epochs)",
               flush=True)
-        trained = run_training(train_config(cfg, loss, data_dir, source, download, out, tracking_uri))
+        with EpochProgress(label, f"demo_{loss}", cfg.experiment, tracking_uri, cfg.epochs):
+            trained = run_training(train_config(cfg, loss, data_dir, source, download, out, tracking_uri))
         result.timings_s[f"train_{loss}"] = time.perf_counter() - step
         result.train_run_ids[label] = trained.mlflow_run_id
         step = time.perf_counter()
@@ -110,9 +182,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         result_dirs.append(str(certified.output_dir))
         labels.append(label)
     step = time.perf_counter()
+    radii, top = table_radii(cfg)
+    print(f"[demo] n={cfg.n} draws at alpha={cfg.alpha:g} certify radii up to {top:.3f} (sigma * "
+          f"Phi^-1(alpha^(1/n)), sigma={cfg.sigma:g}): the table stops at {radii[-1]:.2f}", flush=True)
     argv = [*result_dirs, *sum((["--label", label] for label in labels), []), "--output-dir",
             str(out / "analysis"), "--plot-method", "both", "--tracking-uri", tracking_uri, "--experiment",
-            cfg.experiment, "--log-mlflow"]
+            cfg.experiment, "--log-mlflow", "--radii", *map(str, radii)]
     if report.main(argv) != 0:
         raise RuntimeError(f"analyze failed on {result_dirs}")
     result.timings_s["analyze"] = time.perf_counter() - step
@@ -125,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = SuggestingParser(
         prog="adre-ray demo",
         description="Train ADRE_REG and Basic on CIFAR-10, certify both (CERTIFY and T-CERTIFY), write the "
-                    "table and plots, track everything in a local MLflow store. About 5-10 min on 2 cores.")
+                    "table and plots, track everything in a local MLflow store. " + RUN_TIME
+                    + "; it prints a line per training epoch.")
     parser.add_argument("--config", help="YAML with DemoConfig fields (default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a DemoConfig field, e.g. n=10000 or output_dir=my_demo (repeatable; "

@@ -466,3 +466,57 @@ def test_every_commands_help_imports_no_torch_ray_mlflow_or_matplotlib():
                               text=True, timeout=600)
         seen[command] = json.loads(done.stdout.strip().splitlines()[-1])
     assert {command: value for command, value in seen.items() if value != [0, True, []]} == {}
+
+
+# ----------------------------------------------------------------------------------------- demo
+
+
+def test_demo_table_stops_at_the_largest_certifiable_radius():
+    """Before: columns up to 3.00, which n = 1,000 draws can never certify (the largest is 0.615)."""
+    from scipy.stats import norm
+
+    from adre_ray.config.demo import DemoConfig
+    from adre_ray.demo import largest_certifiable_radius, table_radii
+    from adre_ray.smoothing.certify import certify_counts, tcertify_counts
+
+    cfg = DemoConfig()
+    radii, top = table_radii(cfg)
+    assert top == pytest.approx(cfg.sigma * norm.ppf(cfg.alpha ** (1 / cfg.n)))
+    assert radii == [0.0, 0.25, 0.5] and 0.5 <= top < 0.75
+    counts = [cfg.n] + [0] * 9  # every draw for one class: the largest radius CERTIFY can give
+    assert certify_counts(counts, counts, cfg.sigma, cfg.alpha).radius == pytest.approx(top)
+    for mode in ("paper", "bonferroni", "pilot"):
+        assert tcertify_counts(counts, counts, cfg.sigma, cfg.alpha, mode=mode).radius <= top + 1e-12
+    assert largest_certifiable_radius(0.5, 100_000, 0.001) > 1.9
+
+
+def test_demo_prints_a_line_per_finished_epoch_while_training_runs(tmp_path, capsys):
+    """Before: nothing for minutes while training (the workers' lines were not shown)."""
+    import time
+
+    from adre_ray.demo import EpochProgress
+    from adre_ray.tracking import log_metrics, mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with EpochProgress("ADRE_REG", "demo_adre_reg", "adre-demo", uri, epochs=3, interval=0.2) as progress, \
+            mlflow_run("adre-demo", "demo_adre_reg", tracking_uri=uri) as run:
+        for epoch in range(2):
+            log_metrics({"test_acc_noise": 0.25 + epoch / 10}, step=epoch, run_id=run.info.run_id,
+                        tracking_uri=uri)
+            deadline = time.monotonic() + 120
+            while epoch not in progress.shown and time.monotonic() < deadline:  # printed while running
+                time.sleep(0.1)
+            assert epoch in progress.shown
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[demo] ADRE_REG")]
+    assert [line.split(" (")[0] for line in lines] == [
+        "[demo] ADRE_REG: epoch 1/3 done, test accuracy under noise 0.250",
+        "[demo] ADRE_REG: epoch 2/3 done, test accuracy under noise 0.350"]
+
+
+def test_readme_and_demo_help_give_one_run_time_and_demo_output_is_ignored(capsys):
+    from adre_ray.demo import RUN_TIME, build_parser
+
+    build_parser().print_help()
+    assert RUN_TIME in " ".join(capsys.readouterr().out.split())
+    assert RUN_TIME in " ".join((REPO / "README.md").read_text().split())
+    assert "/demo_output/" in (REPO / ".gitignore").read_text().split()
