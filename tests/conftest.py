@@ -21,12 +21,15 @@ def cifar10_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster (2 CPUs, no dashboard) shared by every test that needs Ray."""
+    """One local Ray cluster (2 CPUs, no dashboard) shared by every test that needs Ray: always a new one
+    of the tests' own (``address="local"``), never a cluster started on the machine with ``ray start``."""
     import ray
 
+    from adre_ray.distributed._common import start_private_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        start_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                          runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
 

@@ -51,6 +51,56 @@ def os_error_message(err: OSError) -> str:
     return f"cannot write {str(where)!r}: {err.strerror or err}"
 
 
+STATE_API_VARIABLE = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's State API client sends its queries (the dashboard's URL), read before any other lookup."""
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_private_ray(**init_kwargs) -> None:
+    """Start a new local Ray cluster (``ray.init(address="local")``) whose processes ask only its own
+    dashboard for Ray's State API.
+
+    Ray Train's ``PlacementGroupCleaner`` (Ray >= 2.53) asks the State API every second whether the
+    training controller is alive, and removes the run's placement group (killing every live worker) when
+    the answer is "no such actor". Its State API client finds the dashboard from ``$RAY_ADDRESS``, else
+    from the cluster recorded by ``ray start`` on this machine, else from the first GCS it saw, whose
+    dashboard address (8265 even when the dashboard is off) may be served by another Ray cluster of the
+    machine. That other cluster does not know the controller, so a live training was killed. Here the
+    dashboard gets a free port, and ``RAY_API_SERVER_ADDRESS`` names it while the cluster starts, so the
+    raylet and every worker it spawns inherit it; with the dashboard off, nothing answers there and the
+    cleaner only warns, as it does whenever the State API is unavailable.
+    """
+    import ray
+
+    port = free_local_port()
+    init_kwargs.setdefault("dashboard_port", port)
+    saved = os.environ.get(STATE_API_VARIABLE)
+    os.environ[STATE_API_VARIABLE] = f"http://127.0.0.1:{init_kwargs['dashboard_port']}"
+    try:
+        ray.init(address="local", **init_kwargs)
+    finally:  # the driver itself keeps Ray's usual lookup
+        if saved is None:
+            os.environ.pop(STATE_API_VARIABLE, None)
+        else:
+            os.environ[STATE_API_VARIABLE] = saved
+
+
+def _recorded_cluster() -> str | None:
+    """The address ``ray.init()`` would join without one given (``$RAY_ADDRESS`` or the cluster ``ray
+    start`` recorded on this machine), None when it would start a new local cluster."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(None)
+
+
 def connect_ray(address: str | None = None) -> bool:
     """Join the Ray cluster the user named or started, else start a private one; never another job's.
 
@@ -62,17 +112,25 @@ def connect_ray(address: str | None = None) -> bool:
       that another ``adre-ray`` job started with ``ray.init()`` is never joined: it is not recorded
       there, and it dies with that job. (``ray.init(address="auto")`` would join it.)
 
-    Returns True when this call started or joined Ray (the caller then shuts it down).
+    Private clusters start through ``start_private_ray``. Returns True when this call started or joined
+    Ray (the caller then shuts it down).
     """
     import ray
 
     if ray.is_initialized():
         return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target == "local":
+        start_private_ray()
         return True
-    try:
-        ray.init()  # the `ray start` cluster of this machine, else a new private one
-    except ConnectionError:  # a stale `ray start` record (that cluster is gone): start a private one
-        ray.init(address="local")
+    if target:
+        ray.init(address=target)
+        return True
+    if _recorded_cluster() is not None:
+        try:
+            ray.init()  # the `ray start` cluster of this machine
+            return True
+        except ConnectionError:  # a stale `ray start` record (that cluster is gone): start a private one
+            pass
+    start_private_ray()
     return True

@@ -1,0 +1,53 @@
+"""A `ray start --head` of a test's own: its temp dir, loopback, every port free-chosen; stopped by killing
+exactly its processes (never `ray stop`, which would stop every Ray cluster of the machine)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from adre_ray.distributed._common import free_local_port as free_port
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+__all__ = ["RAY", "free_port", "start_head", "stop_head"]
+
+
+def start_head(temp_dir: str, env: dict[str, str], *, num_cpus: int, dashboard_port: int | None) -> None:
+    """``ray start --head`` writing its session and ``ray_current_cluster`` record under ``temp_dir``;
+    the dashboard (job server, State API) on ``dashboard_port``, or none when it is None."""
+    dashboard = ["--include-dashboard=false"]
+    if dashboard_port is not None:
+        dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={dashboard_port}"]
+    cmd = [RAY, "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1", *dashboard,
+           f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+           # every fixed default port moved, so another Ray on this machine cannot collide with it
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--ray-client-server-port={free_port()}"]
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=180)
+
+
+def stop_head(temp_dir: str) -> None:
+    """Terminate the processes of the head started with ``temp_dir`` (and their workers)."""
+    import psutil
+
+    victims = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in (proc.info["cmdline"] or [])):
+                victims.append(proc)
+                victims.extend(proc.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(victims, timeout=15)
+    for proc in alive:
+        proc.kill()
