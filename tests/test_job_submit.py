@@ -31,14 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 def ray_head():
     """A Ray head on loopback with the job server; yields its dashboard address, stops it afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="adre_jobs_", dir="/tmp")  # short: Ray's socket paths are limited
-    dashboard_port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0",
            # token authentication (default-on for local clusters in recent Ray): a fresh token for this head
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     try:
-        start_head(temp_dir, env, num_cpus=2, dashboard_port=dashboard_port)
+        dashboard_port = start_head(temp_dir, env, num_cpus=2, dashboard_port=free_port())
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
         stop_head(temp_dir)

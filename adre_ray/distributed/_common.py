@@ -36,13 +36,36 @@ ADDRESS_HELP = ("Ray cluster to use: an address (host:port, ray://host:10001), '
 INTERRUPTED_EXIT = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
 
+TERMINATED_EXIT = 143
+"""Exit status after SIGTERM (128 + SIGTERM), a scheduler's or ``kill``'s stop."""
 
-def interrupted(command: str) -> int:
-    """Print the one line a stopped job says, and return the exit status ``INTERRUPTED_EXIT``."""
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so a job stops as on Ctrl-C (finished work written, Ray shut
+    down) and exits ``TERMINATED_EXIT``."""
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread. Called after ``ray.init``, whose
+    own handler (``sys.exit(15)`` wherever the main thread is) ended jobs with an abort and Ray's C++
+    stack dump (exit 134)."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def interrupted(command: str, stop: BaseException | None = None) -> int:
+    """Print the one line a stopped job says, and return its exit status: ``TERMINATED_EXIT`` after
+    SIGTERM (``stop`` a :class:`Terminated`), else ``INTERRUPTED_EXIT``."""
     import sys
 
     print(f"adre-ray {command}: interrupted; re-run the same command to resume", file=sys.stderr, flush=True)
-    return INTERRUPTED_EXIT
+    return TERMINATED_EXIT if isinstance(stop, Terminated) else INTERRUPTED_EXIT
 
 
 def os_error_message(err: OSError) -> str:
@@ -93,6 +116,34 @@ def start_private_ray(**init_kwargs) -> None:
             os.environ[STATE_API_VARIABLE] = saved
 
 
+ADDRESS_TIMEOUT_S = 10.0
+"""How long ``connect_ray`` tries to reach a named cluster address before it gives up (Ray itself retries
+the GCS for minutes without a word)."""
+
+
+def check_reachable(address: str, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """``ValueError`` naming ``address`` unless a TCP connection to its host and port opens within
+    ``timeout_s`` seconds (``host:port`` of a GCS, or ``ray://host:port`` of a Ray Client server)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host or port is None:
+        raise ValueError(f"address={address!r}: not host:port, ray://host:port, 'auto' or 'local'")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ValueError(f"address={address!r}: no Ray cluster reachable there within {timeout_s:g} s "
+                         f"({reason}); check the address, or use --address local for a private "
+                         "cluster") from None
+
+
 def _recorded_cluster() -> str | None:
     """The address ``ray.init()`` would join without one given (``$RAY_ADDRESS`` or the cluster ``ray
     start`` recorded on this machine), None when it would start a new local cluster."""
@@ -112,8 +163,9 @@ def connect_ray(address: str | None = None) -> bool:
       that another ``adre-ray`` job started with ``ray.init()`` is never joined: it is not recorded
       there, and it dies with that job. (``ray.init(address="auto")`` would join it.)
 
-    Private clusters start through ``start_private_ray``. Returns True when this call started or joined
-    Ray (the caller then shuts it down).
+    Private clusters start through ``start_private_ray``. A named address that does not answer within
+    ``ADDRESS_TIMEOUT_S`` is a ``ValueError`` naming it. Returns True when this call started or joined Ray
+    (the caller then shuts it down); SIGTERM then stops the job like Ctrl-C (``stop_on_sigterm``).
     """
     import ray
 
@@ -122,15 +174,23 @@ def connect_ray(address: str | None = None) -> bool:
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target == "local":
         start_private_ray()
-        return True
-    if target:
+    elif target:
+        if target != "auto":
+            check_reachable(target)
         ray.init(address=target)
-        return True
+    else:
+        _join_recorded_or_start_private()
+    stop_on_sigterm()
+    return True
+
+
+def _join_recorded_or_start_private() -> None:
+    import ray
+
     if _recorded_cluster() is not None:
         try:
             ray.init()  # the `ray start` cluster of this machine
-            return True
+            return
         except ConnectionError:  # a stale `ray start` record (that cluster is gone): start a private one
             pass
     start_private_ray()
-    return True

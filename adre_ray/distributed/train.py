@@ -635,10 +635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adre-ray train: error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    started = connect_ray(args.address)
     from ray.train import TrainingFailedError
 
+    started = False
     try:
+        started = connect_ray(args.address)
         result = run_training(cfg, check_data=False)
     except ValueError as err:
         print(f"adre-ray train: error: {err}", file=sys.stderr)
@@ -646,8 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingFailedError as err:  # a worker raised (after run.max_failures restarts)
         print(f"adre-ray train: training failed: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return interrupted("train")
+    except KeyboardInterrupt as stop:
+        return interrupted("train", stop)
     finally:
         if started:
             import ray

@@ -485,14 +485,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adre-ray tune: error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    started = connect_ray(args.address)
+    started = False
     try:
+        started = connect_ray(args.address)
         outcome = run_search(train, space, cli_overrides=cli)
     except ValueError as err:
         print(f"adre-ray tune: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return interrupted("tune")
+    except KeyboardInterrupt as stop:
+        return interrupted("tune", stop)
     finally:
         if started:
             import ray
