@@ -26,9 +26,6 @@ def node_credentials_file(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "node_aws_credentials"
 
 
-RAY_START_ATTEMPTS = 3
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(node_credentials_file):
     """One local Ray cluster (2 CPUs, no dashboard) shared by every test that needs Ray: always a new one
@@ -37,17 +34,10 @@ def ray_cluster(node_credentials_file):
 
     from adre_ray.distributed._common import start_private_ray
 
-    env = {"OMP_NUM_THREADS": "1", "AWS_SHARED_CREDENTIALS_FILE": str(node_credentials_file)}
-    for attempt in range(1, RAY_START_ATTEMPTS + 1):
-        if ray.is_initialized():
-            break
-        try:
-            start_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                              runtime_env={"env_vars": env})
-        except Exception as err:  # Ray gives its raylet 30 s (fixed) to register: too short under load
-            ray.shutdown()
-            if "timed out during startup" not in str(err) or attempt == RAY_START_ATTEMPTS:
-                raise
+    if not ray.is_initialized():
+        env = {"OMP_NUM_THREADS": "1", "AWS_SHARED_CREDENTIALS_FILE": str(node_credentials_file)}
+        start_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                          runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

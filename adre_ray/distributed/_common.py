@@ -87,6 +87,10 @@ def free_local_port() -> int:
         return sock.getsockname()[1]
 
 
+START_ATTEMPTS = 3
+"""Starts of a private cluster tried when Ray's raylet misses its registration deadline (a loaded host)."""
+
+
 def start_private_ray(**init_kwargs) -> None:
     """Start a new local Ray cluster (``ray.init(address="local")``) whose processes ask only its own
     dashboard for Ray's State API.
@@ -99,16 +103,23 @@ def start_private_ray(**init_kwargs) -> None:
     machine. That other cluster does not know the controller, so a live training was killed. Here the
     dashboard gets a free port, and ``RAY_API_SERVER_ADDRESS`` names it while the cluster starts, so the
     raylet and every worker it spawns inherit it; with the dashboard off, nothing answers there and the
-    cleaner only warns, as it does whenever the State API is unavailable.
+    cleaner only warns, as it does whenever the State API is unavailable. A start whose raylet misses
+    Ray's fixed 30 s registration deadline (a loaded machine) is tried again, ``START_ATTEMPTS`` in all.
     """
     import ray
 
-    port = free_local_port()
-    init_kwargs.setdefault("dashboard_port", port)
+    init_kwargs.setdefault("dashboard_port", free_local_port())
     saved = os.environ.get(STATE_API_VARIABLE)
     os.environ[STATE_API_VARIABLE] = f"http://127.0.0.1:{init_kwargs['dashboard_port']}"
     try:
-        ray.init(address="local", **init_kwargs)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                ray.init(address="local", **init_kwargs)
+                return
+            except Exception as err:  # Ray gives a new raylet a fixed 30 s to register: short under load
+                ray.shutdown()
+                if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS:
+                    raise
     finally:  # the driver itself keeps Ray's usual lookup
         if saved is None:
             os.environ.pop(STATE_API_VARIABLE, None)
