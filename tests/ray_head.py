@@ -3,13 +3,13 @@ exactly its processes (never `ray stop`, which would stop every Ray cluster of t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from adre_ray.distributed._common import free_local_port as free_port
+from adre_ray.distributed._common import stop_processes
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -55,9 +55,4 @@ def stop_head(temp_dir: str) -> None:
                 victims.extend(proc.children(recursive=True))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    for proc in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(victims, timeout=15)
-    for proc in alive:
-        proc.kill()
+    stop_processes(victims)

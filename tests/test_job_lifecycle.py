@@ -143,3 +143,23 @@ def test_a_resumed_certification_continues_mlflow_images_done(ray_cluster, model
     result = run_certification(cfg)
     history = MlflowClient(tracking_uri=uri).get_metric_history(result.mlflow_run_id, "images_done")
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+def test_after_ray_starts_sigterm_raises_terminated_which_every_job_maps_to_143(capsys):
+    """The handler ``connect_ray`` installs once Ray is up (Ray's own ended jobs with exit 134)."""
+    from adre_ray.distributed import _common
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        _common.stop_on_sigterm()
+        with pytest.raises(_common.Terminated) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert isinstance(stop.value, KeyboardInterrupt)  # so every `except KeyboardInterrupt` of the jobs stops
+    for command in ("certify", "train", "tune", "convert"):
+        assert _common.interrupted(command, stop.value) == 143
+        assert _common.interrupted(command, KeyboardInterrupt()) == 130
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == RESUME_LINE and len(lines) == 8

@@ -113,11 +113,13 @@ def start_private_ray(**init_kwargs) -> None:
     os.environ[STATE_API_VARIABLE] = f"http://127.0.0.1:{init_kwargs['dashboard_port']}"
     try:
         for attempt in range(1, START_ATTEMPTS + 1):
+            children = _child_pids()
             try:
                 ray.init(address="local", **init_kwargs)
                 return
             except Exception as err:  # Ray gives a new raylet a fixed 30 s to register: short under load
                 ray.shutdown()
+                _stop_children_since(children)  # the failed start's GCS, raylet, ... (Ray keeps no handle)
                 if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS:
                     raise
     finally:  # the driver itself keeps Ray's usual lookup
@@ -125,6 +127,34 @@ def start_private_ray(**init_kwargs) -> None:
             os.environ.pop(STATE_API_VARIABLE, None)
         else:
             os.environ[STATE_API_VARIABLE] = saved
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _stop_children_since(before: set[int]) -> None:
+    """Stop this process's descendants that are not in ``before``."""
+    import psutil
+
+    stop_processes([child for child in psutil.Process().children(recursive=True) if child.pid not in before])
+
+
+def stop_processes(processes: list) -> None:
+    """Terminate these ``psutil.Process`` es, then kill those still alive after 10 s."""
+    import contextlib
+
+    import psutil
+
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 ADDRESS_TIMEOUT_S = 10.0
