@@ -13,6 +13,20 @@ def resolve_storage_path(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def ray_storage(path: str) -> dict:
+    """``storage_path`` (and ``storage_filesystem`` for object storage) for Ray Train's and Tune's
+    ``RunConfig``: a local folder made absolute; a URI as the path inside the pyarrow filesystem of
+    ``adre_ray.storage.resolve``, which honours ``$AWS_ENDPOINT_URL(_S3)`` wherever the run's processes
+    are. The filesystem carries the endpoint, never keys (each node reads its own credentials)."""
+    from adre_ray import storage
+
+    resolved = resolve_storage_path(path)
+    if not storage.is_remote(resolved):
+        return {"storage_path": resolved}
+    filesystem, inner = storage.resolve(resolved)
+    return {"storage_path": inner, "storage_filesystem": filesystem}
+
+
 def is_local_storage(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 

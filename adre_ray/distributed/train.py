@@ -39,6 +39,7 @@ from adre_ray.distributed._common import (
     connect_ray,
     interrupted,
     is_local_storage,
+    ray_storage,
     resolve_storage_path,
     train_v2_enabled,
 )
@@ -451,8 +452,7 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     fault_env = fault_worker_env(f"{run_kwargs['storage_path'].rstrip('/')}/{name}")
     worker_env = dict(fault_env)
     if storage.is_remote(run_kwargs["storage_path"]):  # honours $AWS_ENDPOINT_URL(_S3) like certify does
-        filesystem, inner = storage.resolve(run_kwargs["storage_path"])
-        run_kwargs.update(storage_filesystem=filesystem, storage_path=inner)
+        run_kwargs.update(ray_storage(run_kwargs["storage_path"]))
         worker_env.update(storage.storage_env())  # workers upload checkpoints with the driver's settings
     if worker_env:
         run_kwargs["worker_runtime_env"] = {"env_vars": worker_env}
