@@ -43,7 +43,8 @@ def train_v2_enabled() -> bool:
 ADDRESS_HELP = ("Ray cluster to use: an address (host:port, ray://host:10001), 'auto' (any running "
                 "local cluster), or 'local' (a new private one); never another job's private cluster "
                 "(default: $RAY_ADDRESS, else the cluster started on this machine with `ray start`, else a "
-                "new private local cluster)")
+                "new private local cluster); an address that accepts no connection within 10 s is refused "
+                "(exit 2)")
 """The ``--address`` help of ``adre-ray certify / train / tune``."""
 
 
