@@ -151,6 +151,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     import ray
 
     from adre_ray.analysis import report
+    from adre_ray.distributed._common import start_private_ray
     from adre_ray.distributed.certify import run_certification
     from adre_ray.distributed.train import run_training
 
@@ -160,9 +161,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # Ray workers inherit it
     data_dir, source, download = resolve_data_dir(cfg)
     started = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(cfg.num_workers, cfg.num_actors), include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    if not ray.is_initialized():  # its own cluster, never one of `ray start`
+        start_private_ray(num_cpus=max(cfg.num_workers, cfg.num_actors), include_dashboard=False,
+                          log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     result = DemoResult(output_dir=out, tracking_uri=tracking_uri, table_markdown="")
     result_dirs, labels = [], []
     for loss, label in METHODS:

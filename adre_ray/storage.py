@@ -80,6 +80,12 @@ def resolve(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     text = str(path)
     if not is_uri(text):
         return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    parts = urlsplit(text)
+    if parts.username or parts.password:  # the URI is recorded (run.json, rows, MLflow) and shipped to Ray
+        shown = urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+        raise ValueError(f"path={shown!r}: credentials in a storage URI are refused (they would be written "
+                         "to run.json, MLflow and Ray's logs); give them to every node instead (AWS_* "
+                         "variables, a credentials file, an instance role)")
     try:
         return pafs.FileSystem.from_uri(_with_endpoint(text))
     except (ValueError, OSError) as err:  # pyarrow.ArrowInvalid is a ValueError
@@ -195,11 +201,18 @@ def local_copy(path: str | os.PathLike[str]) -> Path:
 
 
 STORAGE_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                    "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
                     "GOOGLE_APPLICATION_CREDENTIALS")
-"""Variables that select and authenticate an object store; Ray jobs pass the driver's to their actors."""
+"""Variables that select an object store and where a node finds its credentials (endpoint, region,
+profile, the paths of credential files); Ray jobs pass the driver's to their actors and workers. No key is
+among them: a ``runtime_env`` is written to Ray's logs (``runtime_env_agent.log``, world-readable)."""
+
+CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+"""Keys that are never handed to Ray: actors and workers read them from their node's own credential chain
+(the environment their raylet started with, credential files, an instance role). A private cluster that
+a job starts inherits the driver's environment, so they reach its workers without being passed."""
 
 
 def storage_env() -> dict[str, str]:
-    """The driver's ``STORAGE_ENV_VARS`` that are set (for a Ray ``runtime_env``)."""
+    """The driver's ``STORAGE_ENV_VARS`` that are set (for a Ray ``runtime_env``; never a key)."""
     return {name: os.environ[name] for name in STORAGE_ENV_VARS if os.environ.get(name)}

@@ -20,13 +20,24 @@ def cifar10_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster (2 CPUs, no dashboard) shared by every test that needs Ray."""
+def node_credentials_file(tmp_path_factory) -> Path:
+    """The AWS credentials file of the tests' Ray node (``AWS_SHARED_CREDENTIALS_FILE`` of its workers),
+    as ``~/.aws/credentials`` is a real node's: keys are never passed to Ray, workers read them here."""
+    return tmp_path_factory.getbasetemp() / "node_aws_credentials"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(node_credentials_file):
+    """One local Ray cluster (2 CPUs, no dashboard) shared by every test that needs Ray: always a new one
+    of the tests' own (``address="local"``), never a cluster started on the machine with ``ray start``."""
     import ray
 
+    from adre_ray.distributed._common import start_private_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        env = {"OMP_NUM_THREADS": "1", "AWS_SHARED_CREDENTIALS_FILE": str(node_credentials_file)}
+        start_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                          runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
@@ -43,6 +54,40 @@ def idle_ray_cluster(ray_cluster):
         assert time.monotonic() < deadline, f"CPUs still held after 60 s: {ray_cluster.available_resources()}"
         time.sleep(0.5)
     return ray_cluster
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(node_credentials_file):
+    """A local S3 server (moto's server mode on 127.0.0.1, a free port) for a module, bucket ``adre-test``
+    made; the driver's AWS_* variables point at it and the Ray node's credentials file holds its keys."""
+    moto_server = pytest.importorskip("moto.server")
+    import pyarrow.fs as pafs
+
+    from adre_ray.distributed._common import free_local_port
+
+    port = free_local_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    write_node_credentials(node_credentials_file, keys)
+    patch = pytest.MonkeyPatch()
+    for name, value in {**keys, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        patch.setenv(name, value)
+    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(S3_BUCKET)
+    yield endpoint
+    patch.undo()
+    server.stop()
+
+
+S3_BUCKET = "adre-test"
+
+
+def write_node_credentials(path: Path, keys: dict[str, str]) -> None:
+    """``[default]`` profile of an AWS credentials file with these ``AWS_*`` keys (owner-only)."""
+    lines = ["[default]"] + [f"{name.lower()} = {value}" for name, value in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
 
 
 @pytest.fixture()

@@ -7,11 +7,9 @@ The head gets its own --temp-dir and ports and is stopped by killing exactly its
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,60 +18,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_head import RAY, free_port, start_head, stop_head
 
 from adre_ray.analysis.results import read_results
 from adre_ray.models import build_model, save_model_checkpoint
 from adre_ray.smoothing import certify_counts
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop_head(temp_dir: str) -> None:
-    """Terminate the processes of the head started with ``temp_dir`` (and their workers)."""
-    import psutil
-
-    victims = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (proc.info["cmdline"] or [])):
-                victims.append(proc)
-                victims.extend(proc.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    for proc in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(victims, timeout=15)
-    for proc in alive:
-        proc.kill()
 
 
 @pytest.fixture()
 def ray_head():
     """A Ray head on loopback with the job server; yields its dashboard address, stops it afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="adre_jobs_", dir="/tmp")  # short: Ray's socket paths are limited
-    dashboard_port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0",
            # token authentication (default-on for local clusters in recent Ray): a fresh token for this head
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [RAY, "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-           "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           # every fixed default port moved, so another Ray on this machine cannot collide with it
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--ray-client-server-port={free_port()}"]
     try:
-        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=120)
+        dashboard_port = start_head(temp_dir, env, num_cpus=2, dashboard_port=free_port())
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
         stop_head(temp_dir)

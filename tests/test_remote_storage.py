@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import re
 import shlex
-import socket
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 import torch
 
@@ -17,32 +15,9 @@ from adre_ray.analysis.results import completed_indices, ensure_manifest, part_f
 from adre_ray.models import build_model
 from adre_ray.models.checkpoint import read_checkpoint, save_model_checkpoint
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 REPO = Path(__file__).resolve().parents[1]
-BUCKET = "adre-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server for this module, with the bucket made; the AWS_* variables point at it."""
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    patch = pytest.MonkeyPatch()
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-        patch.setenv(name, value)
-    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
-    yield endpoint
-    patch.undo()
-    server.stop()
+BUCKET = "adre-test"  # made by the s3_endpoint fixture (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -185,8 +185,9 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluste
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="",
                RAY_TMPDIR=tempfile.mkdtemp(prefix="r16", dir="/tmp"))  # its own Ray, not the test cluster
     log = tmp_path / "first.log"
-    first = subprocess.Popen([sys.executable, "-m", "adre_ray.cli", "tune", *args], cwd=cwd, env=env,
-                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen([sys.executable, "-m", "adre_ray.cli", "tune", *args, "--address", "local"],
+                             cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
     deadline = time.monotonic() + 400
     try:
         tune_dir = out / "tiny_cpu" / "tune"

@@ -84,6 +84,9 @@ class CertifyConfig(JobConfig):
     resource_wait_s: float = config_field(
         20.0, "seconds to wait for the CPUs / GPUs of num_actors actors (busy, or not yet added by an "
               "autoscaler) before refusing them")
+    stall_timeout_s: float = config_field(
+        1800.0, "seconds without any finished shard (actors lost, a node gone, nothing schedulable) before "
+                "the job stops with exit 2, finished images kept; a line on stderr every minute meanwhile")
     output_dir: str = config_field("results/certify", "result folder (Parquet parts + _run.json), local or "
                                                       "s3:// gs:// file://; a re-run with equal settings "
                                                       "resumes")
@@ -158,6 +161,9 @@ class CertifyConfig(JobConfig):
         check(isinstance(self.resource_wait_s, (int, float)) and not isinstance(self.resource_wait_s, bool)
               and math.isfinite(self.resource_wait_s) and self.resource_wait_s >= 0, "resource_wait_s",
               self.resource_wait_s, "must be a finite number of seconds >= 0")
+        check(isinstance(self.stall_timeout_s, (int, float)) and not isinstance(self.stall_timeout_s, bool)
+              and math.isfinite(self.stall_timeout_s) and self.stall_timeout_s > 0, "stall_timeout_s",
+              self.stall_timeout_s, "must be a finite number of seconds > 0")
         check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir,
               "must name the result folder")
         check(isinstance(self.experiment, str) and self.experiment != "", "experiment", self.experiment,

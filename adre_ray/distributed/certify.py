@@ -547,7 +547,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
                 log_config({**cfg.flat_dict(), "num_images_selected": len(selected),
                             "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
             progress = _certify_images_or_job_error(cfg, todo, num_classes, train_run_id, out_dir, hooks,
-                                                    run_id, pool, train_sigma)
+                                                    run_id, pool, train_sigma, len(selected) - len(todo))
             table = read_results(out_dir)
             chosen = set(selected)
             keep = [i for i, idx in enumerate(table.column("idx").to_pylist()) if idx in chosen]
@@ -588,9 +588,12 @@ def _certify_images_or_job_error(*args: Any) -> _Progress:
 
 def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train_run_id: str | None,
                     out_dir: Path | str, hooks: CertifyHooks, run_id: str | None,
-                    given_pool: CertifyPool | None, train_sigma: float | None = None) -> _Progress:
+                    given_pool: CertifyPool | None, train_sigma: float | None = None,
+                    done_before: int = 0) -> _Progress:
     """The scheduling loop (steps 2-5 of the module docstring). Finished rows are written even when the
-    loop stops on an exception (a hook's, a KeyboardInterrupt), so a re-run only redoes unfinished images."""
+    loop stops on an exception (a hook's, a KeyboardInterrupt), so a re-run only redoes unfinished images.
+    MLflow's ``images_done`` counts the ``done_before`` images of earlier runs too, so a resumed run's
+    steps continue where the interrupted run stopped (never a step logged twice)."""
     progress = _Progress()
     if not todo:
         return progress
@@ -632,8 +635,9 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
         rows, buffer = sorted(buffer, key=lambda r: r["idx"]), []
         path = write_part(out_dir, rows)
         if run_id:
-            log_metrics({"images_done": progress.done, "samples_per_s": progress.samples_per_s()},
-                        step=progress.done, tracking_uri=cfg.tracking_uri)
+            images_done = done_before + progress.done
+            log_metrics({"images_done": images_done, "samples_per_s": progress.samples_per_s()},
+                        step=images_done, tracking_uri=cfg.tracking_uri)
         if hooks.on_part_written is not None:
             hooks.on_part_written(path)
 
@@ -677,8 +681,10 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
     try:
         admit()
         dispatch()
+        stall = _StallWatch(cfg.stall_timeout_s)
         while running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            stall.check(bool(ready), running=len(running), actors=num_actors)
             for ref in ready:
                 task, slot, generation = running.pop(ref)
                 pool.load[slot] -= 1
@@ -722,6 +728,37 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
                     ray.cancel(ref)
                 pool.load = [0] * len(pool)
     return progress
+
+
+STALL_MESSAGE_S = 60.0
+"""While no shard finishes, a line on stderr this often."""
+
+
+class _StallWatch:
+    """The certification loop's deadline: a line on stderr every ``STALL_MESSAGE_S`` without a finished
+    shard, and ``ValueError`` (exit 2; finished images are written on the way out, a re-run resumes) after
+    ``timeout_s`` without one, so the job never waits without a word, e.g. for actors on a lost node."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.last_shard = self.last_word = time.monotonic()
+
+    def check(self, progressed: bool, *, running: int, actors: int) -> None:
+        now = time.monotonic()
+        if progressed:
+            self.last_shard = self.last_word = now
+            return
+        waited = now - self.last_shard
+        if waited >= self.timeout_s:
+            raise ValueError(f"stall_timeout_s={self.timeout_s:g}: no shard finished for {waited:.0f} s "
+                             f"({running} shard(s) running on {actors} actor(s): actors lost or not "
+                             "schedulable, e.g. a node gone); finished images are kept, re-run the same "
+                             "command to resume")
+        if now - self.last_word >= STALL_MESSAGE_S:
+            self.last_word = now
+            print(f"adre-ray certify: no shard finished for {waited:.0f} s ({running} running on {actors} "
+                  f"actor(s)); giving up after stall_timeout_s={self.timeout_s:g} s", file=sys.stderr,
+                  flush=True)
 
 
 def _next_stage(cfg: CertifyConfig, image: _Image) -> list[ShardTask]:
@@ -813,8 +850,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # e.g. the disk filled up while writing a part (finished parts are kept)
         print(f"adre-ray certify: error: {os_error_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # finished images were written on the way out
-        return interrupted("certify")
+    except KeyboardInterrupt as stop:  # finished images were written on the way out
+        return interrupted("certify", stop)
     finally:
         if started:
             ray.shutdown()

@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``adre-ray convert``: exit 0 on success, 2 on bad input or a failed check (message on stderr)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     from adre_ray.data.convert import plan_conversion  # imports torch: after --help has exited
-    from adre_ray.distributed._common import connect_ray
+    from adre_ray.distributed._common import connect_ray, interrupted
 
     try:
         # refuse bad input before starting Ray (the plan reads no image)
@@ -101,15 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"adre-ray convert: error: {err}", file=sys.stderr)
         return 2
-    started = connect_ray(args.address)
+    started = False
     begun = time.perf_counter()
     try:
+        started = connect_ray(args.address)
         outcomes = convert_image_folder(args.src, args.output_dir, rows_per_file=args.rows_per_file,
                                         rows_per_group=args.rows_per_group, seed=args.seed,
                                         cpus_per_task=args.cpus_per_task)
     except ValueError as err:
         print(f"adre-ray convert: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: finished shards are kept, a re-run skips them
+        return interrupted("convert", stop)
     finally:
         if started:
             import ray

@@ -39,6 +39,7 @@ from adre_ray.distributed._common import (
     connect_ray,
     interrupted,
     is_local_storage,
+    ray_storage,
     resolve_storage_path,
     train_v2_enabled,
 )
@@ -451,8 +452,7 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     fault_env = fault_worker_env(f"{run_kwargs['storage_path'].rstrip('/')}/{name}")
     worker_env = dict(fault_env)
     if storage.is_remote(run_kwargs["storage_path"]):  # honours $AWS_ENDPOINT_URL(_S3) like certify does
-        filesystem, inner = storage.resolve(run_kwargs["storage_path"])
-        run_kwargs.update(storage_filesystem=filesystem, storage_path=inner)
+        run_kwargs.update(ray_storage(run_kwargs["storage_path"]))
         worker_env.update(storage.storage_env())  # workers upload checkpoints with the driver's settings
     if worker_env:
         run_kwargs["worker_runtime_env"] = {"env_vars": worker_env}
@@ -635,10 +635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adre-ray train: error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    started = connect_ray(args.address)
     from ray.train import TrainingFailedError
 
+    started = False
     try:
+        started = connect_ray(args.address)
         result = run_training(cfg, check_data=False)
     except ValueError as err:
         print(f"adre-ray train: error: {err}", file=sys.stderr)
@@ -646,8 +647,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingFailedError as err:  # a worker raised (after run.max_failures restarts)
         print(f"adre-ray train: training failed: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return interrupted("train")
+    except KeyboardInterrupt as stop:
+        return interrupted("train", stop)
     finally:
         if started:
             import ray

@@ -43,7 +43,7 @@ from adre_ray.distributed._common import (
     connect_ray,
     interrupted,
     is_local_storage,
-    resolve_storage_path,
+    ray_storage,
 )
 from adre_ray.distributed.train import EPOCH_METRICS, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, build_trainer
 from adre_ray.parsers import tune_parser
@@ -379,8 +379,10 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
     tracking_uri = resolve_tracking_uri(space.tracking_uri or base.run.tracking_uri)
     dists = space.distributions()
     max_concurrent = space.max_concurrent or auto_max_concurrent(base)
-    experiment_path = f"{resolve_storage_path(storage).rstrip('/')}/{TUNE_DIRNAME}"
-    restoring = ray.tune.Tuner.can_restore(experiment_path)
+    tune_storage = ray_storage(storage)  # object storage: the filesystem with its endpoint, no keys
+    filesystem = tune_storage.get("storage_filesystem")
+    experiment_path = f"{tune_storage['storage_path'].rstrip('/')}/{TUNE_DIRNAME}"
+    restoring = ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem)
     search_tags = {"adre_ray.job": "tune", SEARCH_TAG: name}
     earlier_parent = _earlier_run(space.experiment, tracking_uri, search_tags) if restoring else None
     with mlflow_run(space.experiment, name, tracking_uri=tracking_uri, run_id=earlier_parent,
@@ -397,7 +399,8 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
         if restoring:  # an interrupted run of this search: Tune's own restore, finished trials kept
             tuner = ray.tune.Tuner.restore(experiment_path, ray.tune.with_resources(trainable,
                                                                                     TRIAL_DRIVER_RESOURCES),
-                                           resume_unfinished=True, resume_errored=True)
+                                           resume_unfinished=True, resume_errored=True,
+                                           storage_filesystem=filesystem)
             print(f"[adre-ray tune] resuming search {name!r} from {experiment_path}", flush=True)
         else:
             tuner = ray.tune.Tuner(
@@ -405,8 +408,7 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
                 param_space=param_space(space),
                 tune_config=ray.tune.TuneConfig(num_samples=space.num_samples,
                                                 scheduler=_scheduler(space, base), search_alg=search_alg),
-                run_config=ray.tune.RunConfig(name=TUNE_DIRNAME, storage_path=resolve_storage_path(storage),
-                                              verbose=verbose),
+                run_config=ray.tune.RunConfig(name=TUNE_DIRNAME, verbose=verbose, **tune_storage),
             )
         print(f"[adre-ray tune] search {name!r}: {len(dists)} searched key(s), up to {max_concurrent} "
               f"trial(s) at once; outputs in {out_dir}", flush=True)
@@ -458,14 +460,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adre-ray tune: error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    started = connect_ray(args.address)
+    started = False
     try:
+        started = connect_ray(args.address)
         outcome = run_search(train, space, cli_overrides=cli)
     except ValueError as err:
         print(f"adre-ray tune: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return interrupted("tune")
+    except KeyboardInterrupt as stop:
+        return interrupted("tune", stop)
     finally:
         if started:
             import ray

@@ -1,0 +1,63 @@
+"""The test suite beside a Ray cluster of the machine (``ray start --head``, with a dashboard).
+
+Before: the session fixture's ``ray.init(num_cpus=2)`` joined the cluster recorded by ``ray start`` and
+every Ray test errored ("When connecting to an existing cluster, num_cpus and num_gpus must not be
+provided"); and Ray Train's placement-group cleaner of the tests' cluster asked the *other* cluster's State
+API whether its controller was alive, was told "no such actor" and removed the live run's placement group
+(the workers died: "placement group was removed"). The outer test starts the other cluster with a private
+``RAY_TMPDIR`` (Ray keeps its ``ray_current_cluster`` record there, so the machine's other Ray users never
+see it) and runs the inner test in a fresh pytest beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from ray_head import free_port, start_head, stop_head
+
+REPO = Path(__file__).resolve().parents[1]
+BESIDE = os.environ.get("ADRE_TEST_BESIDE_CLUSTER")  # the other cluster's address, in the inner run only
+TRAIN_SECONDS = 15.0  # the cleaner checks the controller every second: many checks while the worker lives
+
+
+@pytest.mark.skipif(BESIDE is None, reason="the inner half of test_the_suite_runs_beside_a_ray_start_cluster")
+def test_inner_own_cluster_and_a_training_that_outlives_the_cleaner_checks(ray_cluster, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def train_loop(config: dict) -> None:  # nested: pickled by value (the workers cannot import tests/)
+        time.sleep(config["seconds"])
+        Path(config["marker"]).write_text(str(config["seconds"]))  # the worker lived to the end
+
+    assert ray_cluster.get_runtime_context().gcs_address != BESIDE  # a cluster of the tests' own
+    assert ray_cluster.cluster_resources()["CPU"] == 2
+    config = {"seconds": TRAIN_SECONDS, "marker": str(tmp_path / "done")}
+    trainer = TorchTrainer(train_loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(name="beside", storage_path=str(tmp_path)))
+    result = trainer.fit()  # before: ControllerError, "... its placement group was removed"
+    assert result.error is None and (tmp_path / "done").read_text() == str(TRAIN_SECONDS)
+
+
+@pytest.mark.slow
+def test_the_suite_runs_beside_a_ray_start_cluster(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths are limited
+    head_dir = os.path.join(ray_tmp, "ray")  # Ray's default temp dir under RAY_TMPDIR: the record lies here
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
+    try:
+        start_head(head_dir, env, num_cpus=1, dashboard_port=free_port())
+        recorded = (Path(head_dir) / "ray_current_cluster").read_text().strip()  # what ray.init() would join
+        inner = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-rs",
+             f"tests/{Path(__file__).name}::test_inner_own_cluster_and_a_training_that_outlives_the_cleaner_checks"],
+            cwd=REPO, env={**env, "ADRE_TEST_BESIDE_CLUSTER": recorded},
+            capture_output=True, text=True, timeout=540)
+    finally:
+        stop_head(ray_tmp)
+    assert inner.returncode == 0 and "1 passed" in inner.stdout, inner.stdout[-6000:] + inner.stderr[-3000:]
