@@ -84,6 +84,12 @@ class CertifyConfig(JobConfig):
     resource_wait_s: float = config_field(
         20.0, "seconds to wait for the CPUs / GPUs of num_actors actors (busy, or not yet added by an "
               "autoscaler) before refusing them")
+    deterministic: bool = config_field(
+        False, "deterministic algorithms, no cuDNN autotuning, no TF32 (same logits on a re-run on the same "
+               "device model; slower, see docs/performance.md)")
+    allow_mixed_devices: bool = config_field(
+        False, "let a result folder hold rows from another device model or numeric setting (recorded in "
+               "run.json); by default resuming on other devices is refused")
     output_dir: str = config_field("results/certify", "result folder (Parquet parts + run.json), local or "
                                                       "s3:// gs:// file://; a re-run with equal settings "
                                                       "resumes")
@@ -163,6 +169,8 @@ class CertifyConfig(JobConfig):
         check(isinstance(self.experiment, str) and self.experiment != "", "experiment", self.experiment,
               "must be a non-empty MLflow experiment name")
         check(isinstance(self.progress, bool), "progress", self.progress, "must be true or false")
+        for name in ("deterministic", "allow_mixed_devices"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
         self._validate_shortcuts()
 
     def _validate_shortcuts(self) -> None:
