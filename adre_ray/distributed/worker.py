@@ -21,6 +21,7 @@ import torch
 from adre_ray.device import device_facts, require_cuda, set_numerics
 from adre_ray.models.checkpoint import load_model_checkpoint
 from adre_ray.models.model_fn import build_model_fn
+from adre_ray.models.precision import fp32_logits
 from adre_ray.smoothing.sampler import (
     NonFiniteLogitsError,
     default_noise,
@@ -65,7 +66,7 @@ class CertifyWorker:
         else:
             model, meta = load_model_checkpoint(checkpoint, map_location=str(self.device),
                                                 expected_num_classes=num_classes)
-        model = model.to(self.device).eval()
+        model = fp32_logits(model).to(self.device).eval()  # float32 logits: no bf16 ties in the argmax
         on_gpu = self.device.type == "cuda"
         self.channels_last = bool(channels_last and on_gpu)
         model = prepare_model(model, channels_last=self.channels_last, compile=bool(compile),
