@@ -107,3 +107,19 @@ def test_actors_on_different_devices_are_refused(tmp_path):
 
 def test_a_folder_from_before_device_facts_accepts_any_device(tmp_path):
     assert record_devices(_folder(tmp_path), [A100], allow_mixed=False) == [A100]
+
+
+def test_gpu_actors_resume_a_cpu_folder_only_when_mixing_is_allowed(tmp_path):
+    """GPU actors draw Philox noise (scheme 3), CPU actors torch's (scheme 2): run.json's noise_scheme
+    refuses the switch, unless allow_mixed_devices keeps the folder's scheme (rows record their own)."""
+    from adre_ray.analysis.results import ensure_manifest
+    from adre_ray.config.certify import CertifyConfig
+    from adre_ray.distributed.certify import manifest_settings, mixed_device_settings
+
+    cfg = CertifyConfig(checkpoint="m.pt", data_dir="data", sigma=0.25)
+    ensure_manifest(tmp_path, manifest_settings(cfg, use_gpu=False))
+    on_gpu = manifest_settings(cfg, use_gpu=True)
+    assert on_gpu["noise_scheme"] == 3 and read_manifest(tmp_path)["noise_scheme"] == 2
+    with pytest.raises(ValueError, match=r"noise_scheme=3 differs .*noise_scheme=2"):
+        ensure_manifest(tmp_path, mixed_device_settings(tmp_path, on_gpu, allow_mixed=False))
+    assert ensure_manifest(tmp_path, mixed_device_settings(tmp_path, on_gpu, allow_mixed=True)) is True

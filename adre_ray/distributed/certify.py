@@ -41,7 +41,13 @@ from adre_ray import storage
 from adre_ray.analysis.devices import record_devices
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
 from adre_ray.analysis.output_folder import check_output_dir, output_folder_lock
-from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
+from adre_ray.analysis.results import (
+    completed_indices,
+    ensure_manifest,
+    read_manifest,
+    read_results,
+    write_part,
+)
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS, CertifyConfig
 from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
@@ -450,6 +456,16 @@ def manifest_settings(cfg: CertifyConfig, use_gpu: bool = False) -> dict[str, An
     }
 
 
+def mixed_device_settings(out_dir: Path | str, settings: dict[str, Any], allow_mixed: bool) -> dict[str, Any]:
+    """``settings``, with the folder's recorded noise scheme when devices may be mixed: CPU actors (scheme
+    2) may then add rows to a GPU folder (scheme 3) and back; each row records its own scheme and
+    ``run.json``'s ``devices`` lists every device (``adre_ray.analysis.devices``)."""
+    existing = read_manifest(out_dir) if allow_mixed else None
+    if existing is None or "noise_scheme" not in existing:
+        return settings
+    return {**settings, "noise_scheme": existing["noise_scheme"]}
+
+
 def shortcut_settings(cfg: CertifyConfig) -> dict[str, Any]:
     """The manifest entries of the runner-up bound and the evaluation shortcuts (they change rows)."""
     return {
@@ -544,7 +560,8 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     if not selected:
         raise ValueError(f"start={cfg.start}: beyond the {split_size} images of the {cfg.split!r} split")
     with output_folder_lock(out_dir):  # one run at a time per folder (released by the OS if we die)
-        ensure_manifest(out_dir, manifest_settings(cfg, resolve_use_gpu(cfg)))
+        ensure_manifest(out_dir, mixed_device_settings(out_dir, manifest_settings(cfg, resolve_use_gpu(cfg)),
+                                                       cfg.allow_mixed_devices))
         done_before = completed_indices(out_dir)
         todo = [i for i in selected if i not in done_before]
 
