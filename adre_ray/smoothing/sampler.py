@@ -22,7 +22,7 @@ Hot loop: noise is drawn in place on the model's device into a preallocated fp32
 is formed in one pass (the image is broadcast, never repeated; with ``channels_last`` the same pass writes
 NHWC), predictions are counted with ``index_add_`` on the device (``bincount`` would sync with the host on
 CUDA) and only the final count vector crosses to the host. No Python loop touches a sample (the loop is
-per noise block, one ``randn`` launch each: ~2**23 values, so a batch costs a handful of launches).
+per noise block, one generator call each: ~2**23 values, so a batch costs a handful of them).
 ``prepare_model`` applies the optional speed-ups of the forward pass
 (channels_last weights, ``torch.compile``, CUDA graphs); see docs/performance.md for what to use where.
 """
@@ -46,7 +46,8 @@ NOISE_SCHEME = 2
 ``noise_block(shape)`` samples (2048 for 3x32x32, 32 for 3x224x224, so ImageNet-size noise is unchanged).
 Recorded in the certification manifest and rows: on CUDA the same seed gives other counts under another
 scheme (on CPU, torch's sequential generator happens to give equal values when a sample's value count is a
-multiple of 16, e.g. 3x32x32; the manifest still refuses to mix schemes, not knowing the device)."""
+multiple of 16, e.g. 3x32x32). Scheme 2 is the ``"torch"`` generator, the CPU default; see
+``PHILOX_NOISE_SCHEME`` for CUDA's."""
 
 PHILOX_NOISE_SCHEME = 3
 """Noise scheme of the counter-based generator (``noise="philox"``): the same values on every device model."""
