@@ -38,7 +38,14 @@ from _common import (
     synchronize,
 )
 
-from adre_ray.smoothing.sampler import _noise_batches, effective_batch_size, prepare_model, sample_counts
+from adre_ray.smoothing.sampler import (
+    _noise_batches,
+    _noise_filler,
+    default_noise,
+    effective_batch_size,
+    prepare_model,
+    sample_counts,
+)
 
 N_CERTIFY = 100_000
 
@@ -152,8 +159,8 @@ def run(args: argparse.Namespace) -> ThroughputResult:
     compile_s = time.perf_counter() - began if (args.compile or args.cuda_graphs) else 0.0
     reference_out = reference()
     def noise_only() -> None:
-        noise = torch.Generator(device=device).manual_seed(args.seed)
-        for _ in _noise_batches(x, args.n, args.sigma, batch, noise, args.channels_last):
+        fill = _noise_filler(default_noise(device), args.seed, device)
+        for _ in _noise_batches(x, args.n, args.sigma, batch, fill, args.channels_last):
             pass
 
     times = alternate({"reference": reference, "ours": ours}, args.repeat, device)

@@ -32,6 +32,7 @@ from a run in this process: nothing is extrapolated, except the "samples/s" of t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -49,15 +50,19 @@ import torch
 from _common import default_dataset, make_model, pick_device, synchronize
 from certify_throughput import reference_counts
 
+from adre_ray.device import set_numerics
 from adre_ray.smoothing.certify import certify_counts
+from adre_ray.smoothing.noise import philox_normal
 from adre_ray.smoothing.sampler import (
     MAIN_STREAM,
-    NOISE_SCHEME,
     PILOT_STREAM,
     _noise_batch_sizes,
     _noise_batches,
+    _noise_filler,
+    default_noise,
     effective_batch_size,
     noise_block,
+    noise_scheme,
     noise_seed,
     prepare_model,
     sample_counts,
@@ -101,6 +106,16 @@ def full_plan(models: list[str]) -> Plan:
         sweep={m: sweep.get(m, [512, 1024]) for m in models},
         sweep_n={m: sweep_n.get(m, 8192) for m in models},
     )
+
+
+def quick_plan(models: list[str]) -> Plan:
+    """The sizes of the one prepared device call (benchmarks/device_check.sh): the same n0 + n and
+    correctness sizes as the full plan, two sweep points, eager only (compilation takes minutes)."""
+    plan = full_plan(models)
+    quick = {"cifar_resnet110": [1024, 4096], "cifar_resnet20": [2048, 8192], "resnet50": [256, 512]}
+    plan.sweep = {m: quick.get(m, plan.sweep[m][:2]) for m in models}
+    plan.compile_variants = False
+    return plan
 
 
 def smoke_plan(models: list[str]) -> Plan:
@@ -197,19 +212,59 @@ def noise_is_batch_invariant(
     num = 2 * noise_block(shape) + 37
     x = torch.rand(shape, device=device)
     seed = noise_seed(0, 3, 1, MAIN_STREAM)
+    noise = default_noise(device)
     streams = []
     for batch in batches:
-        generator = torch.Generator(device=device).manual_seed(seed)
         sizes = _noise_batch_sizes(shape, num, batch)
+        fill = _noise_filler(noise, seed, device)
         parts = [
             noisy[:size].clone()
-            for noisy, size in zip(
-                _noise_batches(x, num, SIGMA, batch, generator, True, True), sizes, strict=True
-            )
+            for noisy, size in zip(_noise_batches(x, num, SIGMA, batch, fill, True, True), sizes, strict=True)
         ]
         streams.append(torch.cat(parts))
     identical = all(torch.equal(streams[0], other) for other in streams[1:])
-    return {"num": num, "batch_sizes": batches, "noise_identical": bool(identical)}
+    report = {"num": num, "batch_sizes": batches, "generator": noise, "noise_identical": bool(identical)}
+    if noise == "philox":  # the values are those of (key, position): no launch shape can change them
+        want = x + SIGMA * philox_normal(seed, 0, num * x.numel(), device).view(num, *shape)
+        report["philox_values_match_definition"] = bool(torch.allclose(streams[0], want, rtol=0, atol=1e-6))
+    return report
+
+
+def philox_checks(device: torch.device, shape: tuple[int, ...], repeat: int = 5,
+                  values: int | None = None) -> dict[str, Any]:
+    """Philox noise: the fused (compiled) kernel gives the eager ops' values bit for bit; the seconds per
+    noise block (or ``values`` values) of Philox fused, Philox eager and torch's ``randn``."""
+    from adre_ray.smoothing import noise as noise_module
+
+    block = values or noise_block(shape) * math.prod(shape)
+    key = noise_seed(0, 1, 2, MAIN_STREAM)
+    pairs = torch.arange(0, block // 2, dtype=torch.int64, device=device)
+    keys = torch.tensor(noise_module.round_keys(key), dtype=torch.int64, device=device)
+    eager = noise_module._pair_normals(pairs, keys)
+    fused = noise_module._fused_pair_normals(pairs, keys)
+    out: dict[str, Any] = {"block_values": block, "fused_equals_eager": bool(torch.equal(eager, fused)),
+                           "fused_available": noise_module._compiled_pair_normals not in (None, False)}
+    buffer = torch.empty(block, device=device)
+    generator = torch.Generator(device=device).manual_seed(key)
+    for name, fn in (("philox_fused_s", lambda: noise_module._fused_pair_normals(pairs, keys)),
+                     ("philox_eager_s", lambda: noise_module._pair_normals(pairs, keys)),
+                     ("torch_randn_s", lambda: torch.randn(block, generator=generator, device=device,
+                                                           out=buffer))):
+        fn()
+        out[name] = min(timed(fn, device)[1] for _ in range(repeat))
+    return out
+
+
+class Float32Reference:
+    """Context: true fp32 for the baseline (TF32 off for matmuls and cuDNN convolutions), restored after."""
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
 def load_cifar(data_dir: str, split: str, count: int, step: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,6 +322,9 @@ def check_correctness(args: argparse.Namespace, plan: Plan, device: torch.device
     report: dict[str, Any] = {"model": name}
     batches = plan.sweep[name][:3]
     report["noise"] = noise_is_batch_invariant(device, (3, size, size), batches)
+    if device.type == "cuda" or args.smoke:
+        report["philox"] = (philox_checks(device, (3, size, size), repeat=1, values=2**14) if args.smoke
+                            else philox_checks(device, (3, size, size)))
     report["trained"] = train_like(model, args.data_dir, plan, device, settings["amp_dtype"])
     model.eval()
     if args.data_dir and Path(args.data_dir).exists() and size == 32:
@@ -277,12 +335,13 @@ def check_correctness(args: argparse.Namespace, plan: Plan, device: torch.device
         )
         labels = torch.zeros(plan.correctness_images, dtype=torch.int64)
     # fp32 eager counts across batch sizes (same noise; the model's rounding may depend on the batch shape)
-    counts_by_batch = [
-        sample_counts(
-            model, images[0], plan.correctness_n, num_classes, SIGMA, batch_size=b, seed=args.seed, idx=0
-        ).numpy()
-        for b in batches
-    ]
+    with Float32Reference():
+        counts_by_batch = [
+            sample_counts(
+                model, images[0], plan.correctness_n, num_classes, SIGMA, batch_size=b, seed=args.seed, idx=0
+            ).numpy()
+            for b in batches
+        ]
     diffs = [int(np.abs(counts_by_batch[0] - c).sum()) for c in counts_by_batch[1:]]
     report["fp32_counts_across_batch_sizes"] = {
         "n": plan.correctness_n,
@@ -293,7 +352,7 @@ def check_correctness(args: argparse.Namespace, plan: Plan, device: torch.device
         ["cuda_graphs", "compile"]
         if (device.type == "cuda" and size == 32)
         else (["compile"] if device.type == "cuda" else [])
-    )
+    ) if plan.compile_variants else []
     batch = plan.sweep[name][-1]
     fast_options = {**settings, "pad_batches": True}
     variant, fast_model, failures = "eager", model, {}
@@ -322,29 +381,9 @@ def check_correctness(args: argparse.Namespace, plan: Plan, device: torch.device
             ("fp32_eager", model, {}),
             ("fast", fast_model, {**settings, "pad_batches": variant != "eager"}),
         ):
-            pilot = sample_counts(
-                net,
-                x,
-                plan.n0,
-                num_classes,
-                SIGMA,
-                batch_size=batch,
-                seed=args.seed,
-                idx=i,
-                stream=PILOT_STREAM,
-                **options,
-            ).numpy()
-            main = sample_counts(
-                net,
-                x,
-                plan.correctness_n,
-                num_classes,
-                SIGMA,
-                batch_size=batch,
-                seed=args.seed,
-                idx=i,
-                **options,
-            ).numpy()
+            precision = Float32Reference() if which == "fp32_eager" else contextlib.nullcontext()
+            with precision:
+                pilot, main = certify_draws(net, x, plan, num_classes, batch, args.seed, i, options)
             per[which] = (pilot, main, certify_counts(pilot, main, SIGMA, ALPHA))
         (_, a, ca), (_, b, cb) = per["fp32_eager"], per["fast"]
         rows.append(
@@ -359,20 +398,34 @@ def check_correctness(args: argparse.Namespace, plan: Plan, device: torch.device
                 "radius_fast": float(cb.radius),
             }
         )
+    agreement = sum(r["class_fp32"] == r["class_fast"] for r in rows) / len(rows)
     report["fast_vs_fp32"] = {
         "fast_settings": f"{dtype_name(settings['amp_dtype'])} + channels_last + {variant}",
+        "baseline": "fp32, TF32 off",
         "batch_size": batch,
         "n0": plan.n0,
         "n": plan.correctness_n,
         "images": rows,
-        "same_class_every_image": all(r["class_fp32"] == r["class_fast"] for r in rows),
+        "class_agreement_rate": agreement,
         "max_total_variation": max(r["total_variation"] for r in rows),
         "max_pA_lower_difference": max(r["pA_lower_difference"] for r in rows),
     }
-    report["passed"] = bool(
-        report["noise"]["noise_identical"] and report["fast_vs_fp32"]["same_class_every_image"]
-    )
+    # Pass: the noise contract. Classes may differ near a decision boundary (two valid base classifiers),
+    # so their agreement is a reported rate, not a pass condition.
+    philox = report.get("philox", {})
+    report["passed"] = bool(report["noise"]["noise_identical"]
+                            and report["noise"].get("philox_values_match_definition", True)
+                            and philox.get("fused_equals_eager", True))
     return report
+
+
+def certify_draws(net: torch.nn.Module, x: torch.Tensor, plan: Plan, num_classes: int, batch: int, seed: int,
+                  idx: int, options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(pilot counts, main counts) of one image, as CERTIFY draws them."""
+    common = dict(batch_size=batch, seed=seed, idx=idx, **options)
+    pilot = sample_counts(net, x, plan.n0, num_classes, SIGMA, stream=PILOT_STREAM, **common).numpy()
+    main = sample_counts(net, x, plan.correctness_n, num_classes, SIGMA, **common).numpy()
+    return pilot, main
 
 
 # ---------------------------------------------------------------------------------------------- certify
@@ -586,7 +639,7 @@ def results_json(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         **env,
-        "noise_scheme": NOISE_SCHEME,
+        "noise_scheme": env["noise_scheme"],
         "n": plan.n,
         "n0": plan.n0,
         "commands": {"gpu_suite " + ",".join(sorted(sections)): command},
@@ -652,7 +705,7 @@ def markdown(
         f"Command: `{command}`",
         "",
         f"bf16 matmul rate measured in the same run: {env['matmul_bf16_tflops']:.1f} TFLOP/s "
-        f"({plan.matmul_size}^3). Noise scheme {NOISE_SCHEME}. n0 + n = {plan.n0} + {plan.n}.",
+        f"({plan.matmul_size}^3). Noise scheme {env['noise_scheme']}. n0 + n = {plan.n0} + {plan.n}.",
         "",
     ]
     if timings and "certify" in sections:
@@ -695,7 +748,8 @@ def markdown(
             f"{correctness['fp32_counts_across_batch_sizes']['max_abs_count_difference_sum']} of "
             f"n = {correctness['fp32_counts_across_batch_sizes']['n']}",
             f"- fast path ({fast['fast_settings']}) vs fp32 eager, same noise, {len(fast['images'])} test "
-            f"images, n = {fast['n']}: same CERTIFY class on every image: {fast['same_class_every_image']};"
+            f"images, n = {fast['n']}: CERTIFY class agreement {fast['class_agreement_rate']:.2f} (fp32 "
+            "baseline with TF32 off; a class may differ near a decision boundary);"
             f" max total variation of the counts {fast['max_total_variation']:.4f}; max |pA_lower "
             f"difference| {fast['max_pA_lower_difference']:.4f}",
         ]
@@ -705,6 +759,9 @@ def markdown(
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU; writes into a temp folder")
+    parser.add_argument("--quick", action="store_true",
+                        help="the one-call device plan: two batch sizes per model, no compile variants, "
+                             "repeat 2 (the n = 100,000 figures are the same measurement)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument(
         "--models", default=None, help="comma-separated (default cifar_resnet110,resnet50; smoke: small_cnn)"
@@ -738,9 +795,9 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device("cpu" if (args.smoke and args.device == "auto") else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    plan = smoke_plan(args.model_list) if args.smoke else full_plan(args.model_list)
+    set_numerics(device)  # the workers' settings: cuDNN autotuning on GPU
+    plan = (smoke_plan(args.model_list) if args.smoke
+            else quick_plan(args.model_list) if args.quick else full_plan(args.model_list))
     out = (
         Path(args.out)
         if args.out
@@ -758,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "fast_dtype": dtype_name(settings["amp_dtype"]),
         "smoke": bool(args.smoke),
+        "noise_scheme": noise_scheme(default_noise(device)),
     }
     env["matmul_bf16_tflops"] = matmul_tflops(device, plan.matmul_size)
     print(
@@ -767,10 +825,12 @@ def main(argv: list[str] | None = None) -> int:
     correctness = None
     if "correctness" in args.sections:
         correctness = check_correctness(args, plan, device)
+        write_results(out, results_json(env, [], correctness, plan, args.sections, command))  # partial
     timings = []
     if args.sections & {"certify", "worker"}:
         for name in plan.models:
             timings.append(time_model(name, args, plan, device, env["matmul_bf16_tflops"], args.sections))
+            write_results(out, results_json(env, timings, correctness, plan, args.sections, command))
     merged = write_results(out, results_json(env, timings, correctness, plan, args.sections, command))
     print(f"results merged into {out} ({len(merged)} keys)")
     print()

@@ -132,7 +132,11 @@ def test_gpu_suite_smoke_runs_every_section_into_a_temp_file(bench, capsys, tmp_
     assert math.isfinite(seconds) and seconds > 0 and results["flops_per_image"]["small_cnn"] > 0
     assert results["correctness"]["noise"]["noise_identical"] is True
     assert results["correctness"]["passed"] is True
-    assert "| small_cnn (32x32" in text and "same CERTIFY class on every image: True" in text
+    philox = results["correctness"]["philox"]
+    assert philox["fused_equals_eager"] is True and philox["philox_eager_s"] > 0  # CPU: eager only
+    fast = results["correctness"]["fast_vs_fp32"]
+    assert 0 <= fast["class_agreement_rate"] <= 1 and fast["baseline"] == "fp32, TF32 off"
+    assert "| small_cnn (32x32" in text and "CERTIFY class agreement" in text
 
 
 def test_gpu_suite_smoke_refuses_the_real_results_file(bench):

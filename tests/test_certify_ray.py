@@ -3,6 +3,8 @@ resume, and refusal to mix runs. Ten CIFAR-10 test images (one per class), n0 = 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import ray
 import torch
 from scipy import special, stats
 
-from adre_ray.analysis.results import RESULT_SCHEMA, part_files, read_results
+from adre_ray.analysis.results import MANIFEST_NAME, RESULT_SCHEMA, part_files, read_manifest, read_results
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.data import load_images
 from adre_ray.distributed.certify import CertifyHooks, main, make_pool, run_certification
@@ -276,6 +278,29 @@ def test_corrupt_part_is_named(reference, tmp_path):
     victim.write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match=victim.name):
         run_certification(CertifyConfig(**{**cfg.to_dict(), "output_dir": str(out)}))
+
+
+def test_manifest_records_the_devices_and_refuses_a_mix(reference, pool, checkpoint, cifar10_dir, tmp_path):
+    """The manifest lists the actors' device facts; a folder made on another device model is not resumed
+    unless allow_mixed_devices, which then lists both."""
+    cfg, result, ref_table, _ = reference
+    manifest = read_manifest(result.output_dir)
+    [facts] = manifest["devices"]
+    assert facts["type"] == "cpu" and facts["noise"] == "torch" and facts["deterministic"] is False
+    schemes = set(ref_table.column("noise_scheme").to_pylist())
+    assert schemes == {facts["noise_scheme"], manifest["noise_scheme"]}
+    out = tmp_path / "other_gpu"
+    shutil.copytree(cfg.output_dir, out)
+    record = json.loads((out / MANIFEST_NAME).read_text())
+    record["devices"][0]["model"] = "NVIDIA H100 80GB HBM3"
+    (out / MANIFEST_NAME).write_text(json.dumps(record))
+    more = make_cfg(checkpoint, cifar10_dir, out, start=500, max_images=1)  # one image not done yet
+    with pytest.raises(ValueError, match=r"model=.* not model='NVIDIA H100 80GB HBM3'.*allow_mixed_devices"):
+        run_certification(more, pool=pool)
+    assert len(read_results(out)) == len(ref_table)  # nothing added on a refusal
+    run_certification(dataclasses.replace(more, allow_mixed_devices=True), pool=pool)
+    assert len(read_results(out)) == len(ref_table) + 1
+    assert [d["model"] for d in read_manifest(out)["devices"]] == ["NVIDIA H100 80GB HBM3", facts["model"]]
 
 
 def test_cli_bad_values_exit_2_and_a_lost_part_is_recomputed(reference, pool, tmp_path, capsys):

@@ -54,3 +54,14 @@ def test_installs_and_mounts_the_project(cluster):
     assert any("ray start --head" in cmd for cmd in cluster["head_start_ray_commands"])
     assert any("ray start --address" in cmd for cmd in cluster["worker_start_ray_commands"])
     assert ".venv" in cluster["rsync_exclude"]
+
+
+def test_states_the_driver_minimum_and_installs_into_a_virtualenv(cluster):
+    """torch 2.14.1 from pip needs CUDA 13.0, i.e. NVIDIA driver >= 580; system pip refuses (PEP 668)."""
+    text = CLUSTER_YAML.read_text()
+    assert "R580" in text and ">= 580" in text
+    setup = cluster["setup_commands"]
+    assert any("python3 -m venv" in cmd for cmd in setup)
+    installs = [cmd for cmd in setup if "pip install" in cmd]
+    assert installs and all("venv/bin/python -m pip" in cmd for cmd in installs)
+    assert any("activate" in cmd and ".bashrc" in cmd for cmd in setup)

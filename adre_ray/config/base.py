@@ -22,8 +22,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pydantic
 import yaml
+
+if typing.TYPE_CHECKING:
+    import pydantic
 
 C = TypeVar("C", bound="JobConfig")
 
@@ -295,7 +297,10 @@ def _parse_text_values(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     return {key: (_parse_value(hints[key], value) if key in hints else value) for key, value in data.items()}
 
 
-_PYDANTIC_CONFIG = pydantic.ConfigDict(extra="forbid")
+_PYDANTIC_CONFIG = {"extra": "forbid"}
+"""pydantic's ``ConfigDict(extra="forbid")`` (a plain dict). pydantic is imported only when a config is
+built, so the core (smoothing, training, models) imports without it, as on a GPU machine that has torch
+and no pydantic (benchmarks/device_check.sh)."""
 
 
 def _prepare_for_pydantic(cls: type) -> None:
@@ -310,6 +315,8 @@ def _prepare_for_pydantic(cls: type) -> None:
 
 @functools.cache
 def _adapter(cls: type) -> pydantic.TypeAdapter[Any]:
+    import pydantic
+
     _prepare_for_pydantic(cls)
     return pydantic.TypeAdapter(cls)
 
@@ -342,6 +349,8 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
     numeric, bool and null fields was parsed. Raises ``ValueError("<dotted.field>=<value!r>: ...")``."""
     if not isinstance(data, Mapping):
         raise ValueError(f"config={data!r}: must be a mapping")
+    import pydantic
+
     prepared = _parse_text_values(cls, data)
     try:
         encoded = json.dumps(prepared, allow_nan=True)

@@ -87,6 +87,12 @@ class CertifyConfig(JobConfig):
     stall_timeout_s: float = config_field(
         1800.0, "seconds without any finished shard (actors lost, a node gone, nothing schedulable) before "
                 "the job stops with exit 2, finished images kept; a line on stderr every minute meanwhile")
+    deterministic: bool = config_field(
+        False, "deterministic algorithms, no cuDNN autotuning, no TF32 (same logits on a re-run on the same "
+               "device model; slower, see docs/performance.md)")
+    allow_mixed_devices: bool = config_field(
+        False, "let a result folder hold rows from another device model or numeric setting (recorded in "
+               "_run.json); by default resuming on other devices is refused")
     output_dir: str = config_field("results/certify", "result folder (Parquet parts + _run.json), local or "
                                                       "s3:// gs:// file://; a re-run with equal settings "
                                                       "resumes")
@@ -169,6 +175,8 @@ class CertifyConfig(JobConfig):
         check(isinstance(self.experiment, str) and self.experiment != "", "experiment", self.experiment,
               "must be a non-empty MLflow experiment name")
         check(isinstance(self.progress, bool), "progress", self.progress, "must be true or false")
+        for name in ("deterministic", "allow_mixed_devices"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
         self._validate_shortcuts()
 
     def _validate_shortcuts(self) -> None:

@@ -146,6 +146,8 @@ class RunSection:
                                                        "epochs)")
     progress: bool = config_field(False, "per-batch progress bar on rank 0")
     verbose: bool = config_field(False, "Ray Train's own INFO logging")
+    deterministic: bool = config_field(False, "deterministic algorithms, no cuDNN autotuning, no TF32 "
+                                              "(slower; see docs/performance.md)")
 
 
 @dataclass
@@ -275,7 +277,7 @@ class TrainConfig(JobConfig):
               and r.max_failures >= -1, "run.max_failures", r.max_failures, "must be an integer >= -1")
         check_int_at_least("run.checkpoints_to_keep", r.checkpoints_to_keep, 1)
         check_int_at_least("run.seed", r.seed, 0)
-        for name in ("amp", "channels_last", "compile", "progress", "verbose"):
+        for name in ("amp", "channels_last", "compile", "progress", "verbose", "deterministic"):
             _check_bool(f"run.{name}", getattr(r, name))
         for name in ("eval_max_batches", "train_max_batches"):
             value = getattr(r, name)

@@ -37,12 +37,14 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from adre_ray import storage
+from adre_ray.analysis.devices import record_devices
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
 from adre_ray.analysis.output_folder import check_output_dir, output_folder_lock
 from adre_ray.analysis.results import (
     check_manifest_settings,
     completed_indices,
     ensure_manifest,
+    read_manifest,
     read_results,
     side_file,
     write_part,
@@ -62,9 +64,11 @@ from adre_ray.smoothing import (
     NOISE_SCHEME,
     PILOT_STREAM,
     certify_counts,
+    default_noise,
     predict_counts,
     tcertify_counts,
 )
+from adre_ray.smoothing import noise_scheme as scheme_of_noise
 from adre_ray.smoothing.certify import effective_pb_bound
 from adre_ray.smoothing.shortcuts import (
     certify_threshold,
@@ -142,7 +146,7 @@ def select_indices(cfg: CertifyConfig, split_size: int) -> list[int]:
 def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarray, *, sigma: float,
                alpha: float, mode: str, grid: Sequence[float], seed: int, time_s: float, checkpoint: str,
                train_run_id: str | None, pb_bound: str = "sum", shortcut: str = "none",
-               train_sigma: float | None = None) -> dict[str, Any]:
+               train_sigma: float | None = None, noise_scheme: int = NOISE_SCHEME) -> dict[str, Any]:
     """One ``RESULT_SCHEMA`` row: PREDICT on ``counts``, CERTIFY and T-CERTIFY on (pilot_counts, counts).
 
     CERTIFY and T-CERTIFY see the same counts and the same pilot class cA, so T-CERTIFY's radius is
@@ -167,7 +171,7 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
             "alpha": float(alpha), "sigma": float(sigma), "seed": int(seed), "time_s": float(time_s),
             "checkpoint": checkpoint, "train_run_id": train_run_id,
             "train_sigma": None if train_sigma is None else float(train_sigma),
-            "pb_bound": effective_pb_bound(mode, pb_bound), "noise_scheme": NOISE_SCHEME, **samples,
+            "pb_bound": effective_pb_bound(mode, pb_bound), "noise_scheme": noise_scheme, **samples,
         }
     predicted = predict_counts(counts, alpha)
     certified = certify_counts(pilot_counts, counts, sigma, alpha)
@@ -195,7 +199,7 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
         "checkpoint": checkpoint,
         "train_run_id": train_run_id,
         "train_sigma": None if train_sigma is None else float(train_sigma),
-        "pb_bound": tcertified.pb_bound, "noise_scheme": NOISE_SCHEME, **samples,
+        "pb_bound": tcertified.pb_bound, "noise_scheme": noise_scheme, **samples,
     }
 
 
@@ -214,7 +218,7 @@ class CertifyPool:
     def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int, use_gpu: bool,
                  sigma: float, seed: int = 0, batch_size: int = 1000, amp: bool = True,
                  channels_last: bool = True, max_replacements: int = 3, model_fn: str | None = None,
-                 compile: bool = False, cuda_graphs: bool = False) -> None:
+                 compile: bool = False, cuda_graphs: bool = False, deterministic: bool = False) -> None:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"num_actors={num_actors!r}: must be an integer >= 1")
         self.checkpoint = (model_fn_identity(model_fn) if model_fn is not None
@@ -229,7 +233,7 @@ class CertifyPool:
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
             "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
             "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn, "compile": compile,
-            "cuda_graphs": cuda_graphs}
+            "cuda_graphs": cuda_graphs, "deterministic": deterministic}
         self.max_replacements = max_replacements
         self.actors = [self._new_actor() for _ in range(num_actors)]
         self.generation = [0] * num_actors
@@ -248,6 +252,14 @@ class CertifyPool:
         for actor in self.actors:
             actor.configure.remote(sigma=sigma, seed=seed, batch_size=batch_size)
         self.load = [0] * len(self.actors)
+
+    def device_facts(self, num_actors: int | None = None) -> list[dict[str, Any]]:
+        """``adre_ray.device.device_facts`` of the first ``num_actors`` actors (all when None). An actor
+        that could not start (no usable CUDA, a model that fails to load): ``ValueError`` with its reason."""
+        try:
+            return ray.get([actor.device_facts.remote() for actor in self.actors[:num_actors]])
+        except RayActorError as err:
+            raise ValueError(f"certification actors could not start: {err}") from None
 
     def submit(self, slot: int, image_ref: Any, task: ShardTask) -> Any:
         self.load[slot] += 1
@@ -276,12 +288,21 @@ def make_pool(cfg: CertifyConfig) -> CertifyPool:
     _ensure_ray()
     if cfg.sigma is None:
         cfg, _ = resolve_settings(cfg)
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpu = resolve_use_gpu(cfg)
     return CertifyPool(cfg.checkpoint, num_actors=_pool_size(cfg, use_gpu),
                        num_classes=dataset_info(cfg.dataset).num_classes, use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
                        amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
-                       model_fn=cfg.model_fn, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+                       model_fn=cfg.model_fn, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
+                       deterministic=cfg.deterministic)
+
+
+def resolve_use_gpu(cfg: CertifyConfig) -> bool:
+    """``cfg.use_gpu``, or (null) whether the Ray cluster has a GPU (connecting to Ray if needed)."""
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    _ensure_ray()
+    return ray.cluster_resources().get("GPU", 0) >= 1
 
 
 @dataclass
@@ -425,14 +446,26 @@ def _resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None, fl
     return cfg, train_run_id, ckpt_sigma
 
 
-def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
-    """The settings that determine the rows (``MANIFEST_FIELDS``), plus the dataset location."""
+def manifest_settings(cfg: CertifyConfig, use_gpu: bool = False) -> dict[str, Any]:
+    """The settings that determine the rows (``MANIFEST_FIELDS``), plus the dataset location. The noise
+    scheme is that of the actors' device (GPU actors draw Philox noise, CPU actors torch's)."""
     return {
         "checkpoint": model_identity(cfg), "dataset": cfg.dataset,
         "split": cfg.split, "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
-        "data_dir": cfg.data_dir, "noise_scheme": NOISE_SCHEME, **shortcut_settings(cfg),
+        "data_dir": cfg.data_dir, **shortcut_settings(cfg),
+        "noise_scheme": scheme_of_noise(default_noise("cuda" if use_gpu else "cpu")),
     }
+
+
+def mixed_device_settings(out_dir: Path | str, settings: dict[str, Any], allow_mixed: bool) -> dict[str, Any]:
+    """``settings``, with the folder's recorded noise scheme when devices may be mixed: CPU actors (scheme
+    2) may then add rows to a GPU folder (scheme 3) and back; each row records its own scheme and
+    ``run.json``'s ``devices`` lists every device (``adre_ray.analysis.devices``)."""
+    existing = read_manifest(out_dir) if allow_mixed else None
+    if existing is None or "noise_scheme" not in existing:
+        return settings
+    return {**settings, "noise_scheme": existing["noise_scheme"]}
 
 
 def shortcut_settings(cfg: CertifyConfig) -> dict[str, Any]:
@@ -531,7 +564,8 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     if not selected:
         raise ValueError(f"start={cfg.start}: beyond the {split_size} images of the {cfg.split!r} split")
     with output_folder_lock(out_dir):  # one run at a time per folder (released by the OS if we die)
-        ensure_manifest(out_dir, manifest_settings(cfg))
+        ensure_manifest(out_dir, mixed_device_settings(out_dir, manifest_settings(cfg, resolve_use_gpu(cfg)),
+                                                       cfg.allow_mixed_devices))
         done_before = completed_indices(out_dir)
         todo = [i for i in selected if i not in done_before]
 
@@ -571,7 +605,10 @@ def check_resume(cfg: CertifyConfig) -> None:
     with warnings.catch_warnings():  # run_certification gives the sigma warning, once
         warnings.simplefilter("ignore", UserWarning)
         resolved, _, _ = _resolve_settings(cfg)
-    check_manifest_settings(output_location(resolved.output_dir), manifest_settings(resolved))
+    location = output_location(resolved.output_dir)
+    settings = manifest_settings(resolved, bool(resolved.use_gpu))
+    device_unknown = resolved.use_gpu is None or resolved.allow_mixed_devices  # decided once Ray is up
+    check_manifest_settings(location, mixed_device_settings(location, settings, device_unknown))
 
 
 def _certify_images_or_job_error(*args: Any) -> _Progress:
@@ -610,6 +647,8 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
             raise ValueError(f"num_actors={cfg.num_actors}: the given pool has only {len(pool)} actors")
         pool.configure(sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size)  # type: ignore[arg-type]
     num_actors = min(len(pool), cfg.num_actors or len(pool))
+    facts = pool.device_facts(num_actors)
+    record_devices(out_dir, facts, allow_mixed=cfg.allow_mixed_devices)
     shards_per_image = cfg.num_shards(cfg.n0) + cfg.num_shards(cfg.n)
     shortcuts = cfg.uses_shortcuts()
     if shortcuts:  # an image offers one stage (pilot, then wave by wave) at a time: admit more images
@@ -668,7 +707,8 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
         row = result_row(image.idx, image.label, image.pilot, image.counts, sigma=cfg.sigma,  # type: ignore[arg-type]
                          alpha=cfg.alpha, mode=cfg.tcertify_mode, grid=cfg.grid, seed=cfg.seed,
                          time_s=image.time_s, checkpoint=checkpoint_id, train_run_id=train_run_id,
-                         pb_bound=cfg.pb_bound, shortcut=image.shortcut, train_sigma=train_sigma)
+                         pb_bound=cfg.pb_bound, shortcut=image.shortcut, train_sigma=train_sigma,
+                         noise_scheme=facts[0]["noise_scheme"])
         buffer.append(row)
         del images[image.idx]
         progress.done += 1

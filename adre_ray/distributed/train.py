@@ -177,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
     from adre_ray.data import build_dataset, dataset_info
+    from adre_ray.device import require_cuda, set_numerics
     from adre_ray.models import build_model
     from adre_ray.training import (
         build_loss,
@@ -186,6 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_one_epoch,
     )
     from adre_ray.training.certified_validation import run_validation
+    from adre_ray.training.compiled import training_modules
 
     cfg = config_from_loop_config(config)
     fault = FaultKill.from_env()  # the one test hook: None unless a fault-tolerance test asked for a crash
@@ -196,7 +198,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if cfg.scaling.use_gpu:  # never train on the CPU when GPUs were asked for
+        require_cuda("adre-ray train")
     on_gpu = device.type == "cuda"
+    set_numerics(device, deterministic=cfg.run.deterministic)  # cuDNN autotuning on GPU (fixed shapes)
     if not on_gpu:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     amp_dtype = torch.bfloat16 if (on_gpu and cfg.run.amp) else None
@@ -261,10 +266,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             train_state = _load_train_checkpoint(Path(directory), model, cfg)
-    if on_gpu and cfg.run.channels_last:
+    channels_last = on_gpu and cfg.run.channels_last
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net: torch.nn.Module = torch.compile(model) if cfg.run.compile else model  # type: ignore[assignment]
-    ddp_model = ray.train.torch.prepare_model(net)
+    # DDP first, compile after (gradient all-reduce overlaps the backward); evaluation has its own module
+    ddp_model, eval_model = training_modules(model, ray.train.torch.prepare_model, compile=cfg.run.compile)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay,
                                 cfg.optim.nesterov, decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
     s = cfg.schedule
@@ -282,7 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = build_loss(loss.name, sigma=loss.sigma, k=loss.k, lam=loss.lam, per_loss=loss.per_loss,
                          epsilon=loss.epsilon, steps=loss.steps, warmup_epochs=loss.warmup_epochs,
                          label_smoothing=loss.label_smoothing)
-    eval_model = net  # the local module: evaluation shards differ in size, so no DDP collectives there
+    # eval_model: the local module (evaluation shards differ in size, so no DDP collectives there)
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
         _seed_everything(cfg.run.seed, epoch, rank)
@@ -290,11 +296,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loader = train_loader if fault is None else fault.wrap(train_loader, epoch=epoch, rank=rank)
         train_stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, device=device,
                                       epoch=epoch, amp_dtype=amp_dtype, max_batches=cfg.run.train_max_batches,
-                                      progress=cfg.run.progress and rank == 0)
+                                      progress=cfg.run.progress and rank == 0, channels_last=channels_last)
         _broadcast_buffers(model, world_size)  # every rank evaluates exactly the model rank 0 checkpoints
         eval_stats = evaluate_under_noise(eval_model, test_loader, loss.sigma, device=device,
                                           amp_dtype=amp_dtype, max_batches=cfg.run.eval_max_batches,
-                                          seed=rng_seed(cfg.run.seed, epoch, rank, stream=1))
+                                          seed=rng_seed(cfg.run.seed, epoch, rank, stream=1),
+                                          channels_last=channels_last, fixed_shape=cfg.run.compile)
         epoch_time = train_stats["time_s"] + eval_stats["time_s"]
         n_train, n_test = train_stats["images"], eval_stats["images"]
         sums = _all_reduce_sum([train_stats["loss"] * n_train, train_stats["l_per"] * n_train,
@@ -323,7 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cfg.validation.enabled and epoch == cfg.schedule.epochs - 1:  # approx certified accuracy
             metrics.update(run_validation(eval_model, cfg.validation, cfg.data, loss.sigma, rank=rank,
                                           world_size=world_size, amp_dtype=amp_dtype,
-                                          channels_last=on_gpu and cfg.run.channels_last))
+                                          channels_last=channels_last))
         with tempfile.TemporaryDirectory(prefix="adre_ckpt_") as tmp:
             ray_checkpoint = None
             if rank == 0:
@@ -522,7 +529,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "schedule.epochs", "scaling.", "data.data_dir", "data.source", "data.download", "data.loader_workers",
     "data.test_subset", "validation.", "run.name", "run.experiment", "run.storage_path", "run.tracking_uri",
     "run.max_failures", "run.checkpoints_to_keep", "run.channels_last", "run.compile",
-    "run.eval_max_batches", "run.progress", "run.verbose",
+    "run.eval_max_batches", "run.progress", "run.verbose", "run.deterministic",
 )
 """Settings a resumed run may change (a trailing dot: the whole section): more epochs, the resources, where
 data and outputs live, evaluation, and speed-only switches. Any other field (model, batch size, loss,

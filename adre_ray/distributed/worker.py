@@ -18,9 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from adre_ray.device import device_facts, require_cuda, set_numerics
 from adre_ray.models.checkpoint import load_model_checkpoint
 from adre_ray.models.model_fn import build_model_fn
-from adre_ray.smoothing.sampler import NonFiniteLogitsError, prepare_model, sample_counts
+from adre_ray.models.precision import fp32_logits
+from adre_ray.smoothing.sampler import (
+    NonFiniteLogitsError,
+    default_noise,
+    noise_scheme,
+    prepare_model,
+    sample_counts,
+)
 
 
 class CertifyWorker:
@@ -35,27 +43,32 @@ class CertifyWorker:
     to ``prepare_model``; a compiled model gets padded batches (``sample_counts(pad_batches=True)``: one
     input shape for every shard, so one compilation / graph capture; the cost is the padding of each
     shard's last batch, so prefer a ``shard_size`` that is a multiple of the batch size). On GPU cuDNN
-    autotuning (``cudnn.benchmark``) is switched on (fixed shapes).
+    autotuning (``cudnn.benchmark``) is switched on (fixed shapes), unless ``deterministic``
+    (``adre_ray.device.set_numerics``). A "cuda" worker first checks that torch can use CUDA here
+    (``adre_ray.device.require_cuda``) and stops with the reason if not. Noise comes from the device's
+    default generator (``adre_ray.smoothing.sampler.default_noise``: Philox on CUDA).
     """
 
     def __init__(self, checkpoint: str, *, num_classes: int, sigma: float, seed: int, batch_size: int,
                  device: str = "cpu", amp: bool = False, channels_last: bool = False,
                  cpu_threads: int = 1, compile: bool = False, cuda_graphs: bool = False,
-                 model_fn: str | None = None) -> None:
+                 model_fn: str | None = None, deterministic: bool = False) -> None:
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            require_cuda("adre-ray certify")
+        set_numerics(self.device, deterministic=deterministic)
+        self.noise = default_noise(self.device)
         self.checkpoint = str(checkpoint)
         if model_fn is not None:  # any nn.Module on [0, 1] images; its output size is checked per batch
             model, meta = build_model_fn(model_fn), {"model_fn": model_fn}
         else:
             model, meta = load_model_checkpoint(checkpoint, map_location=str(self.device),
                                                 expected_num_classes=num_classes)
-        model = model.to(self.device).eval()
+        model = fp32_logits(model).to(self.device).eval()  # float32 logits: no bf16 ties in the argmax
         on_gpu = self.device.type == "cuda"
         self.channels_last = bool(channels_last and on_gpu)
-        if on_gpu:
-            torch.backends.cudnn.benchmark = True
         model = prepare_model(model, channels_last=self.channels_last, compile=bool(compile),
                               cuda_graphs=bool(cuda_graphs and on_gpu))
         self.pad_batches = bool(compile or (cuda_graphs and on_gpu))
@@ -81,7 +94,7 @@ class CertifyWorker:
             counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
                                    batch_size=self.batch_size, seed=self.seed, idx=idx, shard=shard,
                                    stream=stream, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-                                   pad_batches=self.pad_batches)
+                                   pad_batches=self.pad_batches, noise=self.noise)
         except NonFiniteLogitsError as err:
             raise NonFiniteLogitsError(f"checkpoint={self.checkpoint!r}: {err} (NaN or infinite weights, or "
                                        "a model that overflows; no certificate can come from it)") from None
@@ -93,6 +106,11 @@ class CertifyWorker:
         began = time.perf_counter()
         counts = self.count(image, idx, stream, shard, num)
         return counts, time.perf_counter() - began
+
+    def device_facts(self) -> dict[str, Any]:
+        """What the result folder records about this worker's device (``adre_ray.device.device_facts``)."""
+        return device_facts(self.device, autocast_dtype=self.amp_dtype, noise=self.noise,
+                            noise_scheme=noise_scheme(self.noise))
 
     def where(self) -> dict[str, Any]:
         """Host, pid and device of this actor (for logs and tests)."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from adre_ray.data.info import dataset_info
 from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
+from adre_ray.models.precision import fp32_logits
 
 ModelFactory = Callable[[int, str], nn.Module]
 """``factory(num_classes, dataset) -> nn.Module`` producing the bare (un-normalized-input) network."""
@@ -48,7 +49,8 @@ def check_model_name(name: str) -> None:
 def build_model(name: str, num_classes: int, dataset: str) -> NormalizedModel:
     """A freshly initialized ``name`` for ``num_classes`` classes, taking [0, 1] pixels of ``dataset``.
 
-    Returns ``nn.Sequential(NormalizeLayer(mean, std), net)`` with ``dataset``'s channel mean/std.
+    Returns ``nn.Sequential(NormalizeLayer(mean, std), net)`` with ``dataset``'s channel mean/std; its
+    classifier head computes float32 logits under bf16 autocast (``adre_ray.models.precision``).
     Never downloads weights.
     """
     check_model_name(name)
@@ -56,4 +58,4 @@ def build_model(name: str, num_classes: int, dataset: str) -> NormalizedModel:
         raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 2")
     info = dataset_info(dataset)
     net = _REGISTRY[name](num_classes, dataset)
-    return NormalizedModel(NormalizeLayer(info.mean, info.std), net)
+    return fp32_logits(NormalizedModel(NormalizeLayer(info.mean, info.std), net))  # type: ignore[return-value]

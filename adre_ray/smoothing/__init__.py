@@ -25,13 +25,17 @@ from adre_ray.smoothing.certify import (
 from adre_ray.smoothing.sampler import (
     MAIN_STREAM,
     NOISE_BLOCK_ELEMENTS,
+    NOISE_GENERATORS,
     NOISE_SCHEME,
+    PHILOX_NOISE_SCHEME,
     PILOT_STREAM,
     NonFiniteLogitsError,
+    default_noise,
     effective_batch_size,
     fast_bf16_available,
     model_device,
     noise_block,
+    noise_scheme,
     noise_seed,
     prepare_model,
     sample_counts,
@@ -39,10 +43,10 @@ from adre_ray.smoothing.sampler import (
 from adre_ray.smoothing.smoothed import Certification, SmoothedClassifier
 
 __all__ = [
-    "ABSTAIN", "DEFAULT_GRID", "MAIN_STREAM", "NOISE_BLOCK_ELEMENTS", "NOISE_SCHEME", "PB_BOUNDS",
-    "PILOT_STREAM", "TCERTIFY_MODES", "NonFiniteLogitsError", "pB_upper_max",
-    "Certification", "SmoothedClassifier", "SmoothingResult", "bonferroni_level", "certify_counts",
-    "cp_upper", "effective_batch_size", "fast_bf16_available", "model_device", "noise_block", "noise_seed",
-    "prepare_model", "pA_lower", "pB_upper", "pilot_choice",
-    "predict_counts", "sample_counts", "split_margin", "split_radius", "tcertify_counts",
+    "ABSTAIN", "DEFAULT_GRID", "MAIN_STREAM", "NOISE_BLOCK_ELEMENTS", "NOISE_GENERATORS", "NOISE_SCHEME",
+    "PB_BOUNDS", "PHILOX_NOISE_SCHEME", "PILOT_STREAM", "TCERTIFY_MODES", "NonFiniteLogitsError",
+    "pB_upper_max", "Certification", "SmoothedClassifier", "SmoothingResult", "bonferroni_level",
+    "certify_counts", "cp_upper", "default_noise", "effective_batch_size", "fast_bf16_available",
+    "model_device", "noise_block", "noise_scheme", "noise_seed", "prepare_model", "pA_lower", "pB_upper",
+    "pilot_choice", "predict_counts", "sample_counts", "split_margin", "split_radius", "tcertify_counts",
 ]

@@ -1,11 +1,20 @@
 """Monte Carlo noise sampler: class counts of f(x + d), d ~ N(0, sigma^2 I), for one image.
 
 Determinism contract (ARCHITECTURE.md, "Randomness"): the noise of (global seed, image idx, stream,
-shard) comes from one generator seeded by ``noise_seed(seed, idx, shard, stream)``, drawn in fixed blocks
-of ``noise_block(image shape)`` samples, in order (noise scheme ``NOISE_SCHEME``). The counts of a shard
-therefore depend on (seed, idx, stream, shard, num) and the model only: not on the batch size, on which
-actor ran the shard, or in which order. (As with any torch generator, the values also depend on the
-device type: a CPU actor and a CUDA actor draw different noise for the same keys.)
+shard) comes from one generator keyed by ``noise_seed(seed, idx, shard, stream)``, and every value is a
+function of those keys and its position in the shard alone. The counts of a shard therefore depend on
+(seed, idx, stream, shard, num) and the model only: not on the batch size, on which actor ran the
+shard, in which order, or on the GPU model. Two generators (``noise=``):
+
+- ``"philox"`` (noise scheme ``PHILOX_NOISE_SCHEME``, the default on CUDA): the counter-based
+  Philox4x32-10 of ``adre_ray.smoothing.noise``, value = function of (key, position);
+- ``"torch"`` (noise scheme ``NOISE_SCHEME``, the default on CPU): torch's generator seeded with the key,
+  drawn in fixed blocks of ``noise_block(image shape)`` samples, in order. On CPU its values do not
+  depend on the launch (and it is ~100x faster there than Philox in torch ops); on CUDA ``randn`` sizes
+  its launch from the GPU's SM count, so the same key gives other values on an A100, an H100 or a MIG
+  slice: never the default there.
+
+The scheme in use is ``noise_scheme(noise)``; results record it with the device facts.
 ``stream`` separates the pilot draws (``PILOT_STREAM``) from the estimation draws (``MAIN_STREAM``),
 so the two sets of counts are independent as CERTIFY requires.
 
@@ -13,7 +22,7 @@ Hot loop: noise is drawn in place on the model's device into a preallocated fp32
 is formed in one pass (the image is broadcast, never repeated; with ``channels_last`` the same pass writes
 NHWC), predictions are counted with ``index_add_`` on the device (``bincount`` would sync with the host on
 CUDA) and only the final count vector crosses to the host. No Python loop touches a sample (the loop is
-per noise block, one ``randn`` launch each: ~2**23 values, so a batch costs a handful of launches).
+per noise block, one generator call each: ~2**23 values, so a batch costs a handful of them).
 ``prepare_model`` applies the optional speed-ups of the forward pass
 (channels_last weights, ``torch.compile``, CUDA graphs); see docs/performance.md for what to use where.
 """
@@ -22,10 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from adre_ray.smoothing.noise import philox_normal_
 
 NOISE_BLOCK_ELEMENTS = 2**23
 """Target values per noise draw: a block holds the largest power of two of samples within it (at least 1)."""
@@ -35,10 +46,29 @@ NOISE_SCHEME = 2
 ``noise_block(shape)`` samples (2048 for 3x32x32, 32 for 3x224x224, so ImageNet-size noise is unchanged).
 Recorded in the certification manifest and rows: on CUDA the same seed gives other counts under another
 scheme (on CPU, torch's sequential generator happens to give equal values when a sample's value count is a
-multiple of 16, e.g. 3x32x32; the manifest still refuses to mix schemes, not knowing the device)."""
+multiple of 16, e.g. 3x32x32). Scheme 2 is the ``"torch"`` generator, the CPU default; see
+``PHILOX_NOISE_SCHEME`` for CUDA's."""
+
+PHILOX_NOISE_SCHEME = 3
+"""Noise scheme of the counter-based generator (``noise="philox"``): the same values on every device model."""
+
+NOISE_GENERATORS = ("torch", "philox")
+"""Values of ``sample_counts(noise=...)``; see the module docstring."""
 
 PILOT_STREAM = 0
 MAIN_STREAM = 1
+
+
+def default_noise(device: torch.device | str) -> str:
+    """The generator a device uses by default: "philox" on CUDA (launch-independent), else "torch"."""
+    return "philox" if torch.device(device).type == "cuda" else "torch"
+
+
+def noise_scheme(noise: str) -> int:
+    """The noise scheme number (recorded in manifests and rows) of the generator ``noise``."""
+    if noise not in NOISE_GENERATORS:
+        raise ValueError(f"noise={noise!r}: must be one of {', '.join(NOISE_GENERATORS)}")
+    return PHILOX_NOISE_SCHEME if noise == "philox" else NOISE_SCHEME
 
 
 class NonFiniteLogitsError(ValueError):
@@ -98,9 +128,27 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def _noise_filler(noise: str, key: int, device: torch.device) -> Callable[[torch.Tensor, int], None]:
+    """``fill(part, first)``: writes the N(0, 1) values of samples first, first + 1, ... of the shard with
+    key ``key`` into the contiguous float32 ``part`` (``torch``: the generator's next values, so parts
+    must come in order; ``philox``: the values at those positions, in any order)."""
+    if noise_scheme(noise) == PHILOX_NOISE_SCHEME:
+        def fill_philox(part: torch.Tensor, first: int) -> None:
+            philox_normal_(part, key, first * math.prod(part.shape[1:]))
+
+        return fill_philox
+    generator = torch.Generator(device=device)
+    generator.manual_seed(key)
+
+    def fill_torch(part: torch.Tensor, first: int) -> None:
+        torch.randn(part.shape, generator=generator, device=device, dtype=torch.float32, out=part)
+
+    return fill_torch
+
+
 def _noise_batches(
-    x: torch.Tensor, num: int, sigma: float, batch: int, generator: torch.Generator, channels_last: bool,
-    pad: bool = False,
+    x: torch.Tensor, num: int, sigma: float, batch: int, fill: Callable[[torch.Tensor, int], None],
+    channels_last: bool, pad: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield ``x + sigma * d`` (fp32) for consecutive batches of the ``num`` samples (views of one buffer).
 
@@ -129,7 +177,7 @@ def _noise_batches(
         drawn = min(held, num - done)
         for start in range(0, drawn, block):
             part = noise[start:min(start + block, drawn)]
-            torch.randn(part.shape, generator=generator, device=x.device, dtype=torch.float32, out=part)
+            fill(part, done + start)
         for start in range(0, drawn, batch):
             d = noise[start:min(start + batch, drawn)]
             out = d if noisy is None else noisy[:d.shape[0]]
@@ -210,6 +258,7 @@ def sample_counts(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     pad_batches: bool = False,
+    noise: str | None = None,
 ) -> torch.Tensor:
     """Counts (int64, CPU, length ``num_classes``) of argmax f(x + d) over ``num`` draws d ~ N(0, sigma^2 I).
 
@@ -222,7 +271,8 @@ def sample_counts(
     on exactly the (effective) batch size, shorter batches padded (their extra rows are not counted), so
     a compiled model or CUDA graph sees one input shape for every shard, the pilot's included (the model
     must treat rows independently, as every eval-mode classifier does; the cost is the padding: at most
-    one batch per shard). None of these options changes the noise.
+    one batch per shard). None of these options changes the noise. ``noise``: the generator, "philox" or
+    "torch" (module docstring); None = ``default_noise(device)``.
     """
     if not (isinstance(sigma, (int, float)) and sigma > 0):
         raise ValueError(f"sigma={sigma!r}: must be > 0")
@@ -233,17 +283,18 @@ def sample_counts(
     if x.dim() != 3:
         raise ValueError(f"x.shape={tuple(x.shape)}: expected one image (C, H, W)")
     generator_seed = noise_seed(seed, idx, shard, stream)  # validates seed, idx, shard, stream
-    batch = effective_batch_size(batch_size, x.shape)  # validates batch_size, also when num == 0
     device = model_device(model)
+    noise = default_noise(device) if noise is None else noise
+    noise_scheme(noise)  # validates noise
+    batch = effective_batch_size(batch_size, x.shape)  # validates batch_size, also when num == 0
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
     if num == 0:
         return counts.cpu()
     x = x.to(device=device, dtype=torch.float32)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(generator_seed)
     ones = torch.ones(min(batch, num), dtype=torch.int64, device=device)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # draws with a NaN / inf logit
-    batches = _noise_batches(x, num, float(sigma), batch, generator, channels_last, pad_batches)
+    fill = _noise_filler(noise, generator_seed, device)
+    batches = _noise_batches(x, num, float(sigma), batch, fill, channels_last, pad_batches)
     sizes = _noise_batch_sizes(x.shape, num, batch)
     with _autocast(device, amp_dtype):
         for noisy, size in zip(batches, sizes, strict=True):

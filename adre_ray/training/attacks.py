@@ -17,9 +17,9 @@ for x in [0, 1]^d clipping only moves each coordinate of x' towards x.
 from __future__ import annotations
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from adre_ray.config.base import check_int_at_least, check_nonnegative
+from adre_ray.training.compiled import local_module
 from adre_ray.training.modes import eval_mode
 from adre_ray.training.smoothed_score import log_smoothed_score, noisy_logits, runner_up
 
@@ -60,8 +60,8 @@ def pgd_l2_smoothed(
     ``x`` (B, C, H, W) in [0, 1]; ``noise`` (B, k, C, H, W), already scaled by sigma, fixed over the
     steps. Guarantees: ``||x_adv_i - x_i||_2 <= epsilon`` and ``x_adv`` in [0, 1]. The model runs in eval
     mode (every submodule's mode is restored afterwards) and gradients are taken w.r.t. the input only,
-    so parameters' ``.grad`` are untouched. A DDP-wrapped model is attacked through its local module
-    (no gradient synchronisation is involved in an attack).
+    so parameters' ``.grad`` are untouched. A DDP-wrapped model (compiled or not) is attacked through its
+    local module (``adre_ray.training.compiled.local_module``: no gradient synchronisation in an attack).
     """
     check_nonnegative("epsilon", epsilon)
     check_int_at_least("steps", steps, 1)
@@ -69,7 +69,7 @@ def pgd_l2_smoothed(
     x = x.detach()
     if epsilon == 0:
         return x.clone()
-    net = model.module if isinstance(model, DistributedDataParallel) else model
+    net = local_module(model)
     step_size = 2.0 * epsilon / steps
     noise = noise.detach()
     x_adv = x.clone()

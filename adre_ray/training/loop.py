@@ -45,6 +45,14 @@ def _total_batches(loader: Iterable, max_batches: int | None) -> int | None:
     return total if max_batches is None else min(total, max_batches)
 
 
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """``x`` on ``device``; an image batch (4-D) in channels_last layout when ``channels_last`` (the model's
+    layout, so cuDNN does not re-lay out every batch)."""
+    if channels_last and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
 def _check_max_batches(max_batches: int | None) -> None:
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
@@ -63,6 +71,7 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Run one epoch of ``loss_fn`` with SGD steps; the scheduler (if any) steps once per batch.
 
@@ -71,6 +80,7 @@ def train_one_epoch(
     plus ``images``, ``batches``, ``time_s``, ``images_per_s``, ``lr`` (after the last step) and
     ``epsilon`` (attack radius of this epoch; 0 without attack). With ``amp_dtype`` the forward passes
     run under ``torch.autocast`` (bf16 recommended on GPU; float16 uses a gradient scaler).
+    ``channels_last``: image batches are fed in channels_last layout (use with a channels_last model).
     """
     _check_max_batches(max_batches)
     device = torch.device(device)
@@ -85,7 +95,7 @@ def train_one_epoch(
         if max_batches is not None and batches >= max_batches:
             break
         x, y = unpack_batch(batch)
-        x = x.to(device, non_blocking=True)
+        x = to_device(x, device, channels_last)
         y = y.to(device, non_blocking=True).long()
         with autocast(device, amp_dtype):
             out = loss_fn(model, x, y, epoch)
@@ -134,12 +144,17 @@ def evaluate_under_noise(
     amp_dtype: torch.dtype | None = None,
     max_batches: int | None = None,
     seed: int | None = None,
+    channels_last: bool = False,
+    fixed_shape: bool = False,
 ) -> dict[str, float]:
     """Accuracy of the base classifier on ``x + d`` (one draw d ~ N(0, sigma^2 I) per image) and on ``x``.
 
     Returns ``acc_noise``, ``acc_clean``, ``images``, ``time_s``, ``images_per_s``. The model runs in eval
     mode and its previous mode is restored. ``seed`` makes the noise reproducible (a private generator
-    on ``device``); without it the global torch RNG is used.
+    on ``device``); without it the global torch RNG is used. ``channels_last``: inputs in channels_last
+    layout. ``fixed_shape``: a batch smaller than the first is padded with zero rows to its size, so a
+    compiled model sees one input shape (the padded rows are not counted; eval mode treats rows
+    independently).
     """
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma={sigma!r}: must be a finite number >= 0")
@@ -151,18 +166,26 @@ def evaluate_under_noise(
         generator.manual_seed(seed)
     correct = torch.zeros(2, device=device, dtype=torch.int64)  # noisy, clean
     images = batches = 0
+    rows = 0  # the first batch's size: the padded size of later ones (fixed_shape)
     start = time.perf_counter()
     with eval_mode(model):
         for batch in loader:
             if max_batches is not None and batches >= max_batches:
                 break
             x, y = unpack_batch(batch)
-            x = x.to(device, non_blocking=True)
+            x = to_device(x, device, channels_last)
             y = y.to(device, non_blocking=True).long()
+            size = x.shape[0]
+            rows = rows or size
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).mul_(sigma)
+            inputs = torch.cat([x + noise, x])
+            if fixed_shape and size < rows:
+                inputs = torch.cat([inputs, inputs.new_zeros((2 * (rows - size), *x.shape[1:]))])
+            if channels_last and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
-                logits = model(torch.cat([x + noise, x]))
-            predictions = logits.argmax(dim=1).view(2, -1)
+                logits = model(inputs)
+            predictions = logits[:2 * size].argmax(dim=1).view(2, -1)
             correct += (predictions == y.unsqueeze(0)).sum(dim=1)
             images += x.shape[0]
             batches += 1
