@@ -27,7 +27,8 @@ import yaml
 
 C = TypeVar("C", bound="JobConfig")
 
-DATASETS = ("cifar10", "imagenet")
+DATASETS = ("cifar10", "imagenet", "arrays")
+"""``arrays``: any fixed-shape samples given as .npz / Parquet arrays (adre_ray.data.arrays)."""
 LOSSES = ("gaussian", "adre_reg", "smoothadv", "adre_adv")
 TCERTIFY_MODES = ("paper", "bonferroni", "pilot")
 PER_LOSSES = ("mean", "single")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from adre_ray.models.checkpoint import load_model_checkpoint
-from adre_ray.models.model_fn import build_model_fn
+from adre_ray.models.model_fn import add_import_paths, build_model_fn
 from adre_ray.smoothing.sampler import NonFiniteLogitsError, prepare_model, sample_counts
 
 
@@ -38,12 +38,13 @@ class CertifyWorker:
     autotuning (``cudnn.benchmark``) is switched on (fixed shapes).
     """
 
-    def __init__(self, checkpoint: str, *, num_classes: int, sigma: float, seed: int, batch_size: int,
+    def __init__(self, checkpoint: str, *, num_classes: int | None, sigma: float, seed: int, batch_size: int,
                  device: str = "cpu", amp: bool = False, channels_last: bool = False,
                  cpu_threads: int = 1, compile: bool = False, cuda_graphs: bool = False,
-                 model_fn: str | None = None) -> None:
+                 model_fn: str | None = None, import_paths: list[str] | None = None) -> None:
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
+        add_import_paths([*(import_paths or []), os.getcwd()])  # a model_fn in the driver's working dir
         self.device = torch.device(device)
         self.checkpoint = str(checkpoint)
         if model_fn is not None:  # any nn.Module on [0, 1] images; its output size is checked per batch
@@ -71,12 +72,29 @@ class CertifyWorker:
         self.seed = int(seed)
         self.batch_size = int(batch_size)
 
+    def output_classes(self, image: Any) -> int:
+        """The model's output size on ``image`` (one sample): the class count when none was declared (set
+        here, so later shards count into that many classes); ``ValueError`` if it differs from a declared one."""
+        x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+        with torch.inference_mode():
+            logits = self.model(x.to(self.device, torch.float32)[None])
+        if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 2:
+            raise ValueError(f"checkpoint={self.checkpoint!r}: model output shape {tuple(logits.shape)} for one "
+                             f"sample of shape {tuple(x.shape)}: expected (1, num_classes >= 2)")
+        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+            raise ValueError(f"checkpoint={self.checkpoint!r}: the model outputs {logits.shape[1]} logits, "
+                             f"num_classes={self.num_classes}")
+        self.num_classes = int(logits.shape[1])
+        return self.num_classes
+
     def count(self, image: Any, idx: int, stream: int, shard: int, num: int) -> np.ndarray:
         """Counts (int64, length num_classes) of argmax f(image + d) over the ``num`` draws of this shard.
 
         A NaN / infinite logit fails the shard with ``NonFiniteLogitsError`` naming the checkpoint.
         """
         x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+        if self.num_classes is None:
+            self.output_classes(x)
         try:
             counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
                                    batch_size=self.batch_size, seed=self.seed, idx=idx, shard=shard,

@@ -2,6 +2,8 @@
 
     adre-ray import-checkpoint SRC --format smoothing|torchvision --dataset cifar10|imagenet --output DST
                                [--sigma SIGMA] [--arch resnet50]
+    adre-ray import-checkpoint SRC --format smoothing --model-fn MODULE:FUNCTION --output DST
+                               [--sigma SIGMA] [--num-classes K]
 
 The written checkpoint gives the logits of the source model on [0, 1] images (its own normalization is
 stored in the file) and is certified like any other: ``adre-ray certify --checkpoint DST``.
@@ -27,7 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", dest="source_format", required=True, choices=IMPORT_FORMATS,
                         help="smoothing: {arch, state_dict, epoch, optimizer} of the original randomized-"
                              "smoothing code (Cohen, SmoothAdv, MACER, ...); torchvision: a plain state dict")
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="dataset the model was trained on")
+    parser.add_argument("--dataset", default=None, choices=DATASETS,
+                        help="dataset the model was trained on (required unless --model-fn)")
+    parser.add_argument("--model-fn", default=None, metavar="MODULE:FUNCTION",
+                        help="(--format smoothing) a function returning the whole module (normalization "
+                             "included, on inputs in the data's space) into which the state dict loads "
+                             "strictly; importable from the working directory, PYTHONPATH or installed")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="with --model-fn: the class count (default: read from the model's output)")
     parser.add_argument("--output", required=True, help="adre-ray checkpoint to write (file, or folder for "
                                                         "model.pt); never overwritten")
     parser.add_argument("--sigma", type=float, default=None,
@@ -46,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         path = import_checkpoint(args.source, args.output, source_format=args.source_format,
-                                 dataset=args.dataset, arch=args.arch, sigma=args.sigma)
+                                 dataset=args.dataset, arch=args.arch, sigma=args.sigma,
+                                 model_fn=args.model_fn, num_classes=args.num_classes)
     except ValueError as err:
         print(f"adre-ray import-checkpoint: error: {err}", file=sys.stderr)
         return 2
