@@ -1,12 +1,14 @@
 """Certification logs of the original randomized-smoothing code, read as CERTIFY result tables.
 
 The original ``certify.py`` (and SmoothAdv, Consistency, MACER, SmoothMix) writes one tab-separated line
-per image under the header ``idx label predict radius correct time``: ``predict`` is CERTIFY's class
-(-1 = abstain), ``radius`` its certified radius (3 significant digits), ``correct`` 1 when
-``predict == label``, ``time`` the seconds taken, as ``15.4`` or as ``str(datetime.timedelta)``
-(``0:02:35.760262``, ``1 day, 0:00:01.5``). The rows become ``RESULT_SCHEMA`` rows with the CERTIFY
-columns filled (``certify_predict``, ``correct``, ``radius_certify``, ``time_s``) and the columns the
-log does not have (T-CERTIFY, PREDICT, counts, n, alpha) null; ``sigma`` is the caller's, if given.
+per image under the header ``idx label predict radius correct time`` (forks add columns, e.g. Levine et
+al.'s ``idx label predict radius raw_count p_A_bar correct time``: extra columns are read past):
+``predict`` is CERTIFY's class (-1 = abstain), ``radius`` its certified radius (3 significant digits),
+``correct`` 1 when ``predict == label``, ``time`` the seconds taken, as ``15.4`` or as
+``str(datetime.timedelta)`` (``0:02:35.760262``, ``1 day, 0:00:01.5``). The rows become
+``RESULT_SCHEMA`` rows with the CERTIFY columns filled (``certify_predict``, ``correct``,
+``radius_certify``, ``time_s``) and the columns the log does not have (T-CERTIFY, PREDICT, counts, n,
+alpha) null; ``sigma`` is the caller's, if given.
 """
 
 from __future__ import annotations
@@ -34,7 +36,19 @@ def is_certify_log(path: str | Path) -> bool:
             first = handle.readline()
     except (OSError, UnicodeDecodeError):
         return False
-    return tuple(first.split()) == LOG_HEADER
+    return _log_columns(first) is not None
+
+
+def _log_columns(header: str) -> dict[str, int] | None:
+    """Position of each ``LOG_HEADER`` column in ``header`` (its six names, in this order, possibly with
+    extra columns between or after them, e.g. ``raw_count p_A_bar``), or None if it is no log header."""
+    names = header.split()
+    if len(set(names)) != len(names) or not set(LOG_HEADER) <= set(names):
+        return None
+    positions = {name: names.index(name) for name in LOG_HEADER}
+    if [positions[name] for name in LOG_HEADER] != sorted(positions.values()):
+        return None
+    return positions
 
 
 def parse_seconds(text: str) -> float:
@@ -61,8 +75,11 @@ def read_certify_log(path: str | Path, sigma: float | None = None) -> pa.Table:
     name = str(path)
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
-    if not lines or tuple(lines[0].split()) != LOG_HEADER:
-        raise ValueError(f"log {name!r}: first line must be the header {' '.join(LOG_HEADER)!r}")
+    positions = _log_columns(lines[0]) if lines else None
+    if positions is None:
+        raise ValueError(f"log {name!r}: first line must be the header {' '.join(LOG_HEADER)!r} (extra "
+                         "columns such as raw_count may come between or after)")
+    width = len(lines[0].split())
     columns: dict[str, list] = {k: [] for k in ("idx", "label", "certify_predict", "radius_certify",
                                                 "correct", "time_s")}
     seen: set[int] = set()
@@ -70,10 +87,11 @@ def read_certify_log(path: str | Path, sigma: float | None = None) -> pa.Table:
         if not line.strip():
             continue
         fields = line.split("\t") if "\t" in line else line.split()
-        if len(fields) != len(LOG_HEADER):
-            raise ValueError(f"log {name!r} line {number}: {len(fields)} fields, expected "
-                             f"{len(LOG_HEADER)} ({' '.join(LOG_HEADER)})")
-        idx_text, label_text, predict_text, radius_text, correct_text, time_text = fields
+        if len(fields) != width:
+            raise ValueError(f"log {name!r} line {number}: {len(fields)} fields, expected {width} "
+                             f"({lines[0].strip()})")
+        idx_text, label_text, predict_text, radius_text, correct_text, time_text = (
+            fields[positions[column]] for column in LOG_HEADER)
         try:
             idx, label, predict = int(idx_text), int(label_text), int(predict_text)
             radius = float(radius_text)

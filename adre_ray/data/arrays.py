@@ -50,8 +50,10 @@ def arrays_file(data_dir: str | Path, split: str | None = None) -> list[Path]:
         shards = sorted(path.glob("*.parquet"))
         if shards and not split:
             return shards
-    wanted = f"{split}.npz, {split}.parquet or {split}/*.parquet inside it" if split else "a folder of *.parquet"
-    raise ValueError(f"data_dir={str(path)!r}: no arrays found (expected a .npz / .parquet file, or {wanted})")
+    wanted = (f"{split}.npz, {split}.parquet or {split}/*.parquet inside it" if split
+              else "a folder of *.parquet")
+    raise ValueError(f"data_dir={str(path)!r}: no arrays found (expected a .npz / .parquet file, or "
+                     f"{wanted})")
 
 
 def check_arrays(x: np.ndarray, y: np.ndarray, source: str, *, num_classes: int | None = None,
@@ -76,8 +78,8 @@ def check_arrays(x: np.ndarray, y: np.ndarray, source: str, *, num_classes: int 
     bad = np.flatnonzero((y < 0) | (y >= high if high is not None else False))
     if bad.size:
         limit = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-        raise ValueError(f"{source}: array 'y' row {first_row + int(bad[0])} is {int(y[bad[0]])}, labels must be "
-                         f"{limit}")
+        raise ValueError(f"{source}: array 'y' row {first_row + int(bad[0])} is {int(y[bad[0]])}, labels "
+                         f"must be {limit}")
 
 
 def _tensor_column(table: pa.Table, name: str) -> np.ndarray:
@@ -187,7 +189,8 @@ class ArraysDataset(Dataset):
             yield self[i]
 
 
-def write_arrays_parquet(path: str | Path, x: np.ndarray, y: np.ndarray, *, row_group_size: int = 4096) -> Path:
+def write_arrays_parquet(path: str | Path, x: np.ndarray, y: np.ndarray, *,
+                         row_group_size: int = 4096) -> Path:
     """Write (x, y) as an arrays Parquet file (``x`` a ``fixed_shape_tensor`` column) and return its path."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     column = pa.FixedShapeTensorArray.from_numpy_ndarray(x)

@@ -43,9 +43,10 @@ def mean_pool(images: np.ndarray, pool: int) -> np.ndarray:
     return images.reshape(n, h // pool, pool, w // pool, pool).mean(axis=(2, 4), dtype=np.float32)
 
 
-def mnist_arrays(images_file: str | Path, labels_file: str | Path, pool: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)``: x (N, 1, 28 / pool, 28 / pool) float32 in [0, 1] (pixels / 255, then the ``pool`` x ``pool``
-    block means), y (N,) int64."""
+def mnist_arrays(images_file: str | Path, labels_file: str | Path,
+                 pool: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)``: x (N, 1, 28 / pool, 28 / pool) float32 in [0, 1] (pixels / 255, then the ``pool`` x
+    ``pool`` block means), y (N,) int64."""
     images = read_idx(images_file).astype(np.float32) / np.float32(255.0)
     labels = read_idx(labels_file).astype(np.int64)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):

@@ -45,6 +45,7 @@ from adre_ray.config.base import load_config
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS, CertifyConfig
 from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
 from adre_ray.data import build_dataset, dataset_info, load_images
+from adre_ray.data.datasets import arrays_dataset
 from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, interrupted, os_error_message
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
@@ -377,6 +378,13 @@ def _pool_size(cfg: CertifyConfig, use_gpu: bool) -> int:
         time.sleep(0.5)
 
 
+def check_arrays_input(cfg: CertifyConfig) -> None:
+    """For ``dataset: arrays``, read and check the arrays (dtypes, NaN / inf, labels, lengths) before Ray
+    starts: ``ValueError`` naming the array and its first bad row."""
+    if cfg.dataset == "arrays":
+        arrays_dataset(cfg.data_dir, cfg.split, num_classes=cfg.num_classes)
+
+
 def model_identity(cfg: CertifyConfig) -> str:
     """What rows and the manifest record as the model: the resolved checkpoint path, or
     ``model_fn:<module:function>``."""
@@ -644,8 +652,8 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None
                 loaded.extend((i, pixels[k].clone(), int(labels[k])) for k, i in enumerate(chunk))
             idx, pixels, label = loaded.popleft()
             if not 0 <= label < num_classes:
-                raise ValueError(f"data_dir={cfg.data_dir!r}: label {label} of row {idx} is outside the model's "
-                                 f"{num_classes} classes [0, {num_classes})")
+                raise ValueError(f"data_dir={cfg.data_dir!r}: label {label} of row {idx} is outside the "
+                                 f"model's {num_classes} classes [0, {num_classes})")
             plan = shard_plan(idx, cfg.n0, 0 if shortcuts else cfg.n, cfg.shard_size)
             images[idx] = _Image(idx, label, ray.put(pixels), len(plan), np.zeros(num_classes, np.int64),
                                  np.zeros(num_classes, np.int64), n=cfg.n, main_started=not shortcuts)
@@ -817,6 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         check_output_dir(cfg.output_dir)  # a file in the way, a read-only folder: before Ray starts
+        check_arrays_input(cfg)
         started = connect_ray(build_parser().parse_args(argv).address)
         result = run_certification(cfg)
     except ValueError as err:

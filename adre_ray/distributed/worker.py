@@ -74,13 +74,14 @@ class CertifyWorker:
 
     def output_classes(self, image: Any) -> int:
         """The model's output size on ``image`` (one sample): the class count when none was declared (set
-        here, so later shards count into that many classes); ``ValueError`` if it differs from a declared one."""
+        here, so later shards count into that many classes); ``ValueError`` if it differs from a declared
+        one."""
         x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
         with torch.inference_mode():
             logits = self.model(x.to(self.device, torch.float32)[None])
         if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 2:
-            raise ValueError(f"checkpoint={self.checkpoint!r}: model output shape {tuple(logits.shape)} for one "
-                             f"sample of shape {tuple(x.shape)}: expected (1, num_classes >= 2)")
+            raise ValueError(f"checkpoint={self.checkpoint!r}: model output shape {tuple(logits.shape)} for "
+                             f"one sample of shape {tuple(x.shape)}: expected (1, num_classes >= 2)")
         if self.num_classes is not None and logits.shape[1] != self.num_classes:
             raise ValueError(f"checkpoint={self.checkpoint!r}: the model outputs {logits.shape[1]} logits, "
                              f"num_classes={self.num_classes}")

@@ -323,8 +323,8 @@ def load_model_checkpoint(path: str | Path, *, map_location: str | torch.device 
                          f"expected_num_classes={expected_num_classes!r}")
     if "model_fn" in record:
         model = _load_model_fn_checkpoint(record, name)
-        meta = {key: record[key] for key in ("format", "model_name", "num_classes", "dataset", "normalization",
-                                             "model_fn")}
+        meta = {key: record[key] for key in ("format", "model_name", "num_classes", "dataset",
+                                             "normalization", "model_fn")}
         meta.update(extra=record.get("extra", {}), path=name)
         return model.to(map_location).eval(), meta
     try:

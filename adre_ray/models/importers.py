@@ -172,12 +172,13 @@ def import_smoothing_model_fn(record: Any, spec: str, source: str = "source") ->
     space) with the randomized-smoothing checkpoint ``record``'s state dict loaded strictly: every key
     of the file must exist in the module with the same shape, and every key of the module in the file
     (``ValueError`` naming the first that does not)."""
-    if not isinstance(record, dict) or not isinstance(record.get("state_dict"), dict) or not record["state_dict"]:
+    state_dict = record.get("state_dict") if isinstance(record, dict) else None
+    if not isinstance(state_dict, dict) or not state_dict:
         keys = sorted(map(str, record)) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"{source}: not a randomized-smoothing checkpoint (expected a dict with a non-empty "
                          f"'state_dict', found {keys})")
     model = build_model_fn(spec)
-    fitted = fit_state_dict(model, strip_wrapper_prefixes(record["state_dict"]), source)
+    fitted = fit_state_dict(model, strip_wrapper_prefixes(state_dict), source)
     model.load_state_dict(fitted, strict=True)
     epoch = record.get("epoch")
     info = {"arch": record.get("arch") if isinstance(record.get("arch"), str) else None,
@@ -240,5 +241,5 @@ def import_checkpoint(src: str | Path, output: str | Path, *, source_format: str
 
 
 __all__ = ["IMPORT_FORMATS", "SMOOTHING_ARCHS", "SMOOTHING_NORMALIZATION", "TORCHVISION_NORMALIZATION",
-           "fit_state_dict", "import_checkpoint", "import_smoothing", "import_smoothing_model_fn", "import_torchvision",
-           "load_weights_only"]
+           "fit_state_dict", "import_checkpoint", "import_smoothing", "import_smoothing_model_fn",
+           "import_torchvision", "load_weights_only"]

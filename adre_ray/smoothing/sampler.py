@@ -214,7 +214,8 @@ def sample_counts(
     """Counts (int64, CPU, length ``num_classes``) of argmax f(x + d) over ``num`` draws d ~ N(0, sigma^2 I).
 
     ``x`` is one sample of any shape (an image (C, H, W) in [0, 1] pixel space, a vector (D,), ...); noise
-    is added there, so radii are in input coordinates. The model must be in eval mode (it is not changed here) and output logits (B, K).
+    is added there, so radii are in input coordinates. The model must be in eval mode (it is not changed
+    here) and output logits (B, K).
     ``amp_dtype`` (e.g. ``torch.bfloat16``) autocasts the forward pass only; the noise and x + d stay
     fp32, so the smoothed classifier is exactly Gaussian smoothing of the (reduced-precision) base
     classifier and every bound stays valid. ``channels_last`` feeds the batches in NHWC (same values; use
