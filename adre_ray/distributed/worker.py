@@ -20,6 +20,7 @@ import torch
 
 from adre_ray.models.checkpoint import load_model_checkpoint
 from adre_ray.models.model_fn import add_import_paths, build_model_fn
+from adre_ray.smoothing.cpu_speed import cpu_batch_size, cpu_kernels, tiny_convolutions
 from adre_ray.smoothing.sampler import NonFiniteLogitsError, prepare_model, sample_counts
 
 
@@ -60,6 +61,9 @@ class CertifyWorker:
         model = prepare_model(model, channels_last=self.channels_last, compile=bool(compile),
                               cuda_graphs=bool(cuda_graphs and on_gpu))
         self.pad_batches = bool(compile or (cuda_graphs and on_gpu))
+        # CPU: oneDNN off for a model whose convolutions are all tiny (adre_ray.smoothing.cpu_speed)
+        self.native_convolutions = not on_gpu and tiny_convolutions(model)
+        self._cpu_batch: dict[tuple[int, ...], int] = {}
         self.amp_dtype = torch.bfloat16 if (amp and on_gpu) else None
         self.model = model
         self.meta = meta
@@ -71,6 +75,17 @@ class CertifyWorker:
         self.sigma = float(sigma)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
+        self._cpu_batch = {}
+
+    def batch_for(self, shape: tuple[int, ...]) -> int:
+        """The batch size for samples of ``shape``: on CPU chosen by the model's cost (at least the
+        configured one; ``cpu_speed.cpu_batch_size``), on GPU the configured one."""
+        if self.device.type != "cpu":
+            return self.batch_size
+        if shape not in self._cpu_batch:
+            with cpu_kernels(self.native_convolutions):
+                self._cpu_batch[shape] = cpu_batch_size(self.model, shape, self.batch_size)
+        return self._cpu_batch[shape]
 
     def output_classes(self, image: Any) -> int:
         """The model's output size on ``image`` (one sample): the class count when none was declared (set
@@ -97,10 +112,11 @@ class CertifyWorker:
         if self.num_classes is None:
             self.output_classes(x)
         try:
-            counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
-                                   batch_size=self.batch_size, seed=self.seed, idx=idx, shard=shard,
-                                   stream=stream, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-                                   pad_batches=self.pad_batches)
+            with cpu_kernels(self.native_convolutions):
+                counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
+                                       batch_size=self.batch_for(tuple(x.shape)), seed=self.seed, idx=idx,
+                                       shard=shard, stream=stream, amp_dtype=self.amp_dtype,
+                                       channels_last=self.channels_last, pad_batches=self.pad_batches)
         except NonFiniteLogitsError as err:
             raise NonFiniteLogitsError(f"checkpoint={self.checkpoint!r}: {err} (NaN or infinite weights, or "
                                        "a model that overflows; no certificate can come from it)") from None
