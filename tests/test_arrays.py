@@ -20,6 +20,7 @@ from adre_ray.distributed import certify as certify_job
 from adre_ray.distributed.certify import run_certification
 from adre_ray.models.checkpoint import load_model_checkpoint
 from adre_ray.models.importers import import_checkpoint
+from adre_ray.smoothing.cpu_speed import cpu_batch_size, cpu_kernels, tiny_convolutions
 from adre_ray.smoothing.sampler import sample_counts
 
 MODEL_CODE = textwrap.dedent('''
@@ -201,8 +202,10 @@ def expected_counts(model: torch.nn.Module, x: np.ndarray, cfg: CertifyConfig, n
     """The main counts one process gets for sample ``x`` (shards of ``shard_size`` summed)."""
     total = torch.zeros(num_classes, dtype=torch.int64)
     for shard, begin in enumerate(range(0, cfg.n, cfg.shard_size)):
-        total += sample_counts(model, torch.from_numpy(x), min(cfg.shard_size, cfg.n - begin), num_classes,
-                               cfg.sigma, seed=cfg.seed, idx=cfg.start, shard=shard, stream=1)
+        with cpu_kernels(tiny_convolutions(model)):  # the kernels the CPU actors choose for this model
+            total += sample_counts(model, torch.from_numpy(x), min(cfg.shard_size, cfg.n - begin),
+                                   num_classes,
+                                   cfg.sigma, seed=cfg.seed, idx=cfg.start, shard=shard, stream=1)
     return total.tolist()
 
 
@@ -243,3 +246,19 @@ def test_labels_outside_the_models_classes_are_refused(ray_cluster, user_module)
                       skip=1, max_images=None)
     with pytest.raises(ValueError, match=r"label 5 of row 3 is outside the model's 3 classes"):
         run_certification(cfg)
+
+
+def test_cpu_speed_rules_depend_on_the_model_only():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import model_fns
+
+    tiny = model_fns.small_mnist_net().eval()
+    assert tiny_convolutions(tiny) and not tiny_convolutions(model_fns.seeded_small_cnn())
+    assert not tiny_convolutions(model_fns.vector_net())  # no convolution: nothing to switch
+    # ~32k FLOPs per 1x7x7 sample: 2**28 / 32k ~ 8192, within one noise block; never below the configured
+    assert cpu_batch_size(tiny, (1, 7, 7), 1000) == 8192 and cpu_batch_size(tiny, (1, 7, 7), 20000) == 20000
+    x = torch.rand(1, 7, 7)
+    with cpu_kernels(True):
+        small = sample_counts(tiny, x, 5000, 10, 0.25, batch_size=512, seed=2, idx=1)
+        large = sample_counts(tiny, x, 5000, 10, 0.25, batch_size=8192, seed=2, idx=1)
+    assert torch.equal(small, large) and torch.backends.mkldnn.is_available()
