@@ -32,29 +32,12 @@ def not_a_module() -> str:
     return "oops"
 
 
-class PooledMnistNormalize(nn.Module):
-    """(x - 0.1307) / 0.2307, no parameters (Levine et al.'s small MNIST normalization)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - 0.1307) / 0.2307
-
-
-class SmallMnistNet(nn.Module):
-    """Levine et al.'s small MNIST net on 1x7x7 (the facts of ../shared/data/real/README.md)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, kernel_size=2)
-        self.lin1 = nn.Linear(144, 100)
-        self.lin2 = nn.Linear(100, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(torch.relu(self.lin1(torch.relu(self.conv1(x)).flatten(1))))
-
-
 def small_mnist_net() -> nn.Module:
-    """``Sequential(normalize, net)``: the published state dict (keys ``1.*``) loads into it strictly."""
-    return nn.Sequential(PooledMnistNormalize(), SmallMnistNet())
+    """Levine et al.'s small MNIST net as the user-style example writes it (examples/levine2020): the
+    published state dict (keys ``1.*``) loads into it strictly."""
+    from examples.levine2020.small_mnist import small_mnist_net as build
+
+    return build()
 
 
 def vector_net() -> nn.Module:

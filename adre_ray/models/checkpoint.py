@@ -286,6 +286,16 @@ def save_model_fn_checkpoint(path: str | Path, model: nn.Module, spec: str, *, n
     return path
 
 
+def _fitting_state_dict(model: nn.Module, record: dict[str, Any], what: str) -> dict[str, Any]:
+    """The record's state dict (wrapper prefixes removed); ``ValueError("<what>: <problems>")`` unless it
+    loads strictly into ``model``."""
+    state_dict = strip_wrapper_prefixes(record["state_dict"])
+    problems = _fit_problems(model.state_dict(), state_dict)
+    if problems:
+        raise ValueError(f"{what}: {'; '.join(problems)}")
+    return state_dict
+
+
 def _load_model_fn_checkpoint(record: dict[str, Any], name: str) -> nn.Module:
     """The module of a model_fn record: ``spec()`` with the file's weights loaded strictly."""
     from adre_ray.models.model_fn import build_model_fn
@@ -294,11 +304,8 @@ def _load_model_fn_checkpoint(record: dict[str, Any], name: str) -> nn.Module:
         model = build_model_fn(record["model_fn"])
     except ValueError as err:
         raise ValueError(f"checkpoint={name!r}: {err}") from None
-    state_dict = strip_wrapper_prefixes(record["state_dict"])
-    problems = _fit_problems(model.state_dict(), state_dict)
-    if problems:
-        raise ValueError(f"checkpoint={name!r}: weights do not fit model_fn={record['model_fn']!r}: "
-                         f"{'; '.join(problems)}")
+    state_dict = _fitting_state_dict(model, record, f"checkpoint={name!r}: weights do not fit "
+                                                    f"model_fn={record['model_fn']!r}")
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -332,11 +339,8 @@ def load_model_checkpoint(path: str | Path, *, map_location: str | torch.device 
             model = build_model(model_name, num_classes, record["dataset"])
     except ValueError as err:
         raise ValueError(f"checkpoint={name!r}: {err}") from err
-    state_dict = strip_wrapper_prefixes(record["state_dict"])
-    problems = _fit_problems(model.state_dict(), state_dict)
-    if problems:
-        raise ValueError(f"checkpoint={name!r}: weights do not fit model_name={model_name!r} with "
-                         f"num_classes={num_classes}: {'; '.join(problems)}")
+    state_dict = _fitting_state_dict(model, record, f"checkpoint={name!r}: weights do not fit model_name="
+                                                    f"{model_name!r} with num_classes={num_classes}")
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
         if isinstance(model, NormalizedModel):  # non-persistent statistics: the file's, on the CPU
