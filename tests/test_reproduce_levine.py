@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from adre_ray.data.mnist import mnist_arrays
 from adre_ray.distributed.certify import run_certification
 from adre_ray.models.importers import import_checkpoint
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("ADRE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 LEVINE = SHARED / "real" / "levine2020_small_mnist" / "noise_0.25"
 MNIST = SHARED / "mnist"
 PUBLISHED_N = 100_000
