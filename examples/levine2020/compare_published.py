@@ -11,8 +11,9 @@ What is compared, for the images of both (same idx):
 - labels: must be equal (the same test image);
 - CERTIFY class where both certify (neither abstains), and PREDICT (our PREDICT on the main counts) vs
   their CERTIFY class there;
-- the top-class count (where both certify, so both counted the same class): both runs draw n Gaussian samples of the same model, so with p the published
-  frequency ``raw_count / n`` and our count k, ``z = (k - raw_count) / sqrt(2 n p (1 - p))`` is ~N(0, 1)
+- the top-class count (where both certify, so both counted the same class): both runs draw n
+  Gaussian samples of the same model, so with p the published frequency ``raw_count / n`` and our
+  count k, ``z = (k - raw_count) / sqrt(2 n p (1 - p))`` is ~N(0, 1)
   if the two runs sample the same classifier (independent draws; delta of two binomials). |z| > 4 on
   more than a handful of 1,000 images, or a mean z far from 0, would be a bug, not Monte Carlo error;
 - the radius difference, with its binomial spread by the delta method: sd(radius) = sigma *
@@ -38,7 +39,7 @@ def published(path: Path) -> dict[int, dict[str, str]]:
         return {int(row["idx"]): row for row in csv.DictReader(handle, delimiter="\t")}
 
 
-def compare(ours_dir: str, log: Path) -> tuple[list[dict], dict[str, float]]:
+def compare(ours_dir: str, log: Path) -> tuple[list[dict], dict[str, float | str]]:
     theirs = published(log)
     rows = []
     for mine in read_results(ours_dir).to_pylist():
@@ -82,6 +83,15 @@ def compare(ours_dir: str, log: Path) -> tuple[list[dict], dict[str, float]]:
         "radius_within_2sd": float(np.mean(np.abs(diff) <= 2 * sds + 0.0005)),  # + the 3-digit rounding
         "radius_within_3sd": float(np.mean(np.abs(diff) <= 3 * sds + 0.0005)),
     }
+    for radius in (0.0, 0.25, 0.5, 0.75, 1.0):
+        ours_acc, their_acc = (
+            np.mean([r[f"certify_{who}"] == r[f"label_{who}"] and r[f"radius_{who}"] >= radius for r in rows])
+            for who in ("ours", "published"))
+        summary[f"cert_acc@{radius:.2f} ours / published / diff (points)"] = (
+            f"{100 * ours_acc:.1f} / {100 * their_acc:.1f} / {100 * (ours_acc - their_acc):+.1f}")
+    acr = [np.mean([r[f"radius_{who}"] * (r[f"certify_{who}"] == r[f"label_{who}"]) for r in rows])
+           for who in ("ours", "published")]
+    summary["ACR ours / published / diff"] = f"{acr[0]:.4f} / {acr[1]:.4f} / {acr[0] - acr[1]:+.4f}"
     return rows, summary
 
 
