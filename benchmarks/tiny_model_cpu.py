@@ -14,6 +14,7 @@ noise scheme fixes). Same process, one torch thread (one actor's), rounds altern
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 import numpy as np
@@ -22,6 +23,8 @@ from _common import alternate, median
 from certify_throughput import reference_counts
 
 from adre_ray.distributed.worker import CertifyWorker
+from adre_ray.smoothing.cpu_speed import cpu_kernels
+from adre_ray.smoothing.sampler import prepare_model, sample_counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-batch", type=int, default=400)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--layout-check", type=int, default=0, metavar="K",
+                        help="also compare the counts of the first K samples in NCHW and channels_last")
     args = parser.parse_args(argv)
     worker = CertifyWorker(args.checkpoint, num_classes=None, sigma=args.sigma, seed=0, batch_size=1000,
                            cpu_threads=args.threads)
@@ -58,7 +63,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours / reference: {rate['ours'] / rate['reference']:.2f}x median, "
           f"{best['ours'] / best['reference']:.2f}x best runs; noise alone is "
           f"{rate['ours'] / rate['noise']:.0%} of ours' time")
+    if args.layout_check:
+        layout_check(worker, args.data, args.layout_check, args.n, args.sigma, classes)
     return 0
+
+
+def layout_check(worker: CertifyWorker, data: str, images: int, n: int, sigma: float, classes: int) -> None:
+    """Counts of the first ``images`` samples at ``n`` draws in NCHW vs channels_last (the worker's
+    kernels), and the largest logit difference on one noisy batch: is channels_last exact here?"""
+    with np.load(data) as arrays:
+        xs = torch.from_numpy(np.ascontiguousarray(arrays["x"][:images], dtype=np.float32))
+    if xs.dim() != 4:
+        print(f"layout check: samples of shape {tuple(xs.shape[1:])} are no images")
+        return
+    nchw = worker.model
+    nhwc = prepare_model(copy.deepcopy(nchw), channels_last=True)
+    same = 0
+    with cpu_kernels(worker.native_convolutions):
+        for i, x in enumerate(xs):
+            kwargs = dict(batch_size=worker.batch_for(tuple(x.shape)), seed=0, idx=i)
+            a = sample_counts(nchw, x, n, classes, sigma, **kwargs)
+            b = sample_counts(nhwc, x, n, classes, sigma, channels_last=True, **kwargs)
+            same += bool(torch.equal(a, b))
+        noise = torch.randn((4096, *xs.shape[1:]), generator=torch.Generator().manual_seed(0))
+        probe = xs[:1] + sigma * noise
+        with torch.inference_mode():
+            gap = (nchw(probe) - nhwc(probe.contiguous(memory_format=torch.channels_last))).abs().max()
+    print(f"layout check: counts identical in NCHW and channels_last on {same} of {images} samples "
+          f"(n = {n}); largest logit difference on 4,096 noisy inputs {float(gap):.3g}")
 
 
 if __name__ == "__main__":
