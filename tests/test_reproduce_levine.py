@@ -55,3 +55,20 @@ def test_large_margin_images_reproduce_the_published_log(ray_cluster, tmp_path):
         p = int(theirs["raw_count"]) / PUBLISHED_N
         spread = Z * math.sqrt(max(p * (1 - p), 1 / N) * (1 / N + 1 / PUBLISHED_N))
         assert abs(mine["counts"][mine["certify_predict"]] / N - p) <= spread
+
+
+def test_published_logs_with_extra_columns_are_read(tmp_path):
+    from adre_ray.analysis.published_logs import is_certify_log, read_certify_log
+
+    log = tmp_path / "certify_N_100000.tsv"
+    log.write_text("idx\tlabel\tpredict\tradius\traw_count\tp_A_bar\tcorrect\ttime\n"
+                   "0\t7\t7\t0.409\t95126\t0.94912\t1\t0:00:00.448263\n"
+                   "10\t0\t-1\t0.0\t41234\t0.40\t0\t0:00:00.062152\n")
+    assert is_certify_log(log)
+    rows = read_certify_log(log, sigma=0.25).to_pylist()
+    got = [(r["idx"], r["label"], r["certify_predict"], r["radius_certify"], r["correct"]) for r in rows]
+    assert got == [(0, 7, 7, 0.409, True), (10, 0, -1, 0.0, False)]
+    assert rows[0]["time_s"] == pytest.approx(0.448263)
+    shuffled = tmp_path / "other.tsv"  # the six columns out of order: not a log of the original code
+    shuffled.write_text("label\tidx\tpredict\tradius\tcorrect\ttime\n7\t0\t7\t0.4\t1\t1.0\n")
+    assert not is_certify_log(shuffled)
