@@ -54,7 +54,7 @@ def resolve_model_fn(spec: str, search_paths: Sequence[str] | None = None) -> Ca
         target = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"model_fn={spec!r}: cannot import module {module_name!r} ({err}); it must be "
-                         "installed, on PYTHONPATH, or in the job's working directory)") from err
+                         "installed, on PYTHONPATH, or in the job's working directory") from err
     for part in attr_path.split("."):
         if not hasattr(target, part):
             raise ValueError(f"model_fn={spec!r}: module {module_name!r} has no attribute {attr_path!r}")
