@@ -71,7 +71,14 @@ def import_checkpoint_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", dest="source_format", required=True, choices=IMPORT_FORMATS,
                         help="smoothing: {arch, state_dict, epoch, optimizer} of the original randomized-"
                              "smoothing code (Cohen, SmoothAdv, MACER, ...); torchvision: a plain state dict")
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="dataset the model was trained on")
+    parser.add_argument("--dataset", default=None, choices=DATASETS,
+                        help="dataset the model was trained on (required unless --model-fn)")
+    parser.add_argument("--model-fn", default=None, metavar="MODULE:FUNCTION",
+                        help="(--format smoothing) a function returning the whole module (normalization "
+                             "included, on inputs in the data's space) into which the state dict loads "
+                             "strictly; importable from the working directory, PYTHONPATH or installed")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="with --model-fn: the class count (default: read from the model's output)")
     parser.add_argument("--output", required=True, help="adre-ray checkpoint to write (file, or folder for "
                                                         "model.pt); never overwritten")
     parser.add_argument("--sigma", type=float, default=None,

@@ -30,3 +30,18 @@ def denoised_small_cnn() -> nn.Module:
 
 def not_a_module() -> str:
     return "oops"
+
+
+def small_mnist_net() -> nn.Module:
+    """Levine et al.'s small MNIST net as the user-style example writes it (examples/levine2020): the
+    published state dict (keys ``1.*``) loads into it strictly."""
+    from examples.levine2020.small_mnist import small_mnist_net as build
+
+    return build()
+
+
+def vector_net() -> nn.Module:
+    """A 10 -> 16 -> 3 MLP on vectors (weights fixed by seed 7)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))

@@ -1,4 +1,4 @@
-"""The devices a result folder's rows were made on, in its manifest (``_run.json``, or an older folder's ``run.json``, key ``devices``).
+"""The devices a result folder's rows were made on, in its manifest (key ``devices``).
 
 Counts depend on the device beyond the noise: bf16 convolutions pick other algorithms on another GPU
 model, TF32 and cuDNN autotuning change the last bits of logits, and a draw near a decision boundary then

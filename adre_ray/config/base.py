@@ -29,7 +29,8 @@ if typing.TYPE_CHECKING:
 
 C = TypeVar("C", bound="JobConfig")
 
-DATASETS = ("cifar10", "imagenet")
+DATASETS = ("cifar10", "imagenet", "arrays")
+"""``arrays``: any fixed-shape samples given as .npz / Parquet arrays (adre_ray.data.arrays)."""
 IMPORT_FORMATS = ("smoothing", "torchvision")
 """Checkpoint formats ``adre-ray import-checkpoint`` reads (``adre_ray.models.importers``)."""
 LOSSES = ("gaussian", "adre_reg", "smoothadv", "adre_adv")

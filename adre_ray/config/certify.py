@@ -49,8 +49,14 @@ class CertifyConfig(JobConfig):
     model_fn: str | None = config_field(
         None, "instead of checkpoint: 'package.module:function' returning an nn.Module that takes [0, 1] "
               "images (e.g. denoiser + classifier); importable on every actor; needs sigma")
-    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet")
-    data_dir: str = config_field("data/cifar10", "dataset folder (adre_ray.data.load_images)")
+    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet | arrays (any sample shape: a .npz "
+                                           "with x, y or Parquet with a fixed_shape_tensor x; see "
+                                           "adre_ray.data.arrays)")
+    data_dir: str = config_field("data/cifar10", "dataset folder (adre_ray.data.load_images); for arrays the "
+                                                 ".npz / .parquet file or its folder")
+    num_classes: int | None = config_field(
+        None, "class count; null = the dataset's, else the checkpoint's, else the model's output size "
+              "(read on the first batch)")
     split: str = config_field("test", "split to certify: train | test")
     sigma: float | None = config_field(None, "noise std; null = the checkpoint's training sigma")
     n0: int = config_field(100, "pilot draws per image (choose the class cA)")
@@ -132,6 +138,8 @@ class CertifyConfig(JobConfig):
         check(isinstance(self.data_dir, str) and self.data_dir != "", "data_dir", self.data_dir,
               "must name the dataset folder")
         check_choice("split", self.split, SPLITS)
+        if self.num_classes is not None:
+            check_int_at_least("num_classes", self.num_classes, 2)
         if self.sigma is not None:
             check(isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
                   and math.isfinite(self.sigma) and 0 < self.sigma <= MAX_SIGMA, "sigma", self.sigma,

@@ -49,9 +49,10 @@ def _check_name(name: str, value: Any, what: str) -> None:
 class DataSection:
     """Where the images come from and which of them are used."""
 
-    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet")
+    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet | arrays (train.npz / test.npz or "
+                                           "train/ test/ Parquet in data_dir; no augmentation)")
     data_dir: str = config_field("data/cifar10", "dataset folder (Parquet, torchvision or image-folder "
-                                                 "layout)")
+                                                 "layout; arrays: train.npz and test.npz)")
     source: str = config_field("auto", "layout of data_dir: auto | parquet | torchvision | imagefolder")
     download: bool = config_field(False, "let torchvision download CIFAR-10 into data_dir (needs internet)")
     train_subset: int | None = config_field(None, "train on a seeded class-balanced subset of this many "
@@ -155,6 +156,9 @@ class TrainConfig(JobConfig):
     """Training of one base classifier (see the section classes for every field)."""
 
     model: str = config_field("cifar_resnet110", "registered architecture (adre_ray.models.MODEL_NAMES)")
+    model_fn: str | None = config_field(
+        None, "instead of model: 'package.module:function' returning the whole nn.Module (normalization "
+              "included) on inputs in the data's space; required for data.dataset=arrays")
     batch_size: int = config_field(400, "global batch per optimizer step, split over scaling.num_workers")
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
@@ -172,11 +176,17 @@ class TrainConfig(JobConfig):
     def validate(self) -> None:
         """Raise ``ValueError("<section.field>=<value>: <requirement>")`` for the first bad field."""
         from adre_ray.models import check_model_name  # the registry (imports torch), lazily
+        from adre_ray.models.model_fn import check_model_fn_spec
 
         try:
-            check_model_name(self.model)
+            if self.model_fn is not None:
+                check_model_fn_spec(self.model_fn)
+            else:
+                check_model_name(self.model)
         except ValueError as err:
             raise ValueError(str(err)) from None
+        check(self.model_fn is not None or self.data.dataset != "arrays", "model_fn", self.model_fn,
+              "must be set for data.dataset='arrays' (the registered models take cifar10 / imagenet images)")
         check_int_at_least("batch_size", self.batch_size, 1)
         self._validate_data()
         self._validate_loss()
@@ -208,6 +218,8 @@ class TrainConfig(JobConfig):
         _check_bool("data.augment", d.augment)
         check_int_at_least("data.loader_workers", d.loader_workers, 0)
         check_choice("data.loader", d.loader, DATA_LOADERS)
+        check(d.dataset != "arrays" or d.loader != "ray_data", "data.loader", d.loader,
+              "arrays datasets are read by the torch DataLoader (use auto or torch)")
         check(d.loader != "ray_data" or d.train_subset is None, "data.loader", d.loader,
               "does not support data.train_subset (use data.loader=torch)")
         is_uri = storage.is_remote(d.data_dir)

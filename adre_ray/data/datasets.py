@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from adre_ray.data.arrays import ArraysDataset, arrays_file
 from adre_ray.data.info import DATASET_INFOS, dataset_info
 from adre_ray.data.parquet import ParquetImageDataset
 from adre_ray.data.transforms import image_transform
@@ -183,6 +184,9 @@ def build_dataset(dataset: str, data_dir: str | Path, split: str, *, source: str
     of that many images (deterministic in ``subset_seed``). Raises ``ValueError`` naming the bad value or
     path when the data is missing, empty or malformed.
     """
+    if dataset == "arrays":  # samples as they are: no transform, no augmentation
+        ds = arrays_dataset(data_dir, split)
+        return seeded_subset(ds, subset, subset_seed) if subset is not None else ds
     _check_args(dataset, split, source)
     if augment is None:
         augment = split == "train"
@@ -232,6 +236,17 @@ def _image_folder(folder: Path, transform, num_classes: int) -> Dataset:
 
 # -- certification inputs ----------------------------------------------------------------------------
 
+def arrays_dataset(data_dir: str | Path, split: str, num_classes: int | None = None) -> ArraysDataset:
+    """The ``split`` of an arrays dataset (``adre_ray.data.arrays``): ``data_dir`` is the split's file, or a
+    folder holding ``<split>.npz`` / ``<split>.parquet`` / ``<split>/*.parquet``; checked when read."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: must be one of {', '.join(SPLITS)}")
+    ds = ArraysDataset(arrays_file(data_dir, split), num_classes=num_classes)
+    if len(ds) == 0:
+        raise ValueError(f"data_dir={str(data_dir)!r}: the {split!r} arrays are empty")
+    return ds
+
+
 @functools.lru_cache(maxsize=4)
 def _eval_dataset(dataset: str, data_dir: str, split: str, source: str) -> Dataset:
     return build_dataset(dataset, data_dir, split, source=source, augment=False)
@@ -247,7 +262,8 @@ def load_images(dataset: str, data_dir: str | Path, split: str, indices: Sequenc
     The eval dataset of (dataset, data_dir, split, source) is cached per process, so repeated calls (one
     per image batch of a certification job) do not rescan the labels.
     """
-    _check_args(dataset, split, source)
+    if dataset != "arrays":
+        _check_args(dataset, split, source)
     data_dir = str(Path(data_dir).expanduser().resolve())
     ds = _eval_dataset(dataset, data_dir, split, source)
     n = len(ds)  # type: ignore[arg-type]
@@ -255,6 +271,10 @@ def load_images(dataset: str, data_dir: str | Path, split: str, indices: Sequenc
     for i in idx:
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < n:
             raise ValueError(f"indices: index {i!r} outside [0, {n}) for the {split!r} split of {dataset!r}")
+    if isinstance(ds, ArraysDataset):  # any sample shape, as stored
+        samples = torch.from_numpy(np.stack([ds.sample(int(i)) for i in idx]) if idx
+                                   else np.empty((0, *ds.sample_shape), np.float32))
+        return samples, torch.as_tensor(ds.targets[np.asarray(idx, dtype=np.int64)], dtype=torch.int64)
     if not idx:
         size = DATASET_INFOS[dataset].image_size
         return torch.empty(0, 3, size, size), torch.empty(0, dtype=torch.int64)

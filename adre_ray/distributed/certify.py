@@ -53,10 +53,11 @@ from adre_ray.config.base import load_config
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS, CertifyConfig
 from adre_ray.config.flags import flag_values
 from adre_ray.data import build_dataset, dataset_info, load_images
+from adre_ray.data.datasets import arrays_dataset
 from adre_ray.distributed._common import connect_ray, interrupted, os_error_message
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
-from adre_ray.models.model_fn import model_fn_identity
+from adre_ray.models.model_fn import import_paths, model_fn_identity
 from adre_ray.parsers import CERTIFY_FLAG_NAMES, certify_parser
 from adre_ray.smoothing import (
     ABSTAIN,
@@ -215,7 +216,7 @@ class CertifyPool:
     run's sigma, seed and batch size.
     """
 
-    def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int, use_gpu: bool,
+    def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int | None, use_gpu: bool,
                  sigma: float, seed: int = 0, batch_size: int = 1000, amp: bool = True,
                  channels_last: bool = True, max_replacements: int = 3, model_fn: str | None = None,
                  compile: bool = False, cuda_graphs: bool = False, deterministic: bool = False) -> None:
@@ -233,7 +234,7 @@ class CertifyPool:
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
             "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
             "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn, "compile": compile,
-            "cuda_graphs": cuda_graphs, "deterministic": deterministic}
+            "cuda_graphs": cuda_graphs, "deterministic": deterministic, "import_paths": import_paths()}
         self.max_replacements = max_replacements
         self.actors = [self._new_actor() for _ in range(num_actors)]
         self.generation = [0] * num_actors
@@ -290,7 +291,7 @@ def make_pool(cfg: CertifyConfig) -> CertifyPool:
         cfg, _ = resolve_settings(cfg)
     use_gpu = resolve_use_gpu(cfg)
     return CertifyPool(cfg.checkpoint, num_actors=_pool_size(cfg, use_gpu),
-                       num_classes=dataset_info(cfg.dataset).num_classes, use_gpu=use_gpu,
+                       num_classes=declared_num_classes(cfg), use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
                        amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
                        model_fn=cfg.model_fn, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
@@ -344,7 +345,7 @@ def _ensure_ray() -> None:
         connect_ray()
 
 
-def checkpoint_facts(checkpoint: str, num_classes: int) -> tuple[float | None, str | None]:
+def checkpoint_facts(checkpoint: str, num_classes: int | None) -> tuple[float | None, str | None]:
     """(training sigma, training MLflow run id) from the checkpoint's ``extra``, each None if absent.
 
     sigma is the shallowest ``sigma`` (or ``<section>.sigma``) key in ``extra`` and its nested dicts
@@ -352,7 +353,7 @@ def checkpoint_facts(checkpoint: str, num_classes: int) -> tuple[float | None, s
     ``extra["mlflow_run_id"]``. Reads the file only (no model is built).
     """
     record = read_checkpoint(checkpoint)
-    if record["num_classes"] != num_classes:
+    if num_classes is not None and record["num_classes"] is not None and record["num_classes"] != num_classes:
         raise ValueError(f"checkpoint={checkpoint!r}: num_classes={record['num_classes']} but the dataset "
                          f"has {num_classes} classes")
     extra = record.get("extra") or {}
@@ -405,6 +406,13 @@ def _pool_size(cfg: CertifyConfig, use_gpu: bool) -> int:
         time.sleep(0.5)
 
 
+def check_arrays_input(cfg: CertifyConfig) -> None:
+    """For ``dataset: arrays``, read and check the arrays (dtypes, NaN / inf, labels, lengths) before Ray
+    starts: ``ValueError`` naming the array and its first bad row."""
+    if cfg.dataset == "arrays":
+        arrays_dataset(cfg.data_dir, cfg.split, num_classes=cfg.num_classes)
+
+
 def model_identity(cfg: CertifyConfig) -> str:
     """What rows and the manifest record as the model: the resolved checkpoint path, or
     ``model_fn:<module:function>``."""
@@ -417,7 +425,19 @@ def model_facts(cfg: CertifyConfig) -> tuple[float | None, str | None]:
     """(training sigma, training run id) of ``cfg``'s model; (None, None) for a model_fn."""
     if cfg.model_fn is not None:
         return None, None
-    return checkpoint_facts(cfg.checkpoint, dataset_info(cfg.dataset).num_classes)
+    return checkpoint_facts(cfg.checkpoint, declared_num_classes(cfg, read_file=False))
+
+
+def declared_num_classes(cfg: CertifyConfig, read_file: bool = True) -> int | None:
+    """The class count known before any model runs: ``cfg.num_classes``, else the dataset's (cifar10,
+    imagenet), else (``read_file``) the checkpoint's recorded one; None = read from the model's output."""
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    if cfg.dataset != "arrays":
+        return dataset_info(cfg.dataset).num_classes
+    if read_file and cfg.model_fn is None:
+        return read_checkpoint(cfg.checkpoint)["num_classes"]
+    return None
 
 
 def resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None]:
@@ -558,7 +578,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     cfg, train_run_id, train_sigma = _resolve_settings(cfg)
     assert cfg.sigma is not None
     out_dir = output_location(cfg.output_dir)
-    num_classes = dataset_info(cfg.dataset).num_classes
+    num_classes = declared_num_classes(cfg)
     split_size = len(build_dataset(cfg.dataset, cfg.data_dir, cfg.split, augment=False))  # type: ignore[arg-type]
     selected = select_indices(cfg, split_size)
     if not selected:
@@ -623,7 +643,7 @@ def _certify_images_or_job_error(*args: Any) -> _Progress:
         raise
 
 
-def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train_run_id: str | None,
+def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None, train_run_id: str | None,
                     out_dir: Path | str, hooks: CertifyHooks, run_id: str | None,
                     given_pool: CertifyPool | None, train_sigma: float | None = None,
                     done_before: int = 0) -> _Progress:
@@ -646,6 +666,9 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
         if cfg.num_actors is not None and cfg.num_actors > len(pool):
             raise ValueError(f"num_actors={cfg.num_actors}: the given pool has only {len(pool)} actors")
         pool.configure(sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size)  # type: ignore[arg-type]
+    if num_classes is None:  # read from the model's output on the first image (every actor checks it too)
+        first, _ = load_images(cfg.dataset, cfg.data_dir, cfg.split, todo[:1])
+        num_classes = int(ray.get(pool.actors[0].output_classes.remote(first[0])))
     num_actors = min(len(pool), cfg.num_actors or len(pool))
     facts = pool.device_facts(num_actors)
     record_devices(out_dir, facts, allow_mixed=cfg.allow_mixed_devices)
@@ -689,6 +712,9 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
                 pixels, labels = load_images(cfg.dataset, cfg.data_dir, cfg.split, chunk)
                 loaded.extend((i, pixels[k].clone(), int(labels[k])) for k, i in enumerate(chunk))
             idx, pixels, label = loaded.popleft()
+            if not 0 <= label < num_classes:
+                raise ValueError(f"data_dir={cfg.data_dir!r}: label {label} of row {idx} is outside the "
+                                 f"model's {num_classes} classes [0, {num_classes})")
             plan = shard_plan(idx, cfg.n0, 0 if shortcuts else cfg.n, cfg.shard_size)
             images[idx] = _Image(idx, label, ray.put(pixels), len(plan), np.zeros(num_classes, np.int64),
                                  np.zeros(num_classes, np.int64), n=cfg.n, main_started=not shortcuts)
@@ -881,6 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(argv)
         check_output_dir(cfg.output_dir)  # a file in the way, a read-only folder: before Ray starts
         with output_folder_lock(output_location(cfg.output_dir)):  # held on (re-entered) by the run
+            check_arrays_input(cfg)
             check_resume(cfg)  # the lock and a manifest of other settings refuse before Ray starts
             started = connect_ray(build_parser().parse_args(argv).address)
             result = run_certification(cfg)

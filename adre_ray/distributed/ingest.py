@@ -92,7 +92,7 @@ def resolve_loader(cfg: TrainConfig) -> str:
     data = cfg.data
     if data.loader != "auto":
         return data.loader
-    if data.train_subset is not None:
+    if data.train_subset is not None or data.dataset == "arrays":
         return "torch"
     if storage.is_remote(data.data_dir):
         return "ray_data"

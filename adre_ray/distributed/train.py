@@ -58,8 +58,11 @@ MLFLOW_RUN_ID_KEY = "mlflow_run_id"
 TRACKING_URI_KEY = "tracking_uri"
 RESUME_FROM_KEY = "resume_from"
 LOADER_KEY = "loader"
+IMPORT_PATHS_KEY = "import_paths"
+"""Loop-config key: the driver's working directory, put on each worker's ``sys.path`` for ``model_fn``."""
 """Loop-config key: the resolved training input, ``ray_data`` or ``torch`` (:func:`build_trainer` sets it)."""
-RESERVED_KEYS = (TRAIN_CONFIG_KEY, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, RESUME_FROM_KEY, LOADER_KEY)
+RESERVED_KEYS = (TRAIN_CONFIG_KEY, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, RESUME_FROM_KEY, LOADER_KEY,
+                 IMPORT_PATHS_KEY)
 TRAIN_STATE_FILENAME = "train_state.pt"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 RUN_PATH_TAG = "adre_ray.train_path"
@@ -134,10 +137,13 @@ def _load_train_checkpoint(directory: Path, model: Any, cfg: TrainConfig) -> dic
 
     from adre_ray.data import dataset_info
     from adre_ray.models import load_model_checkpoint
+    from adre_ray.models.model_fn import model_fn_identity
 
-    num_classes = dataset_info(cfg.data.dataset).num_classes
-    restored, _meta = load_model_checkpoint(directory, expected_model=cfg.model,
-                                            expected_num_classes=num_classes)
+    if cfg.model_fn is not None:
+        restored, _meta = load_model_checkpoint(directory, expected_model=model_fn_identity(cfg.model_fn))
+    else:
+        restored, _meta = load_model_checkpoint(directory, expected_model=cfg.model,
+                                                expected_num_classes=dataset_info(cfg.data.dataset).num_classes)
     model.load_state_dict(restored.state_dict())
     state_file = directory / TRAIN_STATE_FILENAME
     if not state_file.is_file():
@@ -151,12 +157,17 @@ def _save_train_checkpoint(directory: Path, model: Any, optimizer: Any, schedule
 
     from adre_ray.data import dataset_info
     from adre_ray.models import save_model_checkpoint
+    from adre_ray.models.checkpoint import save_model_fn_checkpoint
 
     extra = {"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "epoch": epoch,
              "sigma": cfg.loss.sigma, "loss": cfg.loss.name, "metrics": dict(metrics)}
-    save_model_checkpoint(directory, model, model_name=cfg.model,
-                          num_classes=dataset_info(cfg.data.dataset).num_classes, dataset=cfg.data.dataset,
-                          extra=extra)
+    if cfg.model_fn is not None:  # the checkpoint records the spec; certify rebuilds the module from it
+        save_model_fn_checkpoint(directory, model, cfg.model_fn, num_classes=None, dataset=cfg.data.dataset,
+                                 extra=extra)
+    else:
+        save_model_checkpoint(directory, model, model_name=cfg.model,
+                              num_classes=dataset_info(cfg.data.dataset).num_classes,
+                              dataset=cfg.data.dataset, extra=extra)
     state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     torch.save(state, directory / TRAIN_STATE_FILENAME)
 
@@ -179,6 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from adre_ray.data import build_dataset, dataset_info
     from adre_ray.device import require_cuda, set_numerics
     from adre_ray.models import build_model
+    from adre_ray.models.model_fn import add_import_paths, build_model_fn
     from adre_ray.training import (
         build_loss,
         build_optimizer,
@@ -210,7 +222,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # data: each worker trains on its DistributedSampler shard (or its Ray Data shard) and evaluates a
     # strided test shard
     data = cfg.data
-    info = dataset_info(data.dataset)
     batch = cfg.per_worker_batch_size
     loader_kwargs: dict[str, Any] = dict(num_workers=data.loader_workers, pin_memory=on_gpu,
                                          persistent_workers=data.loader_workers > 0)
@@ -257,7 +268,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         steps_per_epoch = min(steps_per_epoch, cfg.run.train_max_batches)
 
     # model, optimizer, schedule; weights restored before DDP wraps (DDP broadcasts rank 0's anyway)
-    model = build_model(cfg.model, info.num_classes, data.dataset)
+    add_import_paths([*config.get(IMPORT_PATHS_KEY, []), os.getcwd()])
+    model = (build_model_fn(cfg.model_fn).train() if cfg.model_fn is not None
+             else build_model(cfg.model, dataset_info(data.dataset).num_classes, data.dataset))
     checkpoint = ray.train.get_checkpoint()  # this run's latest (after a failure or a restored run)
     resume_source = "Ray Train run state"
     if checkpoint is None and config.get(RESUME_FROM_KEY):
@@ -393,7 +406,8 @@ def _log_epoch(metrics: Mapping[str, Any], mlflow_run_id: str, tracking_uri: str
 
 def default_run_name(cfg: TrainConfig) -> str:
     """``<model>_<loss>_<YYYYmmdd-HHMMSS>`` (a fresh run each time)."""
-    return f"{cfg.model}_{cfg.loss.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    model = cfg.model_fn.rsplit(":", 1)[-1] if cfg.model_fn is not None else cfg.model
+    return f"{model}_{cfg.loss.name}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def latest_checkpoint(run_path: str) -> Any | None:
@@ -443,7 +457,8 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     from adre_ray.distributed.ingest import build_data_config, build_ray_datasets, resolve_loader
 
     loader = resolve_loader(cfg)
-    loop_config = {TRAIN_CONFIG_KEY: cfg.to_dict(), **dict(extra_loop_config or {}), LOADER_KEY: loader}
+    loop_config = {TRAIN_CONFIG_KEY: cfg.to_dict(), **dict(extra_loop_config or {}), LOADER_KEY: loader,
+                   IMPORT_PATHS_KEY: [os.getcwd()]}
     data_kwargs: dict[str, Any] = {}
     if loader == "ray_data":  # Parquet streamed by Ray Data, decoded in CPU tasks
         datasets = build_ray_datasets(cfg)
@@ -510,6 +525,9 @@ def _check_local_data(cfg: TrainConfig) -> None:
 
     for split in ("train", "test"):
         data = cfg.data
+        if data.dataset == "arrays":  # read and checked (dtypes, NaN / inf, labels) before Ray starts
+            build_dataset(data.dataset, data.data_dir, split)
+            continue
         source = resolve_source(data.dataset, data.data_dir, split, data.source, data.download)
         if source == "parquet":  # reads footers and labels only: an unreadable file fails here, not in Ray
             build_dataset(data.dataset, data.data_dir, split, source=source)

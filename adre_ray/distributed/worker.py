@@ -20,8 +20,9 @@ import torch
 
 from adre_ray.device import device_facts, require_cuda, set_numerics
 from adre_ray.models.checkpoint import load_model_checkpoint
-from adre_ray.models.model_fn import build_model_fn
+from adre_ray.models.model_fn import add_import_paths, build_model_fn
 from adre_ray.models.precision import fp32_logits
+from adre_ray.smoothing.cpu_speed import cpu_batch_size, cpu_kernels, tiny_convolutions
 from adre_ray.smoothing.sampler import (
     NonFiniteLogitsError,
     default_noise,
@@ -49,12 +50,14 @@ class CertifyWorker:
     default generator (``adre_ray.smoothing.sampler.default_noise``: Philox on CUDA).
     """
 
-    def __init__(self, checkpoint: str, *, num_classes: int, sigma: float, seed: int, batch_size: int,
+    def __init__(self, checkpoint: str, *, num_classes: int | None, sigma: float, seed: int, batch_size: int,
                  device: str = "cpu", amp: bool = False, channels_last: bool = False,
                  cpu_threads: int = 1, compile: bool = False, cuda_graphs: bool = False,
-                 model_fn: str | None = None, deterministic: bool = False) -> None:
+                 model_fn: str | None = None, deterministic: bool = False,
+                 import_paths: list[str] | None = None) -> None:
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
+        add_import_paths([*(import_paths or []), os.getcwd()])  # a model_fn in the driver's working dir
         self.device = torch.device(device)
         if self.device.type == "cuda":
             require_cuda("adre-ray certify")
@@ -72,6 +75,9 @@ class CertifyWorker:
         model = prepare_model(model, channels_last=self.channels_last, compile=bool(compile),
                               cuda_graphs=bool(cuda_graphs and on_gpu))
         self.pad_batches = bool(compile or (cuda_graphs and on_gpu))
+        # CPU: oneDNN off for a model whose convolutions are all tiny (adre_ray.smoothing.cpu_speed)
+        self.native_convolutions = not on_gpu and tiny_convolutions(model)
+        self._cpu_batch: dict[tuple[int, ...], int] = {}
         self.amp_dtype = torch.bfloat16 if (amp and on_gpu) else None
         self.model = model
         self.meta = meta
@@ -83,6 +89,33 @@ class CertifyWorker:
         self.sigma = float(sigma)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
+        self._cpu_batch = {}
+
+    def batch_for(self, shape: tuple[int, ...]) -> int:
+        """The batch size for samples of ``shape``: on CPU chosen by the model's cost (at least the
+        configured one; ``cpu_speed.cpu_batch_size``), on GPU the configured one."""
+        if self.device.type != "cpu":
+            return self.batch_size
+        if shape not in self._cpu_batch:
+            with cpu_kernels(self.native_convolutions):
+                self._cpu_batch[shape] = cpu_batch_size(self.model, shape, self.batch_size)
+        return self._cpu_batch[shape]
+
+    def output_classes(self, image: Any) -> int:
+        """The model's output size on ``image`` (one sample): the class count when none was declared (set
+        here, so later shards count into that many classes); ``ValueError`` if it differs from a declared
+        one."""
+        x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+        with torch.inference_mode():
+            logits = self.model(x.to(self.device, torch.float32)[None])
+        if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 2:
+            raise ValueError(f"checkpoint={self.checkpoint!r}: model output shape {tuple(logits.shape)} for "
+                             f"one sample of shape {tuple(x.shape)}: expected (1, num_classes >= 2)")
+        if self.num_classes is not None and logits.shape[1] != self.num_classes:
+            raise ValueError(f"checkpoint={self.checkpoint!r}: the model outputs {logits.shape[1]} logits, "
+                             f"num_classes={self.num_classes}")
+        self.num_classes = int(logits.shape[1])
+        return self.num_classes
 
     def count(self, image: Any, idx: int, stream: int, shard: int, num: int) -> np.ndarray:
         """Counts (int64, length num_classes) of argmax f(image + d) over the ``num`` draws of this shard.
@@ -90,11 +123,15 @@ class CertifyWorker:
         A NaN / infinite logit fails the shard with ``NonFiniteLogitsError`` naming the checkpoint.
         """
         x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+        if self.num_classes is None:
+            self.output_classes(x)
         try:
-            counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
-                                   batch_size=self.batch_size, seed=self.seed, idx=idx, shard=shard,
-                                   stream=stream, amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-                                   pad_batches=self.pad_batches, noise=self.noise)
+            with cpu_kernels(self.native_convolutions):
+                counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
+                                       batch_size=self.batch_for(tuple(x.shape)), seed=self.seed, idx=idx,
+                                       shard=shard, stream=stream, amp_dtype=self.amp_dtype,
+                                       channels_last=self.channels_last, pad_batches=self.pad_batches,
+                                       noise=self.noise)
         except NonFiniteLogitsError as err:
             raise NonFiniteLogitsError(f"checkpoint={self.checkpoint!r}: {err} (NaN or infinite weights, or "
                                        "a model that overflows; no certificate can come from it)") from None

@@ -165,6 +165,12 @@ def save_model_checkpoint(path: str | Path, model: nn.Module, *, model_name: str
     record = {"format": FORMAT, "model_name": model_name, "num_classes": num_classes, "dataset": dataset,
               "normalization": model_normalization(unwrap_model(model), dataset),
               "state_dict": state_dict, "extra": _primitive(dict(extra or {}), "extra")}
+    _write_atomically(path, record)
+    return path
+
+
+def _write_atomically(path: Path, record: dict[str, Any]) -> None:
+    """``torch.save(record)`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -176,7 +182,6 @@ def save_model_checkpoint(path: str | Path, model: nn.Module, *, model_name: str
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -226,6 +231,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if record["format"] not in READABLE_FORMATS:
         raise ValueError(f"checkpoint={name!r}: format={record['format']!r} is not supported "
                          f"(expected one of {', '.join(READABLE_FORMATS)})")
+    if "model_fn" in record:
+        return _check_model_fn_record(record, name)
     for key, kind in (("model_name", str), ("num_classes", int), ("dataset", str), ("state_dict", dict)):
         if not isinstance(record.get(key), kind):
             raise ValueError(f"checkpoint={name!r}: field {key!r}={record.get(key)!r} missing or not a "
@@ -243,6 +250,66 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return record
 
 
+def _check_model_fn_record(record: dict[str, Any], name: str) -> dict[str, Any]:
+    """A model_fn checkpoint record, checked (``num_classes`` may be None: read from the model's output)."""
+    from adre_ray.models.model_fn import check_model_fn_spec, model_fn_identity
+
+    try:
+        check_model_fn_spec(record["model_fn"])
+    except ValueError as err:
+        raise ValueError(f"checkpoint={name!r}: {err}") from None
+    num_classes = record.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 2):
+        raise ValueError(f"checkpoint={name!r}: field 'num_classes'={num_classes!r} must be null or an "
+                         "integer >= 2")
+    if not isinstance(record.get("state_dict"), dict) or not isinstance(record.get("extra", {}), dict):
+        raise ValueError(f"checkpoint={name!r}: fields 'state_dict' and 'extra' must be dicts")
+    record["model_name"] = model_fn_identity(record["model_fn"])
+    record.setdefault("dataset", "arrays")
+    record["normalization"] = None  # the module normalizes inside, as its code says
+    return record
+
+
+def save_model_fn_checkpoint(path: str | Path, model: nn.Module, spec: str, *, num_classes: int | None,
+                             dataset: str, extra: dict | None = None) -> Path:
+    """Write the weights of ``model`` (built by the model_fn ``spec``) as an adre-ray checkpoint that
+    ``load_model_checkpoint`` rebuilds by calling ``spec`` and loading the weights strictly."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILENAME
+    state_dict = {key: tensor.detach().cpu()
+                  for key, tensor in strip_wrapper_prefixes(unwrap_model(model).state_dict()).items()}
+    record = {"format": FORMAT, "model_fn": spec, "num_classes": num_classes, "dataset": dataset,
+              "state_dict": state_dict, "extra": _primitive(dict(extra or {}), "extra")}
+    _write_atomically(path, record)
+    return path
+
+
+def _fitting_state_dict(model: nn.Module, record: dict[str, Any], what: str) -> dict[str, Any]:
+    """The record's state dict (wrapper prefixes removed); ``ValueError("<what>: <problems>")`` unless it
+    loads strictly into ``model``."""
+    state_dict = strip_wrapper_prefixes(record["state_dict"])
+    problems = _fit_problems(model.state_dict(), state_dict)
+    if problems:
+        raise ValueError(f"{what}: {'; '.join(problems)}")
+    return state_dict
+
+
+def _load_model_fn_checkpoint(record: dict[str, Any], name: str) -> nn.Module:
+    """The module of a model_fn record: ``spec()`` with the file's weights loaded strictly."""
+    from adre_ray.models.model_fn import build_model_fn
+
+    try:
+        model = build_model_fn(record["model_fn"])
+    except ValueError as err:
+        raise ValueError(f"checkpoint={name!r}: {err}") from None
+    state_dict = _fitting_state_dict(model, record, f"checkpoint={name!r}: weights do not fit "
+                                                    f"model_fn={record['model_fn']!r}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
 def load_model_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
                           expected_model: str | None = None,
                           expected_num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -258,19 +325,22 @@ def load_model_checkpoint(path: str | Path, *, map_location: str | torch.device 
     model_name, num_classes = record["model_name"], record["num_classes"]
     if expected_model is not None and model_name != expected_model:
         raise ValueError(f"checkpoint={name!r}: model_name={model_name!r}, expected_model={expected_model!r}")
-    if expected_num_classes is not None and num_classes != expected_num_classes:
+    if expected_num_classes is not None and num_classes is not None and num_classes != expected_num_classes:
         raise ValueError(f"checkpoint={name!r}: num_classes={num_classes!r}, "
                          f"expected_num_classes={expected_num_classes!r}")
+    if "model_fn" in record:
+        model = _load_model_fn_checkpoint(record, name)
+        meta = {key: record[key] for key in ("format", "model_name", "num_classes", "dataset",
+                                             "normalization", "model_fn")}
+        meta.update(extra=record.get("extra", {}), path=name)
+        return model.to(map_location).eval(), meta
     try:
         with torch.device("meta"):  # skip random initialization: the weights are replaced anyway
             model = build_model(model_name, num_classes, record["dataset"])
     except ValueError as err:
         raise ValueError(f"checkpoint={name!r}: {err}") from err
-    state_dict = strip_wrapper_prefixes(record["state_dict"])
-    problems = _fit_problems(model.state_dict(), state_dict)
-    if problems:
-        raise ValueError(f"checkpoint={name!r}: weights do not fit model_name={model_name!r} with "
-                         f"num_classes={num_classes}: {'; '.join(problems)}")
+    state_dict = _fitting_state_dict(model, record, f"checkpoint={name!r}: weights do not fit model_name="
+                                                    f"{model_name!r} with num_classes={num_classes}")
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
         if isinstance(model, NormalizedModel):  # non-persistent statistics: the file's, on the CPU

@@ -2,6 +2,8 @@
 
     adre-ray import-checkpoint SRC --format smoothing|torchvision --dataset cifar10|imagenet --output DST
                                [--sigma SIGMA] [--arch resnet50]
+    adre-ray import-checkpoint SRC --format smoothing --model-fn MODULE:FUNCTION --output DST
+                               [--sigma SIGMA] [--num-classes K]
 
 The written checkpoint gives the logits of the source model on [0, 1] images (its own normalization is
 stored in the file) and is certified like any other: ``adre-ray certify --checkpoint DST``.
@@ -45,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_arguments(args)
         path = import_checkpoint(args.source, args.output, source_format=args.source_format,
-                                 dataset=args.dataset, arch=args.arch, sigma=args.sigma)
+                                 dataset=args.dataset, arch=args.arch, sigma=args.sigma,
+                                 model_fn=args.model_fn, num_classes=args.num_classes)
     except ValueError as err:
         print(f"adre-ray import-checkpoint: error: {err}", file=sys.stderr)
         return 2

@@ -29,7 +29,8 @@ from torch import nn
 
 from adre_ray.config.base import IMPORT_FORMATS
 from adre_ray.data.info import dataset_info
-from adre_ray.models.checkpoint import save_model_checkpoint, strip_wrapper_prefixes
+from adre_ray.models.checkpoint import save_model_checkpoint, save_model_fn_checkpoint, strip_wrapper_prefixes
+from adre_ray.models.model_fn import build_model_fn, check_model_fn_spec
 from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
 from adre_ray.models.registry import build_model
 
@@ -167,25 +168,66 @@ def import_torchvision(record: Any, dataset: str, arch: str = "resnet50",
     return model.eval(), info
 
 
-def import_checkpoint(src: str | Path, output: str | Path, *, source_format: str, dataset: str,
-                      arch: str = "resnet50", sigma: float | None = None) -> Path:
+def import_smoothing_model_fn(record: Any, spec: str, source: str = "source") -> tuple[nn.Module, dict]:
+    """The module ``spec`` builds (the user's whole ``Sequential(normalize, net)``, on inputs in the data's
+    space) with the randomized-smoothing checkpoint ``record``'s state dict loaded strictly: every key
+    of the file must exist in the module with the same shape, and every key of the module in the file
+    (``ValueError`` naming the first that does not)."""
+    state_dict = record.get("state_dict") if isinstance(record, dict) else None
+    if not isinstance(state_dict, dict) or not state_dict:
+        keys = sorted(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{source}: not a randomized-smoothing checkpoint (expected a dict with a non-empty "
+                         f"'state_dict', found {keys})")
+    model = build_model_fn(spec)
+    fitted = fit_state_dict(model, strip_wrapper_prefixes(state_dict), source)
+    model.load_state_dict(fitted, strict=True)
+    epoch = record.get("epoch")
+    info = {"arch": record.get("arch") if isinstance(record.get("arch"), str) else None,
+            "epoch": int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None}
+    return model.eval(), info
+
+
+def import_checkpoint(src: str | Path, output: str | Path, *, source_format: str, dataset: str | None,
+                      arch: str = "resnet50", sigma: float | None = None, model_fn: str | None = None,
+                      num_classes: int | None = None) -> Path:
     """Convert ``src`` (``source_format`` in ``IMPORT_FORMATS``) into an adre-ray checkpoint at ``output``.
 
     ``sigma``: the noise level the model was trained with, if known (the original files do not record
     it); stored as ``extra["sigma"]`` so that certification defaults to it and warns on a different one.
-    Returns the file written. Nothing is written when the source is refused.
+    ``model_fn`` (``--format smoothing`` only): the ``module:function`` building the whole module; the
+    checkpoint then records the spec (``certify --checkpoint`` rebuilds it on every actor), ``dataset``
+    is optional (default "arrays") and ``num_classes`` too (else read from the model's output at certify
+    time). Returns the file written. Nothing is written when the source is refused.
     """
     if source_format not in IMPORT_FORMATS:
         raise ValueError(f"format={source_format!r}: must be one of {', '.join(IMPORT_FORMATS)}")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0
                               or not math.isfinite(sigma)):
         raise ValueError(f"sigma={sigma!r}: must be a finite number > 0")
-    _check_dataset(dataset)
+    if model_fn is not None:
+        check_model_fn_spec(model_fn)
+        if source_format != "smoothing":
+            raise ValueError(f"model_fn={model_fn!r}: only with format='smoothing'")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 2):
+            raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 2")
+    else:
+        if dataset is None:
+            raise ValueError("dataset=None: give --dataset (or --model-fn for an architecture of your own)")
+        _check_dataset(dataset)
     out = Path(output).expanduser()
     if out.is_file() or (out.is_dir() and (out / "model.pt").exists()):
         raise ValueError(f"output={str(output)!r}: already exists (nothing is overwritten; remove it first)")
     name = f"source={str(src)!r}"
     record = load_weights_only(src)
+    if model_fn is not None:
+        model, facts = import_smoothing_model_fn(record, model_fn, name)
+        extra = {"imported_from": str(Path(src).expanduser().resolve()), "source_format": source_format,
+                 **{key: value for key, value in facts.items() if value is not None}}
+        if sigma is not None:
+            extra["sigma"] = float(sigma)
+        return save_model_fn_checkpoint(output, model, model_fn, num_classes=num_classes,
+                                        dataset=dataset or "arrays", extra=extra)
     if source_format == "smoothing":
         model, info = import_smoothing(record, dataset, name)
     else:
@@ -201,5 +243,5 @@ def import_checkpoint(src: str | Path, output: str | Path, *, source_format: str
 
 
 __all__ = ["IMPORT_FORMATS", "SMOOTHING_ARCHS", "SMOOTHING_NORMALIZATION", "TORCHVISION_NORMALIZATION",
-           "fit_state_dict", "import_checkpoint", "import_smoothing", "import_torchvision",
-           "load_weights_only"]
+           "fit_state_dict", "import_checkpoint", "import_smoothing", "import_smoothing_model_fn",
+           "import_torchvision", "load_weights_only"]

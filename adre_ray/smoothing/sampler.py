@@ -262,8 +262,9 @@ def sample_counts(
 ) -> torch.Tensor:
     """Counts (int64, CPU, length ``num_classes``) of argmax f(x + d) over ``num`` draws d ~ N(0, sigma^2 I).
 
-    ``x`` is one image (C, H, W) in [0, 1] pixel space; noise is added there, so radii are in input
-    coordinates. The model must be in eval mode (it is not changed here) and output logits (B, K).
+    ``x`` is one sample of any shape (an image (C, H, W) in [0, 1] pixel space, a vector (D,), ...); noise
+    is added there, so radii are in input coordinates. The model must be in eval mode (it is not changed
+    here) and output logits (B, K).
     ``amp_dtype`` (e.g. ``torch.bfloat16``) autocasts the forward pass only; the noise and x + d stay
     fp32, so the smoothed classifier is exactly Gaussian smoothing of the (reduced-precision) base
     classifier and every bound stays valid. ``channels_last`` feeds the batches in NHWC (same values; use
@@ -280,8 +281,10 @@ def sample_counts(
         raise ValueError(f"num={num!r}: must be an integer >= 0")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")
-    if x.dim() != 3:
-        raise ValueError(f"x.shape={tuple(x.shape)}: expected one image (C, H, W)")
+    if x.dim() < 1:
+        raise ValueError(f"x.shape={tuple(x.shape)}: expected one sample (any shape: (C, H, W), (D,), ...)")
+    if channels_last and x.dim() != 3:
+        raise ValueError(f"channels_last=True: needs an image (C, H, W), not x.shape={tuple(x.shape)}")
     generator_seed = noise_seed(seed, idx, shard, stream)  # validates seed, idx, shard, stream
     device = model_device(model)
     noise = default_noise(device) if noise is None else noise
