@@ -135,7 +135,7 @@ def select_indices(cfg: CertifyConfig, split_size: int) -> list[int]:
 def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarray, *, sigma: float,
                alpha: float, mode: str, grid: Sequence[float], seed: int, time_s: float, checkpoint: str,
                train_run_id: str | None, pb_bound: str = "sum", shortcut: str = "none",
-               train_sigma: float | None = None) -> dict[str, Any]:
+               train_sigma: float | None = None, precision: str | None = None) -> dict[str, Any]:
     """One ``RESULT_SCHEMA`` row: PREDICT on ``counts``, CERTIFY and T-CERTIFY on (pilot_counts, counts).
 
     CERTIFY and T-CERTIFY see the same counts and the same pilot class cA, so T-CERTIFY's radius is
@@ -147,7 +147,8 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
     """
     pilot_counts = np.asarray(pilot_counts, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
-    samples = {"samples_used": int(pilot_counts.sum() + counts.sum()), "shortcut": shortcut}
+    samples = {"samples_used": int(pilot_counts.sum() + counts.sum()), "shortcut": shortcut,
+               "precision": precision}
     if shortcut in ABSTAINING_SHORTCUTS:
         predicted = predict_counts(counts if counts.sum() > 0 else pilot_counts, alpha)
         return {

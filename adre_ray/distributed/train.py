@@ -32,6 +32,7 @@ from typing import Any
 from adre_ray import storage
 from adre_ray.analysis.output_folder import check_output_dir
 from adre_ray.config import flatten, load_config
+from adre_ray.config.base import effective_precision
 from adre_ray.config.flags import SuggestingParser, config_reference
 from adre_ray.config.train import TrainConfig
 from adre_ray.distributed._common import (
@@ -43,6 +44,12 @@ from adre_ray.distributed._common import (
     train_v2_enabled,
 )
 from adre_ray.distributed.faults import FaultKill, fault_worker_env
+from adre_ray.precision import (
+    autocast_dtype,
+    precision_params,
+    refuse_mixed_precision,
+    resolve_precision,
+)
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -152,7 +159,8 @@ def _save_train_checkpoint(directory: Path, model: Any, optimizer: Any, schedule
     from adre_ray.models import save_model_checkpoint
 
     extra = {"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "epoch": epoch,
-             "sigma": cfg.loss.sigma, "loss": cfg.loss.name, "metrics": dict(metrics)}
+             "sigma": cfg.loss.sigma, "loss": cfg.loss.name, "metrics": dict(metrics),
+             "precision": train_precision(cfg)}
     save_model_checkpoint(directory, model, model_name=cfg.model,
                           num_classes=dataset_info(cfg.data.dataset).num_classes, dataset=cfg.data.dataset,
                           extra=extra)
@@ -198,7 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    amp_dtype = torch.bfloat16 if (on_gpu and cfg.run.amp) else None
+    precision = resolve_precision(cfg.run.precision_setting, device)
+    amp_dtype = autocast_dtype(precision)
     _seed_everything(cfg.run.seed, -1, 0)  # identical initial weights on every rank
 
     # data: each worker trains on its DistributedSampler shard (or its Ray Data shard) and evaluates a
@@ -260,7 +269,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             train_state = _load_train_checkpoint(Path(directory), model, cfg)
-    if on_gpu and cfg.run.channels_last:
+    if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net: torch.nn.Module = torch.compile(model) if cfg.run.compile else model  # type: ignore[assignment]
     ddp_model = ray.train.torch.prepare_model(net)
@@ -322,7 +331,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cfg.validation.enabled and epoch == cfg.schedule.epochs - 1:  # approx certified accuracy
             metrics.update(run_validation(eval_model, cfg.validation, cfg.data, loss.sigma, rank=rank,
                                           world_size=world_size, amp_dtype=amp_dtype,
-                                          channels_last=on_gpu and cfg.run.channels_last))
+                                          channels_last=cfg.run.channels_last))
         with tempfile.TemporaryDirectory(prefix="adre_ckpt_") as tmp:
             ray_checkpoint = None
             if rank == 0:
@@ -522,12 +531,31 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "schedule.epochs", "scaling.", "data.data_dir", "data.source", "data.download", "data.loader_workers",
     "data.test_subset", "validation.", "run.name", "run.experiment", "run.storage_path", "run.tracking_uri",
     "run.max_failures", "run.checkpoints_to_keep", "run.channels_last", "run.compile",
-    "run.eval_max_batches", "run.progress", "run.verbose",
+    "run.eval_max_batches", "run.progress", "run.verbose", "run.amp", "run.precision",
 )
 """Settings a resumed run may change (a trailing dot: the whole section): more epochs, the resources, where
 data and outputs live, evaluation, and speed-only switches. Any other field (model, batch size, loss,
-optimizer, the rest of the schedule, seed, amp, training data) would silently mix two trainings in one
-run: refused."""
+optimizer, the rest of the schedule, seed, training data) would silently mix two trainings in one
+run: refused. ``run.precision`` / ``run.amp`` are compared as the RESOLVED precision (fp32 | bf16) instead
+(``check_resume_precision``): a bf16 and an fp32 training never mix, whatever the spelling."""
+
+
+def train_precision(cfg: TrainConfig) -> str:
+    """The resolved precision (fp32 | bf16) the workers of ``cfg`` train in (auto: bf16 on GPU workers)."""
+    return resolve_precision(cfg.run.precision_setting, "cuda" if cfg.scaling.use_gpu else "cpu")
+
+
+def stored_train_precision(extra: Mapping[str, Any]) -> str | None:
+    """The resolved precision a checkpoint was trained in: recorded (``extra["precision"]``), or derived
+    from its stored config (before ``precision`` existed: ``run.amp``, bf16 on GPU only); None if unknown."""
+    if extra.get("precision") in ("fp32", "bf16"):
+        return str(extra["precision"])
+    stored = extra.get("config")
+    if not isinstance(stored, Mapping):
+        return None
+    run, scaling = stored.get("run") or {}, stored.get("scaling") or {}
+    setting = effective_precision(run.get("precision", "auto"), run.get("amp"))
+    return resolve_precision(setting, "cuda" if scaling.get("use_gpu") else "cpu")
 
 
 def _flat(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -541,7 +569,9 @@ def check_resume_settings(cfg: TrainConfig, checkpoint: Any, where: str) -> None
     from adre_ray.models.checkpoint import read_checkpoint
 
     with checkpoint.as_directory() as directory:
-        stored = (read_checkpoint(directory).get("extra") or {}).get("config")
+        extra = read_checkpoint(directory).get("extra") or {}
+    refuse_mixed_precision(stored_train_precision(extra), train_precision(cfg), f"checkpoint {where}")
+    stored = extra.get("config")
     if not isinstance(stored, Mapping):
         return  # a checkpoint from elsewhere: nothing recorded to compare
     old, new = _flat(stored), _flat(cfg.to_dict())
@@ -578,7 +608,8 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     with mlflow_run(cfg.run.experiment, name, tracking_uri=tracking_uri, run_id=previous_run_id,
                     tags=None if previous_run_id else tags) as run:
         run_id = run.info.run_id
-        log_config(cfg, run_id=run_id or None, tracking_uri=tracking_uri)
+        log_config(precision_params(cfg.flat_dict(), train_precision(cfg), "run."), run_id=run_id or None,
+                   tracking_uri=tracking_uri)
         if resume_from is not None:
             print(f"[adre-ray train] resuming run {name!r} from {resume_from}", flush=True)
         trainer = build_trainer(cfg, run_name=name, resume_from=resume_from,
