@@ -68,8 +68,10 @@ class CertifyConfig(JobConfig):
     num_actors: int | None = config_field(None, "certification actors; null = one per GPU (use_gpu) or per "
                                                 "CPU of the cluster")
     use_gpu: bool | None = config_field(None, "run actors on GPUs; null = when the cluster has any")
-    batch_size: int = config_field(1000, "noisy images per forward pass (rounded to the noise blocks: "
-                                         "adre_ray.smoothing.effective_batch_size)")
+    batch_size: int | None = config_field(None, "noisy images per forward pass (rounded to the noise "
+                                                "blocks: adre_ray.smoothing.effective_batch_size); null = "
+                                                "1000 on GPU actors, 128 on CPU actors (cache-sized: faster "
+                                                "on CPU)")
     shard_size: int = config_field(10_000, "draws per task: n0 and n are cut into shards of this size")
     seed: int = config_field(0, "noise seed")
     precision: str = config_field("auto", "base classifier precision: auto (bf16 on GPU, fp32 on CPU) | "
@@ -146,7 +148,8 @@ class CertifyConfig(JobConfig):
             check_int_at_least("num_actors", self.num_actors, 1)
         check(self.use_gpu is None or isinstance(self.use_gpu, bool), "use_gpu", self.use_gpu,
               "must be true, false or null (auto)")
-        check_int_at_least("batch_size", self.batch_size, 1)
+        if self.batch_size is not None:
+            check_int_at_least("batch_size", self.batch_size, 1)
         check_int_at_least("shard_size", self.shard_size, 1)
         check_int_at_least("seed", self.seed, 0)
         check_precision("", self.precision, self.amp)

@@ -49,6 +49,7 @@ from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, interrupted,
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 from adre_ray.models.model_fn import model_fn_identity
+from adre_ray.precision import bf16_capability, precision_params, resolve_precision
 from adre_ray.smoothing import (
     ABSTAIN,
     MAIN_STREAM,
@@ -196,6 +197,19 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
 # ------------------------------------------------------------------------------------------------- pool
 
 
+GPU_BATCH_SIZE = 1000
+CPU_BATCH_SIZE = 128
+"""Default noisy images per forward pass: large on GPU; cache-sized on CPU, where batch 96-192 is 1.35-1.45x
+faster than 1000 for CIFAR models (benchmarks/RESULTS.md, "Batch size on CPU")."""
+
+
+def actor_batch_size(batch_size: int | None, use_gpu: bool) -> int:
+    """``batch_size``, or the device's default when it is None."""
+    if batch_size is not None:
+        return batch_size
+    return GPU_BATCH_SIZE if use_gpu else CPU_BATCH_SIZE
+
+
 class CertifyPool:
     """Actor slots holding one model each; a slot whose actor died gets a fresh actor (``replace``).
 
@@ -206,7 +220,7 @@ class CertifyPool:
     """
 
     def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int, use_gpu: bool,
-                 sigma: float, seed: int = 0, batch_size: int = 1000, amp: bool = True,
+                 sigma: float, seed: int = 0, batch_size: int | None = None, precision: str = "fp32",
                  channels_last: bool = True, max_replacements: int = 3, model_fn: str | None = None,
                  compile: bool = False, cuda_graphs: bool = False) -> None:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
@@ -221,7 +235,8 @@ class CertifyPool:
             self.actor_options["runtime_env"] = {"env_vars": storage.storage_env()}
         self.actor_kwargs: dict[str, Any] = {
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
-            "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
+            "batch_size": actor_batch_size(batch_size, use_gpu), "device": "cuda" if use_gpu else "cpu",
+            "precision": precision,
             "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn, "compile": compile,
             "cuda_graphs": cuda_graphs}
         self.max_replacements = max_replacements
@@ -236,8 +251,9 @@ class CertifyPool:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def configure(self, *, sigma: float, seed: int, batch_size: int) -> None:
+    def configure(self, *, sigma: float, seed: int, batch_size: int | None) -> None:
         """Set a run's settings on every actor (ordered before its tasks; replacements get them too)."""
+        batch_size = actor_batch_size(batch_size, self.use_gpu)
         self.actor_kwargs.update(sigma=sigma, seed=seed, batch_size=batch_size)
         for actor in self.actors:
             actor.configure.remote(sigma=sigma, seed=seed, batch_size=batch_size)
@@ -274,7 +290,8 @@ def make_pool(cfg: CertifyConfig) -> CertifyPool:
     return CertifyPool(cfg.checkpoint, num_actors=_pool_size(cfg, use_gpu),
                        num_classes=dataset_info(cfg.dataset).num_classes, use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
-                       amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
+                       precision=resolve_precision(cfg.precision_setting, "cuda" if use_gpu else "cpu"),
+                       channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
                        model_fn=cfg.model_fn, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
 
 
@@ -419,6 +436,22 @@ def _resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None, fl
     return cfg, train_run_id, ckpt_sigma
 
 
+def resolve_certify_precision(cfg: CertifyConfig) -> CertifyConfig:
+    """``cfg`` with ``precision`` resolved to fp32 | bf16 for the actors' device (``amp`` folded in), so the
+    manifest, every row and MLflow record the precision the counts were made in, never ``auto``.
+    ``use_gpu: null`` with ``precision: auto`` asks the cluster whether it has a GPU (starting Ray)."""
+    setting = cfg.precision_setting
+    use_gpu = cfg.use_gpu
+    if setting == "auto" and use_gpu is None:
+        _ensure_ray()
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    resolved = resolve_precision(setting, "cuda" if use_gpu else "cpu")
+    if resolved == "bf16" and not use_gpu and not bf16_capability("cpu")["native_bf16"]:
+        warnings.warn("precision='bf16' on CPU actors: this CPU has no native bf16 (AVX512-BF16 / AMX), so "
+                      "bf16 is emulated and usually slower than fp32 here", UserWarning, stacklevel=3)
+    return dataclasses.replace(cfg, precision=resolved, amp=None)
+
+
 def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
     """The settings that determine the rows (``MANIFEST_FIELDS``), plus the dataset location."""
     return {
@@ -426,6 +459,7 @@ def manifest_settings(cfg: CertifyConfig) -> dict[str, Any]:
         "split": cfg.split, "sigma": cfg.sigma, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
         "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
         "data_dir": cfg.data_dir, "noise_scheme": NOISE_SCHEME, **shortcut_settings(cfg),
+        "precision": cfg.precision,
     }
 
 
@@ -515,6 +549,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     cfg.validate()
     hooks = hooks or CertifyHooks()
     cfg, train_run_id, train_sigma = _resolve_settings(cfg)
+    cfg = resolve_certify_precision(cfg)
     assert cfg.sigma is not None
     out_dir = output_location(cfg.output_dir)
     num_classes = dataset_info(cfg.dataset).num_classes
@@ -536,7 +571,8 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
             if run_id and run_id != previous_run_id:
                 record_certify_run(out_dir, cfg.tracking_uri, run_id)
             if run_id:
-                log_config({**cfg.flat_dict(), "num_images_selected": len(selected),
+                params = precision_params(cfg.flat_dict(), cfg.precision)  # resolved, never auto
+                log_config({**params, "num_images_selected": len(selected),
                             "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
             progress = _certify_images_or_job_error(cfg, todo, num_classes, train_run_id, out_dir, hooks,
                                                     run_id, pool, train_sigma)
@@ -647,7 +683,8 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int, train
         row = result_row(image.idx, image.label, image.pilot, image.counts, sigma=cfg.sigma,  # type: ignore[arg-type]
                          alpha=cfg.alpha, mode=cfg.tcertify_mode, grid=cfg.grid, seed=cfg.seed,
                          time_s=image.time_s, checkpoint=checkpoint_id, train_run_id=train_run_id,
-                         pb_bound=cfg.pb_bound, shortcut=image.shortcut, train_sigma=train_sigma)
+                         pb_bound=cfg.pb_bound, shortcut=image.shortcut, train_sigma=train_sigma,
+                         precision=cfg.precision)
         buffer.append(row)
         del images[image.idx]
         progress.done += 1

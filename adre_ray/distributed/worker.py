@@ -20,6 +20,7 @@ import torch
 
 from adre_ray.models.checkpoint import load_model_checkpoint
 from adre_ray.models.model_fn import build_model_fn
+from adre_ray.precision import autocast_dtype
 from adre_ray.smoothing.sampler import NonFiniteLogitsError, prepare_model, sample_counts
 
 
@@ -30,7 +31,8 @@ class CertifyWorker:
     ``module:function`` callable returns.
 
     ``device``: "cpu" or "cuda" (the GPU Ray assigned). On CPU the worker uses ``cpu_threads`` torch
-    threads (1 for one actor per core). ``amp`` (bf16 autocast) and ``channels_last`` apply on GPU only.
+    threads (1 for one actor per core). ``precision`` (resolved: fp32 | bf16 autocast) and
+    ``channels_last`` apply on GPU and CPU (on CPU channels_last gives the default layout's counts).
     ``compile`` (``torch.compile``, any device) and ``cuda_graphs`` (GPU only, ignored on CPU) are passed
     to ``prepare_model``; a compiled model gets padded batches (``sample_counts(pad_batches=True)``: one
     input shape for every shard, so one compilation / graph capture; the cost is the padding of each
@@ -39,7 +41,7 @@ class CertifyWorker:
     """
 
     def __init__(self, checkpoint: str, *, num_classes: int, sigma: float, seed: int, batch_size: int,
-                 device: str = "cpu", amp: bool = False, channels_last: bool = False,
+                 device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
                  cpu_threads: int = 1, compile: bool = False, cuda_graphs: bool = False,
                  model_fn: str | None = None) -> None:
         if device == "cpu":
@@ -53,13 +55,13 @@ class CertifyWorker:
                                                 expected_num_classes=num_classes)
         model = model.to(self.device).eval()
         on_gpu = self.device.type == "cuda"
-        self.channels_last = bool(channels_last and on_gpu)
+        self.channels_last = bool(channels_last)
         if on_gpu:
             torch.backends.cudnn.benchmark = True
         model = prepare_model(model, channels_last=self.channels_last, compile=bool(compile),
                               cuda_graphs=bool(cuda_graphs and on_gpu))
         self.pad_batches = bool(compile or (cuda_graphs and on_gpu))
-        self.amp_dtype = torch.bfloat16 if (amp and on_gpu) else None
+        self.amp_dtype = autocast_dtype(precision)
         self.model = model
         self.meta = meta
         self.num_classes = num_classes
