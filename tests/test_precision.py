@@ -209,3 +209,20 @@ def test_cpu_bf16_certification_is_deterministic_and_recorded(tmp_path):
     first = worker.count(image, idx=3, stream=MAIN_STREAM, shard=0, num=256)
     again = worker.count(image, idx=3, stream=MAIN_STREAM, shard=0, num=256)
     assert first.sum() == 256 and first.tolist() == again.tolist()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_reported(monkeypatch, native):
+    import adre_ray.precision as precision
+
+    monkeypatch.setattr(precision, "bf16_capability", lambda device="cpu": {"native_bf16": native})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        precision.warn_if_emulated("bf16", "cpu", "CPU workers")
+        precision.warn_if_emulated("fp32", "cpu", "CPU workers")
+        precision.warn_if_emulated("bf16", "cuda", "GPU workers")
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert messages == ([] if native else ["precision='bf16' on CPU workers: this CPU has no native bf16 "
+                                           "(AVX512-BF16 / AMX), so bf16 is emulated and usually slower than "
+                                           "fp32 here"])
+    assert set(precision.bf16_capability("cpu")) >= {"native_bf16"}

@@ -49,7 +49,7 @@ from adre_ray.distributed._common import ADDRESS_HELP, connect_ray, interrupted,
 from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 from adre_ray.models.model_fn import model_fn_identity
-from adre_ray.precision import bf16_capability, precision_params, resolve_precision
+from adre_ray.precision import precision_params, resolve_precision, warn_if_emulated
 from adre_ray.smoothing import (
     ABSTAIN,
     MAIN_STREAM,
@@ -446,9 +446,7 @@ def resolve_certify_precision(cfg: CertifyConfig) -> CertifyConfig:
         _ensure_ray()
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     resolved = resolve_precision(setting, "cuda" if use_gpu else "cpu")
-    if resolved == "bf16" and not use_gpu and not bf16_capability("cpu")["native_bf16"]:
-        warnings.warn("precision='bf16' on CPU actors: this CPU has no native bf16 (AVX512-BF16 / AMX), so "
-                      "bf16 is emulated and usually slower than fp32 here", UserWarning, stacklevel=3)
+    warn_if_emulated(resolved, "cuda" if use_gpu else "cpu", "CPU actors")
     return dataclasses.replace(cfg, precision=resolved, amp=None)
 
 

@@ -49,6 +49,7 @@ from adre_ray.precision import (
     precision_params,
     refuse_mixed_precision,
     resolve_precision,
+    warn_if_emulated,
 )
 from adre_ray.tracking import (
     DISABLED,
@@ -597,6 +598,7 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     storage = resolve_storage_path(cfg.run.storage_path)
     run_path = f"{storage.rstrip('/')}/{name}"
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
+    warn_if_emulated(train_precision(cfg), "cuda" if cfg.scaling.use_gpu else "cpu", "CPU workers")
     previous = latest_checkpoint(run_path)
     resume_from = _checkpoint_uri(previous, run_path) if previous is not None else None
     previous_run_id = None
