@@ -56,6 +56,7 @@ from adre_ray.smoothing import (
     sample_counts,
 )
 from adre_ray.smoothing.shortcuts import certify_threshold, should_stop_early, wave_level
+from adre_ray.storage import write_bytes_atomic
 from adre_ray.training import build_loss, build_scheduler, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,24 +156,11 @@ def freeze_plan(state: Path, plan: Plan) -> None:
         return
     state.mkdir(parents=True, exist_ok=True)
     record = {"plan": wanted, "frozen_at": now(), "machine": machine_facts()}
-    atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def load_plan(state: Path) -> Plan:
     return Plan(**json.loads((state / "plan.json").read_text())["plan"])
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
@@ -180,7 +168,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 # -------------------------------------------------------------------------------------------- training
