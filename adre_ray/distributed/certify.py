@@ -547,7 +547,6 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     cfg.validate()
     hooks = hooks or CertifyHooks()
     cfg, train_run_id, train_sigma = _resolve_settings(cfg)
-    cfg = resolve_certify_precision(cfg)
     assert cfg.sigma is not None
     out_dir = output_location(cfg.output_dir)
     num_classes = dataset_info(cfg.dataset).num_classes
@@ -555,6 +554,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     selected = select_indices(cfg, split_size)
     if not selected:
         raise ValueError(f"start={cfg.start}: beyond the {split_size} images of the {cfg.split!r} split")
+    cfg = resolve_certify_precision(cfg)  # after the data checks: may need the cluster (auto, use_gpu null)
     with output_folder_lock(out_dir):  # one run at a time per folder (released by the OS if we die)
         ensure_manifest(out_dir, manifest_settings(cfg))
         done_before = completed_indices(out_dir)
