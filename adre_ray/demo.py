@@ -130,7 +130,7 @@ def train_config(cfg: DemoConfig, loss: str, data_dir: str, source: str, downloa
         "schedule": {"name": "cosine", "epochs": cfg.epochs, "warmup_epochs": min(1, cfg.epochs - 1)},
         "scaling": {"num_workers": cfg.num_workers, "use_gpu": False, "cpus_per_worker": 1},
         "run": {"name": f"demo_{loss}", "experiment": cfg.experiment, "storage_path": str(out / "runs"),
-                "tracking_uri": tracking_uri, "seed": cfg.seed, "amp": False, "channels_last": False},
+                "tracking_uri": tracking_uri, "seed": cfg.seed, "precision": "fp32", "channels_last": False},
     })
 
 
@@ -142,7 +142,7 @@ def certify_config(cfg: DemoConfig, checkpoint: str, loss: str, data_dir: str, o
         "max_images": cfg.num_images, "tcertify_mode": cfg.tcertify_mode, "num_actors": cfg.num_actors,
         "use_gpu": False, "batch_size": cfg.cert_batch_size, "shard_size": max(cfg.n // cfg.num_actors, 1),
         "seed": cfg.seed, "output_dir": str(out / "certify" / loss), "experiment": cfg.experiment,
-        "tracking_uri": tracking_uri, "amp": False, "channels_last": False,
+        "tracking_uri": tracking_uri, "precision": "fp32", "channels_last": False,
     })
 
 

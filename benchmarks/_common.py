@@ -65,10 +65,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def alternate(variants: dict[str, Callable[[], object]], repeat: int, device: torch.device
-              ) -> dict[str, list[float]]:
+def alternate(variants: dict[str, Callable[[], object]], repeat: int, device: torch.device,
+              clock: Callable[[], float] | None = None) -> dict[str, list[float]]:
     """Seconds of each variant over ``repeat`` rounds; each round runs every variant once, the order
-    reversed every other round (no variant always goes first). Call the variants once before (warm-up)."""
+    reversed every other round (no variant always goes first). Call the variants once before (warm-up).
+    ``clock`` (default ``time.perf_counter``, wall time) may be ``time.process_time`` (CPU time)."""
+    clock = clock or time.perf_counter
     if repeat < 1:
         raise ValueError(f"repeat={repeat}: must be >= 1")
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -76,10 +78,10 @@ def alternate(variants: dict[str, Callable[[], object]], repeat: int, device: to
     for round_ in range(repeat):
         for name in names if round_ % 2 == 0 else reversed(names):
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             variants[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

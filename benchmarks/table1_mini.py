@@ -118,15 +118,21 @@ def smoke_settings() -> Settings:
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """RandomCrop(32, padding=4) + RandomHorizontalFlip on a device batch (zero padding, as torchvision)."""
-    batch, _, height, width = x.shape
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    batch = x.shape[0]
     dy = torch.randint(0, 9, (batch,), generator=generator, device=x.device)
     dx = torch.randint(0, 9, (batch,), generator=generator, device=x.device)
+    flip = torch.rand(batch, generator=generator, device=x.device) < 0.5
+    return crop_flip(x, dy, dx, flip)
+
+
+def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The crop at offsets (dy, dx) of the zero-padded (4 pixels) images, mirrored where ``flip``."""
+    batch, _, height, width = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     rows = (dy[:, None] + torch.arange(height, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(width, device=x.device))[:, None, None, :]
     channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     cropped = padded[torch.arange(batch, device=x.device)[:, None, None, None], channels, rows, cols]
-    flip = torch.rand(batch, generator=generator, device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 

@@ -22,14 +22,25 @@ method -> images/s) of benchmarks/gpu_results.json (``--smoke``: toy sizes on CP
     python benchmarks/train_step.py --suite cifar && python benchmarks/train_step.py --suite imagenet
     python benchmarks/train_step.py --suite cifar --compile --methods gaussian_k1,gaussian_k8,adre_reg_k8
     python benchmarks/train_step.py --suite cifar --smoke
+
+``--layouts fp32,fp32_cl,bf16,bf16_cl`` (issue 24) times ONE method (``--layout-method``, default adre_reg
+at ``--k``) in several precision / memory-format variants side by side: each variant has its own copy of
+the same seeded model (``_cl`` = channels_last weights and inputs, ``bf16`` = bf16 autocast, the loss and
+ADRE terms in fp32), the rounds alternate, and each variant's images/s is reported with its ratio to
+fp32 eager:
+
+    python benchmarks/train_step.py --model cifar_resnet20 --device cpu --threads 2 --batch-size 128 \\
+        --k 4 --layouts fp32,fp32_cl,bf16,bf16_cl
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +61,8 @@ from _common import (
 from adre_ray.training import LossFn, build_loss, train_one_epoch
 
 BASELINE = "gaussian"
+LAYOUTS = {"fp32": ("fp32", False), "fp32_cl": ("fp32", True), "bf16": ("bf16", False),
+           "bf16_cl": ("bf16", True)}  # variant -> (dtype, channels_last)
 RESULTS_JSON = Path(__file__).resolve().parent / "gpu_results.json"
 
 # method name -> (loss, k, attack steps M or 0)
@@ -106,7 +119,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="--suite at toy sizes on CPU (temp output file)")
     parser.add_argument("--out", default=None,
                         help="--suite: results JSON (default benchmarks/gpu_results.json)")
+    parser.add_argument("--layouts", default=None,
+                        help=f"comma-separated precision/layout variants of one method, side by side "
+                             f"({','.join(LAYOUTS)})")
+    parser.add_argument("--layout-method", choices=("gaussian", "adre_reg"), default="adre_reg",
+                        help="--layouts: the method timed (at --k)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--layouts: time in process CPU seconds, not wall seconds (on a CPU shared with "
+                             "other jobs, at --threads 1 this is the work a step needs, whatever the load)")
     args = parser.parse_args(argv)
+    if args.layouts is not None:
+        args.layouts = [v.strip() for v in args.layouts.split(",") if v.strip()]
+        unknown = [v for v in args.layouts if v not in LAYOUTS]
+        if unknown or not args.layouts:
+            parser.error(f"--layouts={','.join(args.layouts)}: choose from {','.join(LAYOUTS)}")
     try:
         args.attack_steps = [int(value) for value in str(args.attack_steps).split(",") if value.strip()]
     except ValueError:
@@ -165,6 +191,52 @@ def run(args: argparse.Namespace) -> StepResult:
     return StepResult(model=args.model, device=str(device), batch_size=args.batch_size, k=args.k,
                       step_seconds={name: [t / args.steps_per_run for t in runs]
                                     for name, runs in times.items()})
+
+
+def run_layouts(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per step of ``args.layout_method`` in each of ``args.layouts``, alternating round by round;
+    every variant trains its own copy of the same seeded model on the same batch (learning rate 0)."""
+    device = pick_device(args.device)
+    set_threads(args.threads)
+    dataset = args.dataset or default_dataset(args.model)
+    base, num_classes, size = make_model(args.model, dataset, device, args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.rand((args.batch_size, 3, size, size), generator=generator).to(device)
+    y = torch.randint(num_classes, (args.batch_size,), generator=generator).to(device)
+    lam = args.lam if args.layout_method == "adre_reg" else 0.0
+    loss_fn = build_loss(args.layout_method, sigma=args.sigma, k=args.k, lam=lam, per_loss="single")
+
+    def runner(dtype: str, channels_last: bool) -> Callable[[], dict[str, float]]:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = copy.deepcopy(base).to(memory_format=memory_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4)
+        loader = [(x.contiguous(memory_format=memory_format), y)] * args.steps_per_run
+        return lambda: train_one_epoch(model, loader, loss_fn, optimizer, None, device=device, epoch=10**6,
+                                       amp_dtype=DTYPES[dtype])
+
+    variants = {name: runner(*LAYOUTS[name]) for name in args.layouts}
+    for variant in variants.values():
+        variant()  # warm-up
+    times = alternate(variants, args.repeat, device, clock=time.process_time if args.cpu_time else None)
+    return {name: [t / args.steps_per_run for t in runs] for name, runs in times.items()}
+
+
+def print_layouts(args: argparse.Namespace, seconds: dict[str, list[float]]) -> None:
+    from adre_ray.smoothing import fast_bf16_available
+
+    print(machine_line(pick_device(args.device)))
+    print(f"model {args.model} | {args.layout_method} k {args.k} | batch {args.batch_size} | "
+          f"{'process CPU' if args.cpu_time else 'wall'} seconds "
+          f"(forward on {args.batch_size * args.k} noisy images) | threads {args.threads} | "
+          f"repeat {args.repeat} x {args.steps_per_run} steps | native bf16: "
+          f"{fast_bf16_available(pick_device(args.device))}")
+    reference = median(seconds[args.layouts[0]])
+    print(f"| variant | images/s (median) | ms/step | best ms | vs {args.layouts[0]} |")
+    print("|---|---|---|---|---|")
+    for name, runs in seconds.items():
+        step = median(runs)
+        print(f"| {name} | {args.batch_size / step:.1f} | {1000 * step:.1f} | {1000 * min(runs):.1f} | "
+              f"{reference / step:.2f}x |")
 
 
 def step_flops(model: torch.nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
@@ -260,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite:
         args.argv = argv
         run_suite(args)
+        return 0
+    if args.layouts:
+        print_layouts(args, run_layouts(args))
         return 0
     result = run(args)
     print(machine_line(torch.device(result.device)))

@@ -46,11 +46,12 @@ import pyarrow.parquet as pq
 
 from adre_ray import storage
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts;
 3: evaluation shortcuts (``samples_used``, ``shortcut``), the runner-up bound (``pb_bound``),
 ``train_sigma`` and ``noise_scheme`` (the sampler's noise stream version,
-adre_ray.smoothing.sampler.NOISE_SCHEME)."""
+adre_ray.smoothing.sampler.NOISE_SCHEME); 4: ``precision`` (fp32 | bf16: the base classifier's numeric
+precision; null in older files, whose precision was not recorded)."""
 
 MANIFEST_NAME = "_run.json"
 LEGACY_MANIFEST_NAME = "run.json"
@@ -60,12 +61,13 @@ PART_SUFFIX = ".parquet"
 
 MANIFEST_FIELDS = ("checkpoint", "dataset", "split", "sigma", "n0", "n", "alpha", "seed", "mode", "grid",
                    "shard_size", "pb_bound", "skip_misclassified", "early_abstain", "early_abstain_delta",
-                   "early_abstain_wave", "n_policy", "iss_max_radius_loss", "noise_scheme")
+                   "early_abstain_wave", "n_policy", "iss_max_radius_loss", "noise_scheme", "precision")
 """Settings that determine every row's values: a folder holds rows of one setting only."""
 
 MANIFEST_DEFAULTS: dict[str, Any] = {
     "pb_bound": "sum", "skip_misclassified": False, "early_abstain": False, "early_abstain_delta": 1e-4,
     "early_abstain_wave": 1, "n_policy": "fixed", "iss_max_radius_loss": 0.05, "noise_scheme": 1,
+    "precision": None,
 }
 """What a manifest written before a field existed means by its absence (the behaviour of that version)."""
 
@@ -102,14 +104,15 @@ RESULT_SCHEMA = pa.schema(
         pa.field("samples_used", pa.int64()),               # pilot + main draws actually made
         pa.field("shortcut", pa.string()),                  # none | skipped_misclassified | early_abstain
                                                             # | iss (see adre_ray.smoothing.shortcuts)
+        pa.field("precision", pa.string()),                 # fp32 | bf16: the base classifier's (v4)
     ],
     metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
 _OPTIONAL_ROW_KEYS = frozenset({"schema_version", "pb_bound", "samples_used", "shortcut", "train_sigma",
-                                "noise_scheme"})
+                                "noise_scheme", "precision"})
 """Row keys ``write_part`` fills when absent: the writer's version, pb_bound null, samples_used = n0 + n,
-shortcut "none" (a row made without shortcuts), train_sigma and noise_scheme null."""
+shortcut "none" (a row made without shortcuts), train_sigma, noise_scheme and precision null."""
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -22,7 +22,9 @@ from adre_ray.config.base import (
     check_grid,
     check_int_at_least,
     check_open_unit,
+    check_precision,
     config_field,
+    effective_precision,
 )
 
 SPLITS = ("train", "test")
@@ -72,12 +74,18 @@ class CertifyConfig(JobConfig):
     num_actors: int | None = config_field(None, "certification actors; null = one per GPU (use_gpu) or per "
                                                 "CPU of the cluster")
     use_gpu: bool | None = config_field(None, "run actors on GPUs; null = when the cluster has any")
-    batch_size: int = config_field(1000, "noisy images per forward pass (rounded to the noise blocks: "
-                                         "adre_ray.smoothing.effective_batch_size)")
+    batch_size: int | None = config_field(None, "noisy images per forward pass (rounded to the noise "
+                                                "blocks: adre_ray.smoothing.effective_batch_size); null = "
+                                                "1000 on GPU actors, 128 on CPU actors (cache-sized: faster "
+                                                "on CPU)")
     shard_size: int = config_field(10_000, "draws per task: n0 and n are cut into shards of this size")
     seed: int = config_field(0, "noise seed")
-    amp: bool = config_field(True, "bf16 autocast on GPU actors (ignored on CPU)")
-    channels_last: bool = config_field(True, "channels_last memory format on GPU actors (ignored on CPU)")
+    precision: str = config_field("auto", "base classifier precision: auto (bf16 on GPU, fp32 on CPU) | "
+                                          "fp32 | bf16 (also on CPU; a different, deterministic classifier: "
+                                          "recorded in every row and the manifest, never mixed on resume)")
+    amp: bool | None = config_field(None, "deprecated: true = precision auto, false = precision fp32")
+    channels_last: bool = config_field(True, "channels_last memory format (GPU and CPU actors; on CPU the "
+                                             "counts equal the default layout's)")
     compile: bool = config_field(False, "torch.compile (inductor) each actor's model; speed only (one "
                                  "compilation per actor: batches are padded to one shape)")
     cuda_graphs: bool = config_field(False, "GPU actors replay the compiled model as CUDA graphs "
@@ -157,10 +165,11 @@ class CertifyConfig(JobConfig):
             check_int_at_least("num_actors", self.num_actors, 1)
         check(self.use_gpu is None or isinstance(self.use_gpu, bool), "use_gpu", self.use_gpu,
               "must be true, false or null (auto)")
-        check_int_at_least("batch_size", self.batch_size, 1)
+        if self.batch_size is not None:
+            check_int_at_least("batch_size", self.batch_size, 1)
         check_int_at_least("shard_size", self.shard_size, 1)
         check_int_at_least("seed", self.seed, 0)
-        check(isinstance(self.amp, bool), "amp", self.amp, "must be true or false")
+        check_precision("", self.precision, self.amp)
         check(isinstance(self.channels_last, bool), "channels_last", self.channels_last,
               "must be true or false")
         check(isinstance(self.compile, bool), "compile", self.compile, "must be true or false")
@@ -199,6 +208,11 @@ class CertifyConfig(JobConfig):
         loss = self.iss_max_radius_loss
         check(isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
               and loss >= 0, "iss_max_radius_loss", loss, "must be a finite number >= 0")
+
+    @property
+    def precision_setting(self) -> str:
+        """``precision``, or what the deprecated ``amp`` meant (auto | fp32 | bf16; resolve per device)."""
+        return effective_precision(self.precision, self.amp)
 
     def uses_shortcuts(self) -> bool:
         """True when a shortcut may change an image's draws (then pilot shards run before main ones)."""

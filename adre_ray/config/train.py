@@ -22,8 +22,10 @@ from adre_ray.config.base import (
     check_int_at_least,
     check_nonnegative,
     check_positive,
+    check_precision,
     check_sigma,
     config_field,
+    effective_precision,
 )
 from adre_ray.config.tune import ValidationSection
 
@@ -138,8 +140,10 @@ class RunSection:
                                         "checkpoint (-1 = unlimited)")
     checkpoints_to_keep: int = config_field(2, "newest checkpoints kept in storage")
     seed: int = config_field(0, "model init, data order and noise are functions of (seed, epoch, rank)")
-    amp: bool = config_field(True, "bf16 autocast on GPU (CPU always runs float32)")
-    channels_last: bool = config_field(True, "channels_last memory format on GPU")
+    precision: str = config_field("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (also "
+                                          "on CPU); the loss and ADRE terms stay fp32")
+    amp: bool | None = config_field(None, "deprecated: true = precision auto, false = precision fp32")
+    channels_last: bool = config_field(True, "channels_last memory format (GPU and CPU)")
     compile: bool = config_field(False, "torch.compile the model")
     eval_max_batches: int | None = config_field(None, "cap on test batches per epoch (null = the whole test "
                                                       "subset)")
@@ -149,6 +153,11 @@ class RunSection:
     verbose: bool = config_field(False, "Ray Train's own INFO logging")
     deterministic: bool = config_field(False, "deterministic algorithms, no cuDNN autotuning, no TF32 "
                                               "(slower; see docs/performance.md)")
+
+    @property
+    def precision_setting(self) -> str:
+        """``precision``, or what the deprecated ``amp`` meant (auto | fp32 | bf16; resolve per device)."""
+        return effective_precision(self.precision, self.amp)
 
 
 @dataclass
@@ -289,7 +298,8 @@ class TrainConfig(JobConfig):
               and r.max_failures >= -1, "run.max_failures", r.max_failures, "must be an integer >= -1")
         check_int_at_least("run.checkpoints_to_keep", r.checkpoints_to_keep, 1)
         check_int_at_least("run.seed", r.seed, 0)
-        for name in ("amp", "channels_last", "compile", "progress", "verbose", "deterministic"):
+        check_precision("run.", r.precision, r.amp)
+        for name in ("channels_last", "compile", "progress", "verbose", "deterministic"):
             _check_bool(f"run.{name}", getattr(r, name))
         for name in ("eval_max_batches", "train_max_batches"):
             value = getattr(r, name)

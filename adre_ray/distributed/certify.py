@@ -59,6 +59,7 @@ from adre_ray.distributed.actors import CertifyActor
 from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 from adre_ray.models.model_fn import import_paths, model_fn_identity
 from adre_ray.parsers import CERTIFY_FLAG_NAMES, certify_parser
+from adre_ray.precision import precision_params, resolve_precision, warn_if_emulated
 from adre_ray.smoothing import (
     ABSTAIN,
     MAIN_STREAM,
@@ -147,7 +148,8 @@ def select_indices(cfg: CertifyConfig, split_size: int) -> list[int]:
 def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarray, *, sigma: float,
                alpha: float, mode: str, grid: Sequence[float], seed: int, time_s: float, checkpoint: str,
                train_run_id: str | None, pb_bound: str = "sum", shortcut: str = "none",
-               train_sigma: float | None = None, noise_scheme: int = NOISE_SCHEME) -> dict[str, Any]:
+               train_sigma: float | None = None, noise_scheme: int = NOISE_SCHEME,
+               precision: str | None = None) -> dict[str, Any]:
     """One ``RESULT_SCHEMA`` row: PREDICT on ``counts``, CERTIFY and T-CERTIFY on (pilot_counts, counts).
 
     CERTIFY and T-CERTIFY see the same counts and the same pilot class cA, so T-CERTIFY's radius is
@@ -159,7 +161,8 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
     """
     pilot_counts = np.asarray(pilot_counts, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
-    samples = {"samples_used": int(pilot_counts.sum() + counts.sum()), "shortcut": shortcut}
+    samples = {"samples_used": int(pilot_counts.sum() + counts.sum()), "shortcut": shortcut,
+               "precision": precision}
     if shortcut in ABSTAINING_SHORTCUTS:
         predicted = predict_counts(counts if counts.sum() > 0 else pilot_counts, alpha)
         return {
@@ -207,6 +210,19 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
 # ------------------------------------------------------------------------------------------------- pool
 
 
+GPU_BATCH_SIZE = 1000
+CPU_BATCH_SIZE = 128
+"""Default noisy images per forward pass: large on GPU; cache-sized on CPU, where batch 96-192 is 1.35-1.45x
+faster than 1000 for CIFAR models (benchmarks/RESULTS.md, "Batch size on CPU")."""
+
+
+def actor_batch_size(batch_size: int | None, use_gpu: bool) -> int:
+    """``batch_size``, or the device's default when it is None."""
+    if batch_size is not None:
+        return batch_size
+    return GPU_BATCH_SIZE if use_gpu else CPU_BATCH_SIZE
+
+
 class CertifyPool:
     """Actor slots holding one model each; a slot whose actor died gets a fresh actor (``replace``).
 
@@ -217,7 +233,7 @@ class CertifyPool:
     """
 
     def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int | None, use_gpu: bool,
-                 sigma: float, seed: int = 0, batch_size: int = 1000, amp: bool = True,
+                 sigma: float, seed: int = 0, batch_size: int | None = None, precision: str = "fp32",
                  channels_last: bool = True, max_replacements: int = 3, model_fn: str | None = None,
                  compile: bool = False, cuda_graphs: bool = False, deterministic: bool = False) -> None:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
@@ -232,7 +248,8 @@ class CertifyPool:
             self.actor_options["runtime_env"] = {"env_vars": storage.storage_env()}
         self.actor_kwargs: dict[str, Any] = {
             "checkpoint": self.checkpoint, "num_classes": num_classes, "sigma": sigma, "seed": seed,
-            "batch_size": batch_size, "device": "cuda" if use_gpu else "cpu", "amp": amp,
+            "batch_size": actor_batch_size(batch_size, use_gpu), "device": "cuda" if use_gpu else "cpu",
+            "precision": precision,
             "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn, "compile": compile,
             "cuda_graphs": cuda_graphs, "deterministic": deterministic, "import_paths": import_paths()}
         self.max_replacements = max_replacements
@@ -247,8 +264,9 @@ class CertifyPool:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def configure(self, *, sigma: float, seed: int, batch_size: int) -> None:
+    def configure(self, *, sigma: float, seed: int, batch_size: int | None) -> None:
         """Set a run's settings on every actor (ordered before its tasks; replacements get them too)."""
+        batch_size = actor_batch_size(batch_size, self.use_gpu)
         self.actor_kwargs.update(sigma=sigma, seed=seed, batch_size=batch_size)
         for actor in self.actors:
             actor.configure.remote(sigma=sigma, seed=seed, batch_size=batch_size)
@@ -293,11 +311,10 @@ def make_pool(cfg: CertifyConfig) -> CertifyPool:
     return CertifyPool(cfg.checkpoint, num_actors=_pool_size(cfg, use_gpu),
                        num_classes=declared_num_classes(cfg), use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
-                       amp=cfg.amp, channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
+                       precision=resolve_precision(cfg.precision_setting, "cuda" if use_gpu else "cpu"),
+                       channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
                        model_fn=cfg.model_fn, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                        deterministic=cfg.deterministic)
-
-
 def resolve_use_gpu(cfg: CertifyConfig) -> bool:
     """``cfg.use_gpu``, or (null) whether the Ray cluster has a GPU (connecting to Ray if needed)."""
     if cfg.use_gpu is not None:
@@ -466,6 +483,20 @@ def _resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None, fl
     return cfg, train_run_id, ckpt_sigma
 
 
+def resolve_certify_precision(cfg: CertifyConfig) -> CertifyConfig:
+    """``cfg`` with ``precision`` resolved to fp32 | bf16 for the actors' device (``amp`` folded in), so the
+    manifest, every row and MLflow record the precision the counts were made in, never ``auto``.
+    ``use_gpu: null`` with ``precision: auto`` asks the cluster whether it has a GPU (starting Ray)."""
+    setting = cfg.precision_setting
+    use_gpu = cfg.use_gpu
+    if setting == "auto" and use_gpu is None:
+        _ensure_ray()
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    resolved = resolve_precision(setting, "cuda" if use_gpu else "cpu")
+    warn_if_emulated(resolved, "cuda" if use_gpu else "cpu", "CPU actors")
+    return dataclasses.replace(cfg, precision=resolved, amp=None)
+
+
 def manifest_settings(cfg: CertifyConfig, use_gpu: bool = False) -> dict[str, Any]:
     """The settings that determine the rows (``MANIFEST_FIELDS``), plus the dataset location. The noise
     scheme is that of the actors' device (GPU actors draw Philox noise, CPU actors torch's)."""
@@ -475,6 +506,7 @@ def manifest_settings(cfg: CertifyConfig, use_gpu: bool = False) -> dict[str, An
         "seed": cfg.seed, "mode": cfg.tcertify_mode, "grid": list(cfg.grid), "shard_size": cfg.shard_size,
         "data_dir": cfg.data_dir, **shortcut_settings(cfg),
         "noise_scheme": scheme_of_noise(default_noise("cuda" if use_gpu else "cpu")),
+        "precision": cfg.precision,
     }
 
 
@@ -583,6 +615,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     selected = select_indices(cfg, split_size)
     if not selected:
         raise ValueError(f"start={cfg.start}: beyond the {split_size} images of the {cfg.split!r} split")
+    cfg = resolve_certify_precision(cfg)  # after the data checks: may need the cluster (auto, use_gpu null)
     with output_folder_lock(out_dir):  # one run at a time per folder (released by the OS if we die)
         ensure_manifest(out_dir, mixed_device_settings(out_dir, manifest_settings(cfg, resolve_use_gpu(cfg)),
                                                        cfg.allow_mixed_devices))
@@ -598,7 +631,8 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
             if run_id and run_id != previous_run_id:
                 record_certify_run(out_dir, cfg.tracking_uri, run_id)
             if run_id:
-                log_config({**cfg.flat_dict(), "num_images_selected": len(selected),
+                params = precision_params(cfg.flat_dict(), cfg.precision)  # resolved, never auto
+                log_config({**params, "num_images_selected": len(selected),
                             "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
             progress = _certify_images_or_job_error(cfg, todo, num_classes, train_run_id, out_dir, hooks,
                                                     run_id, pool, train_sigma, len(selected) - len(todo))
@@ -626,9 +660,18 @@ def check_resume(cfg: CertifyConfig) -> None:
         warnings.simplefilter("ignore", UserWarning)
         resolved, _, _ = _resolve_settings(cfg)
     location = output_location(resolved.output_dir)
+    precision_known = resolved.precision_setting != "auto" or resolved.use_gpu is not None
+    if precision_known:
+        precision = resolve_precision(resolved.precision_setting, "cuda" if resolved.use_gpu else "cpu")
+        resolved = dataclasses.replace(resolved, precision=precision, amp=None)
     settings = manifest_settings(resolved, bool(resolved.use_gpu))
-    device_unknown = resolved.use_gpu is None or resolved.allow_mixed_devices  # decided once Ray is up
-    check_manifest_settings(location, mixed_device_settings(location, settings, device_unknown))
+    # what only the cluster decides (use_gpu: null) is compared once Ray is up: take the folder's value here
+    undecided = {"noise_scheme"} if resolved.use_gpu is None or resolved.allow_mixed_devices else set()
+    if not precision_known:
+        undecided.add("precision")
+    existing = read_manifest(location) or {}
+    settings.update({key: existing[key] for key in undecided if key in existing})
+    check_manifest_settings(location, settings)
 
 
 def _certify_images_or_job_error(*args: Any) -> _Progress:
@@ -734,7 +777,8 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None
                          alpha=cfg.alpha, mode=cfg.tcertify_mode, grid=cfg.grid, seed=cfg.seed,
                          time_s=image.time_s, checkpoint=checkpoint_id, train_run_id=train_run_id,
                          pb_bound=cfg.pb_bound, shortcut=image.shortcut, train_sigma=train_sigma,
-                         noise_scheme=facts[0]["noise_scheme"])
+                         noise_scheme=facts[0]["noise_scheme"],
+                         precision=cfg.precision)
         buffer.append(row)
         del images[image.idx]
         progress.done += 1

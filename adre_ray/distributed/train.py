@@ -32,6 +32,7 @@ from typing import Any
 from adre_ray import storage
 from adre_ray.analysis.output_folder import check_output_dir
 from adre_ray.config import flatten, load_config
+from adre_ray.config.base import effective_precision
 from adre_ray.config.flags import SuggestingParser, config_reference
 from adre_ray.config.train import TrainConfig
 from adre_ray.distributed._common import (
@@ -44,6 +45,13 @@ from adre_ray.distributed._common import (
     train_v2_enabled,
 )
 from adre_ray.distributed.faults import FaultKill, fault_worker_env
+from adre_ray.precision import (
+    autocast_dtype,
+    precision_params,
+    refuse_mixed_precision,
+    resolve_precision,
+    warn_if_emulated,
+)
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -160,7 +168,8 @@ def _save_train_checkpoint(directory: Path, model: Any, optimizer: Any, schedule
     from adre_ray.models.checkpoint import save_model_fn_checkpoint
 
     extra = {"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "epoch": epoch,
-             "sigma": cfg.loss.sigma, "loss": cfg.loss.name, "metrics": dict(metrics)}
+             "sigma": cfg.loss.sigma, "loss": cfg.loss.name, "metrics": dict(metrics),
+             "precision": train_precision(cfg)}
     if cfg.model_fn is not None:  # the checkpoint records the spec; certify rebuilds the module from it
         save_model_fn_checkpoint(directory, model, cfg.model_fn, num_classes=None, dataset=cfg.data.dataset,
                                  extra=extra)
@@ -216,7 +225,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     set_numerics(device, deterministic=cfg.run.deterministic)  # cuDNN autotuning on GPU (fixed shapes)
     if not on_gpu:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    amp_dtype = torch.bfloat16 if (on_gpu and cfg.run.amp) else None
+    precision = resolve_precision(cfg.run.precision_setting, device)
+    amp_dtype = autocast_dtype(precision)
     _seed_everything(cfg.run.seed, -1, 0)  # identical initial weights on every rank
 
     # data: each worker trains on its DistributedSampler shard (or its Ray Data shard) and evaluates a
@@ -279,7 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             train_state = _load_train_checkpoint(Path(directory), model, cfg)
-    channels_last = on_gpu and cfg.run.channels_last
+    channels_last = cfg.run.channels_last  # on CPU too (oneDNN's NHWC kernels)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     # DDP first, compile after (gradient all-reduce overlaps the backward); evaluation has its own module
@@ -547,12 +557,31 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "schedule.epochs", "scaling.", "data.data_dir", "data.source", "data.download", "data.loader_workers",
     "data.test_subset", "validation.", "run.name", "run.experiment", "run.storage_path", "run.tracking_uri",
     "run.max_failures", "run.checkpoints_to_keep", "run.channels_last", "run.compile",
-    "run.eval_max_batches", "run.progress", "run.verbose", "run.deterministic",
+    "run.eval_max_batches", "run.progress", "run.verbose", "run.deterministic", "run.amp", "run.precision",
 )
 """Settings a resumed run may change (a trailing dot: the whole section): more epochs, the resources, where
 data and outputs live, evaluation, and speed-only switches. Any other field (model, batch size, loss,
-optimizer, the rest of the schedule, seed, amp, training data) would silently mix two trainings in one
-run: refused."""
+optimizer, the rest of the schedule, seed, training data) would silently mix two trainings in one
+run: refused. ``run.precision`` / ``run.amp`` are compared as the RESOLVED precision (fp32 | bf16) instead
+(``check_resume_precision``): a bf16 and an fp32 training never mix, whatever the spelling."""
+
+
+def train_precision(cfg: TrainConfig) -> str:
+    """The resolved precision (fp32 | bf16) the workers of ``cfg`` train in (auto: bf16 on GPU workers)."""
+    return resolve_precision(cfg.run.precision_setting, "cuda" if cfg.scaling.use_gpu else "cpu")
+
+
+def stored_train_precision(extra: Mapping[str, Any]) -> str | None:
+    """The resolved precision a checkpoint was trained in: recorded (``extra["precision"]``), or derived
+    from its stored config (before ``precision`` existed: ``run.amp``, bf16 on GPU only); None if unknown."""
+    if extra.get("precision") in ("fp32", "bf16"):
+        return str(extra["precision"])
+    stored = extra.get("config")
+    if not isinstance(stored, Mapping):
+        return None
+    run, scaling = stored.get("run") or {}, stored.get("scaling") or {}
+    setting = effective_precision(run.get("precision", "auto"), run.get("amp"))
+    return resolve_precision(setting, "cuda" if scaling.get("use_gpu") else "cpu")
 
 
 def _flat(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -566,7 +595,9 @@ def check_resume_settings(cfg: TrainConfig, checkpoint: Any, where: str) -> None
     from adre_ray.models.checkpoint import read_checkpoint
 
     with checkpoint.as_directory() as directory:
-        stored = (read_checkpoint(directory).get("extra") or {}).get("config")
+        extra = read_checkpoint(directory).get("extra") or {}
+    refuse_mixed_precision(stored_train_precision(extra), train_precision(cfg), f"checkpoint {where}")
+    stored = extra.get("config")
     if not isinstance(stored, Mapping):
         return  # a checkpoint from elsewhere: nothing recorded to compare
     old, new = _flat(stored), _flat(cfg.to_dict())
@@ -592,6 +623,7 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     storage = resolve_storage_path(cfg.run.storage_path)
     run_path = f"{storage.rstrip('/')}/{name}"
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
+    warn_if_emulated(train_precision(cfg), "cuda" if cfg.scaling.use_gpu else "cpu", "CPU workers")
     previous = latest_checkpoint(run_path)
     resume_from = _checkpoint_uri(previous, run_path) if previous is not None else None
     previous_run_id = None
@@ -603,7 +635,8 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     with mlflow_run(cfg.run.experiment, name, tracking_uri=tracking_uri, run_id=previous_run_id,
                     tags=None if previous_run_id else tags) as run:
         run_id = run.info.run_id
-        log_config(cfg, run_id=run_id or None, tracking_uri=tracking_uri)
+        log_config(precision_params(cfg.flat_dict(), train_precision(cfg), "run."), run_id=run_id or None,
+                   tracking_uri=tracking_uri)
         if resume_from is not None:
             print(f"[adre-ray train] resuming run {name!r} from {resume_from}", flush=True)
         trainer = build_trainer(cfg, run_name=name, resume_from=resume_from,

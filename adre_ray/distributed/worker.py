@@ -22,6 +22,7 @@ from adre_ray.device import device_facts, require_cuda, set_numerics
 from adre_ray.models.checkpoint import load_model_checkpoint
 from adre_ray.models.model_fn import add_import_paths, build_model_fn
 from adre_ray.models.precision import fp32_logits
+from adre_ray.precision import autocast_dtype
 from adre_ray.smoothing.cpu_speed import cpu_batch_size, cpu_kernels, tiny_convolutions
 from adre_ray.smoothing.sampler import (
     NonFiniteLogitsError,
@@ -39,7 +40,8 @@ class CertifyWorker:
     ``module:function`` callable returns.
 
     ``device``: "cpu" or "cuda" (the GPU Ray assigned). On CPU the worker uses ``cpu_threads`` torch
-    threads (1 for one actor per core). ``amp`` (bf16 autocast) and ``channels_last`` apply on GPU only.
+    threads (1 for one actor per core). ``precision`` (resolved: fp32 | bf16 autocast) and
+    ``channels_last`` apply on GPU and CPU (on CPU channels_last gives the default layout's counts).
     ``compile`` (``torch.compile``, any device) and ``cuda_graphs`` (GPU only, ignored on CPU) are passed
     to ``prepare_model``; a compiled model gets padded batches (``sample_counts(pad_batches=True)``: one
     input shape for every shard, so one compilation / graph capture; the cost is the padding of each
@@ -51,7 +53,7 @@ class CertifyWorker:
     """
 
     def __init__(self, checkpoint: str, *, num_classes: int | None, sigma: float, seed: int, batch_size: int,
-                 device: str = "cpu", amp: bool = False, channels_last: bool = False,
+                 device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
                  cpu_threads: int = 1, compile: bool = False, cuda_graphs: bool = False,
                  model_fn: str | None = None, deterministic: bool = False,
                  import_paths: list[str] | None = None) -> None:
@@ -71,14 +73,14 @@ class CertifyWorker:
                                                 expected_num_classes=num_classes)
         model = fp32_logits(model).to(self.device).eval()  # float32 logits: no bf16 ties in the argmax
         on_gpu = self.device.type == "cuda"
-        self.channels_last = bool(channels_last and on_gpu)
+        self.channels_last = bool(channels_last)  # exact on CPU too: same counts as NCHW
         model = prepare_model(model, channels_last=self.channels_last, compile=bool(compile),
                               cuda_graphs=bool(cuda_graphs and on_gpu))
         self.pad_batches = bool(compile or (cuda_graphs and on_gpu))
         # CPU: oneDNN off for a model whose convolutions are all tiny (adre_ray.smoothing.cpu_speed)
         self.native_convolutions = not on_gpu and tiny_convolutions(model)
         self._cpu_batch: dict[tuple[int, ...], int] = {}
-        self.amp_dtype = torch.bfloat16 if (amp and on_gpu) else None
+        self.amp_dtype = autocast_dtype(precision)
         self.model = model
         self.meta = meta
         self.num_classes = num_classes
