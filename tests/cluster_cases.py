@@ -1,0 +1,170 @@
+"""Multi-node cases on Ray's own test cluster (``ray.cluster_utils.Cluster``: a head with no CPUs, as on
+cluster.yaml, and worker nodes with 1 CPU each, several raylets on this machine). ``remove_node`` kills a
+node; ``add_node`` stands for the autoscaler's replacement.
+
+Run by ``tests/test_multinode.py`` in a subprocess (``python -m pytest tests/cluster_cases.py``): Ray
+allows one cluster connection per process, and the rest of the suite shares the session cluster of
+``tests/conftest.py``. The module shares one multi-node cluster across its cases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from adre_ray.analysis.results import read_results
+from adre_ray.config.certify import CertifyConfig
+from adre_ray.data import load_images
+from adre_ray.distributed.certify import CertifyHooks, make_pool, run_certification
+from adre_ray.distributed.cluster import cluster_facts
+from adre_ray.models import build_model, save_model_checkpoint
+
+SIGMA = 0.25
+IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (0 CPUs, the driver's node) + two 1-CPU worker nodes; this process is the driver."""
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [nodes.add_node(num_cpus=1) for _ in range(2)]
+    nodes.wait_for_nodes()
+    ray.init(address=nodes.address, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    nodes.workers = workers
+    yield nodes
+    ray.shutdown()
+    nodes.shutdown()
+
+
+def node_of(actor) -> str:
+    """The id of the node an actor runs on (asked of the actor itself)."""
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+
+def worker_nodes(cluster: Cluster) -> list:
+    return [node for node in cluster.list_all_nodes() if node is not cluster.head_node]
+
+
+def ensure_two_workers(cluster: Cluster) -> None:
+    """Back to two live 1-CPU worker nodes (a previous case removed one)."""
+    while len(worker_nodes(cluster)) < 2:
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, cifar10_dir) -> Path:
+    """A seeded small_cnn with BatchNorm statistics from noisy test images (counts split between classes)."""
+    torch.manual_seed(1)
+    model = build_model("small_cnn", 10, "cifar10")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    images, _ = load_images("cifar10", cifar10_dir, "test", list(range(5, 10_000, 40)))
+    model.train()
+    with torch.no_grad():
+        model(images + SIGMA * torch.randn_like(images))
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    return save_model_checkpoint(path, model.eval(), model_name="small_cnn", num_classes=10,
+                                 dataset="cifar10", extra={"sigma": SIGMA})
+
+
+def certify_cfg(checkpoint: Path, data_dir: Path, out: Path, **changes) -> CertifyConfig:
+    settings = dict(checkpoint=str(checkpoint), dataset="cifar10", data_dir=str(data_dir), split="test",
+                    sigma=SIGMA, n0=100, n=2_000, alpha=0.001, start=0, skip=1_000, max_images=IMAGES,
+                    shard_size=250, batch_size=250, seed=7, output_dir=str(out), tracking_uri="none",
+                    flush_images=1, progress=False, shared_filesystem=True, resource_wait_s=60.0)
+    settings.update(changes)
+    return CertifyConfig(**settings)
+
+
+def rows(out: Path) -> list[dict]:
+    return read_results(out).drop_columns(["time_s"]).sort_by("idx").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def pool(cluster, checkpoint, cifar10_dir, tmp_path_factory):
+    """One actor per worker node's CPU, shared by the cases (actor start-up dominates on busy cores)."""
+    warm = make_pool(certify_cfg(checkpoint, cifar10_dir, tmp_path_factory.mktemp("unused")))
+    assert len(warm) == 2
+    yield warm
+    warm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(pool, checkpoint, cifar10_dir, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("undisturbed") / "out"
+    run_certification(certify_cfg(checkpoint, cifar10_dir, out), pool=pool)
+    return rows(out)
+
+
+def test_local_checkpoint_is_refused_when_actors_run_on_other_nodes(cluster, checkpoint, cifar10_dir,
+                                                                    tmp_path):
+    """The driver is on the head (0 CPUs): actors run on other nodes, which would not see a local file."""
+    assert cluster_facts().spans_nodes
+    cfg = certify_cfg(checkpoint, cifar10_dir, tmp_path / "out", shared_filesystem=False)
+    with pytest.raises(ValueError, match=r"checkpoint='.*model\.pt': a local path on a cluster that spans "
+                                         r"nodes \(3 nodes\).*shared_filesystem=true"):
+        run_certification(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_actors_are_not_on_the_driver_node(cluster, pool, undisturbed):
+    """As on cluster.yaml: the driver's node (the head, 0 CPUs) holds no actor; one actor per worker node."""
+    nodes = {node_of(actor) for actor in pool.actors}
+    assert len(nodes) == 2 and cluster.head_node.node_id not in nodes
+    assert ray.get_runtime_context().get_node_id() == cluster.head_node.node_id
+
+
+def _remove_node_of(cluster: Cluster, actor) -> str:
+    node_id = node_of(actor)
+    victim = next(node for node in worker_nodes(cluster) if node.node_id == node_id)
+    cluster.remove_node(victim, allow_graceful=False)
+    return node_id
+
+
+def test_certify_survives_a_removed_node_without_replacement(cluster, pool, checkpoint, cifar10_dir,
+                                                             tmp_path, undisturbed):
+    """One of two worker nodes dies after the first shard: the run finishes on the actor left, every
+    image once, rows identical to the undisturbed run."""
+    ensure_two_workers(cluster)
+    state: dict = {}
+
+    def remove_once(pool, task):
+        if not state:
+            state["removed"] = _remove_node_of(cluster, pool.actors[pool.live()[0]])
+
+    out = tmp_path / "out"
+    run_certification(certify_cfg(checkpoint, cifar10_dir, out), pool=pool,
+                      hooks=CertifyHooks(on_shard_done=remove_once))
+    assert state["removed"] and len(pool.live()) == 1  # no node for a replacement: the run went on with one
+    got = rows(out)
+    assert [r["idx"] for r in got] == [r["idx"] for r in undisturbed]  # every image exactly once
+    assert got == undisturbed
+
+
+def test_certify_grows_onto_a_replacement_node(cluster, pool, checkpoint, cifar10_dir, tmp_path, undisturbed):
+    """A node dies, a replacement arrives (the autoscaler's part): the pool refills its slot there."""
+    ensure_two_workers(cluster)
+    state: dict = {"live_after_add": 0}
+
+    def remove_then_add(pool, task):
+        if "removed" not in state:
+            state["removed"] = _remove_node_of(cluster, pool.actors[pool.live()[0]])
+        elif "added" not in state and pool.live() != list(range(len(pool))):
+            state["added"] = cluster.add_node(num_cpus=1)
+        elif "added" in state:
+            state["live_after_add"] = max(state["live_after_add"], len(pool.live()))
+
+    out = tmp_path / "out"
+    run_certification(certify_cfg(checkpoint, cifar10_dir, out, max_images=IMAGES + 2),
+                      hooks=CertifyHooks(on_shard_done=remove_then_add), pool=pool)
+    assert "added" in state and state["live_after_add"] == 2
+    assert rows(out)[:IMAGES] == undisturbed
