@@ -314,6 +314,14 @@ class CertifyPool:
             self.asked_autoscaler = False
 
 
+def choose_use_gpu(cfg: CertifyConfig, facts: ClusterFacts) -> bool:
+    """``use_gpu``, or when null: GPU actors if the cluster has a GPU or its autoscaler can add one (a
+    fresh cluster.yaml cluster has no GPU node yet and a head with CPU: 0)."""
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    return facts.total.get("GPU", 0) >= 1 or facts.can_add("GPU")
+
+
 def make_pool(cfg: CertifyConfig) -> CertifyPool:
     """A pool for ``cfg`` (sigma resolved): ``num_actors`` actors, or one per GPU / CPU of the cluster;
     on an autoscaling cluster, asks for the actors' resources and grows as nodes arrive."""
@@ -321,8 +329,7 @@ def make_pool(cfg: CertifyConfig) -> CertifyPool:
     if cfg.sigma is None:
         cfg, _ = resolve_settings(cfg)
     facts = cluster_facts()
-    use_gpu = (cfg.use_gpu if cfg.use_gpu is not None
-               else facts.total.get("GPU", 0) >= 1 or facts.can_add("GPU"))
+    use_gpu = choose_use_gpu(cfg, facts)
     now, target = pool_plan(cfg, use_gpu, facts)
     pool = CertifyPool(cfg.checkpoint, num_actors=now, target=target,
                        num_classes=dataset_info(cfg.dataset).num_classes, use_gpu=use_gpu,

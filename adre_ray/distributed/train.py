@@ -42,6 +42,7 @@ from adre_ray.distributed._common import (
     resolve_storage_path,
     train_v2_enabled,
 )
+from adre_ray.distributed.cluster import check_cluster_paths, cluster_facts
 from adre_ray.distributed.faults import FaultKill, fault_worker_env
 from adre_ray.tracking import (
     DISABLED,
@@ -262,6 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             train_state = _load_train_checkpoint(Path(directory), model, cfg)
     if on_gpu and cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.scaling.sync_batchnorm and ray.train.get_context().get_world_size() > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     net: torch.nn.Module = torch.compile(model) if cfg.run.compile else model  # type: ignore[assignment]
     ddp_model = ray.train.torch.prepare_model(net)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay,
@@ -553,6 +556,17 @@ def check_resume_settings(cfg: TrainConfig, checkpoint: Any, where: str) -> None
                          f"{', '.join(RESUME_MAY_CHANGE)}; use a new run.name for other settings")
 
 
+def check_train_paths(cfg: TrainConfig, tracking_uri: str) -> None:
+    """Refuse local ``run.storage_path``, ``data.data_dir`` and a local MLflow store (``tracking_uri``,
+    resolved: null means a SQLite file in the working directory) when the workers may run on other
+    nodes than the driver and each other, unless ``run.shared_filesystem`` (``cluster.check_cluster_paths``).
+    Workers write checkpoints, read the data and log epochs to MLflow, so all three must reach every node."""
+    check_cluster_paths({"run.storage_path": cfg.run.storage_path, "data.data_dir": cfg.data.data_dir,
+                         "run.tracking_uri": None if tracking_uri == DISABLED else tracking_uri},
+                        cluster_facts(), shared_filesystem=cfg.run.shared_filesystem,
+                        flag="run.shared_filesystem=true")
+
+
 def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     """Train ``cfg`` on the connected Ray cluster, tracked in MLflow; resume if the run exists.
 
@@ -567,6 +581,7 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     storage = resolve_storage_path(cfg.run.storage_path)
     run_path = f"{storage.rstrip('/')}/{name}"
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
+    check_train_paths(cfg, tracking_uri)
     previous = latest_checkpoint(run_path)
     resume_from = _checkpoint_uri(previous, run_path) if previous is not None else None
     previous_run_id = None
