@@ -9,6 +9,8 @@ allows one cluster connection per process, and the rest of the suite shares the 
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,14 @@ import torch
 from ray.cluster_utils import Cluster
 
 from adre_ray.analysis.results import read_results
+from adre_ray.config import load_config
 from adre_ray.config.certify import CertifyConfig
+from adre_ray.config.train import TrainConfig
 from adre_ray.data import load_images
 from adre_ray.distributed.certify import CertifyHooks, make_pool, run_certification
 from adre_ray.distributed.cluster import cluster_facts
-from adre_ray.models import build_model, save_model_checkpoint
+from adre_ray.distributed.train import CHECKPOINT_PREFIX, TRAIN_STATE_FILENAME, run_training
+from adre_ray.models import build_model, load_model_checkpoint, save_model_checkpoint
 
 SIGMA = 0.25
 IMAGES = 4
@@ -168,3 +173,79 @@ def test_certify_grows_onto_a_replacement_node(cluster, pool, checkpoint, cifar1
                       hooks=CertifyHooks(on_shard_done=remove_then_add), pool=pool)
     assert "added" in state and state["live_after_add"] == 2
     assert rows(out)[:IMAGES] == undisturbed
+
+
+# --------------------------------------------------------------------------------------------- training
+
+TRAIN_IMAGES = 512  # 2 workers x 4 batches of 64 per epoch
+
+
+def train_cfg(cifar10_dir: Path, storage: Path, name: str, max_failures: int = 1) -> TrainConfig:
+    return load_config(TrainConfig, None, [
+        "model=small_cnn", "batch_size=128", f"data.data_dir={cifar10_dir}", "data.source=parquet",
+        f"data.train_subset={TRAIN_IMAGES}", "data.test_subset=64", "data.loader_workers=0",
+        "loss.name=gaussian", "optim.lr=0.05", "schedule.epochs=2", "scaling.num_workers=2",
+        f"run.max_failures={max_failures}", f"run.name={name}", f"run.storage_path={storage}",
+        "run.tracking_uri=none", "run.shared_filesystem=true",
+    ])
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    model, _ = load_model_checkpoint(result.checkpoint_path, expected_model="small_cnn")
+    return model.state_dict()
+
+
+def remove_a_worker_node_in_epoch_1(cluster: Cluster, run_folder: Path, then_add: bool) -> threading.Thread:
+    """A driver-side thread: once epoch 0's checkpoint is on disk (so epoch 1 is under way), kill one of
+    the two worker nodes (each holds one training worker), and optionally add a replacement."""
+    def act() -> None:
+        marker = run_folder / f"{CHECKPOINT_PREFIX}000000" / TRAIN_STATE_FILENAME
+        deadline = time.monotonic() + 900
+        while not marker.exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        cluster.remove_node(worker_nodes(cluster)[-1], allow_graceful=False)
+        if then_add:
+            cluster.add_node(num_cpus=1)
+
+    thread = threading.Thread(target=act, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def undisturbed_training(cluster, cifar10_dir, tmp_path_factory):
+    ensure_two_workers(cluster)
+    return run_training(train_cfg(cifar10_dir, tmp_path_factory.mktemp("train"), "undisturbed"))
+
+
+def test_training_restarts_on_a_replacement_node_with_equal_final_weights(cluster, cifar10_dir, tmp_path,
+                                                                         undisturbed_training):
+    """Two workers on two nodes; one node is removed in epoch 1 and a replacement added: Ray Train
+    (run.max_failures=1) restarts the group from the last committed checkpoint, and the final weights
+    equal the undisturbed run's."""
+    ensure_two_workers(cluster)
+    storage = tmp_path / "runs"
+    thread = remove_a_worker_node_in_epoch_1(cluster, storage / "disturbed", then_add=True)
+    result = run_training(train_cfg(cifar10_dir, storage, "disturbed"))
+    thread.join(timeout=60)
+    assert len(worker_nodes(cluster)) == 2 and not thread.is_alive()  # the node was removed and replaced
+    assert result.metrics["epoch"] == 1
+    got, want = final_weights(result), final_weights(undisturbed_training)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[key], want[key]) for key in want)
+
+
+def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar10_dir, tmp_path):
+    """A node dies and none replaces it: the run stops (never hangs) with a message saying what to do."""
+    ensure_two_workers(cluster)
+    storage = tmp_path / "runs"
+    thread = remove_a_worker_node_in_epoch_1(cluster, storage / "lost", then_add=False)
+    began = time.monotonic()
+    with pytest.raises(Exception) as failed:
+        run_training(train_cfg(cifar10_dir, storage, "lost"))
+    thread.join(timeout=60)
+    assert time.monotonic() - began < 900
+    message = str(failed.value)
+    assert "node" in message.lower() and "re-run" in message, message
