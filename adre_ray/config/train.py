@@ -7,6 +7,7 @@ epochs, batch 400, SGD lr 0.1 / 10 every 50 epochs, sigma 0.25, k 8, lambda 0.2.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +148,9 @@ class RunSection:
     shared_filesystem: bool = config_field(False, "local paths (storage_path, data.data_dir, a SQLite store) "
                                                   "are the same on every node (NFS, FSx); else refused when "
                                                   "the cluster spans nodes")
+    resource_wait_s: float = config_field(
+        120.0, "seconds training waits while the cluster (and its autoscaler) cannot hold the worker group, "
+               "e.g. after a node died, before stopping with a message (a re-run resumes)")
     max_failures: int = config_field(0, "restarts of the worker group after a failure, from the latest "
                                         "checkpoint (-1 = unlimited)")
     checkpoints_to_keep: int = config_field(2, "newest checkpoints kept in storage")
@@ -309,6 +313,8 @@ class TrainConfig(JobConfig):
         check(isinstance(r.max_failures, int) and not isinstance(r.max_failures, bool)
               and r.max_failures >= -1, "run.max_failures", r.max_failures, "must be an integer >= -1")
         check_int_at_least("run.checkpoints_to_keep", r.checkpoints_to_keep, 1)
+        check(_is_number(r.resource_wait_s) and math.isfinite(r.resource_wait_s) and r.resource_wait_s >= 0,
+              "run.resource_wait_s", r.resource_wait_s, "must be a finite number of seconds >= 0")
         check_int_at_least("run.seed", r.seed, 0)
         for name in ("amp", "channels_last", "compile", "progress", "verbose", "shared_filesystem"):
             _check_bool(f"run.{name}", getattr(r, name))

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from adre_ray import storage
 
@@ -141,3 +142,68 @@ def check_cluster_paths(paths: Mapping[str, str | None], facts: ClusterFacts, *,
     raise ValueError(f"{name}={path!r}: a local path on a cluster that spans nodes ({why}), which share no "
                      f"disk: other nodes would not see it; use {use}, or {flag} if this path is the same "
                      f"on every node (NFS, FSx)")
+
+
+class ClusterCapacityError(RuntimeError):
+    """The cluster cannot hold a job's workers and nothing will add what is missing."""
+
+
+class CapacityWatch:
+    """Stop a blocking call in the main thread (``trainer.fit()``) when the cluster cannot hold ``needs``
+    (resource -> amount) and no autoscaler can add the difference, for ``wait_s`` seconds in a row: Ray
+    Train waits forever for the placement group of a worker group that no node will ever fit (a node
+    died and none replaces it). Use as a context manager around the call; a stop raises
+    ``ClusterCapacityError`` with ``what_to_do`` in its message instead of the interrupt."""
+
+    def __init__(self, needs: Mapping[str, float], wait_s: float, what_to_do: str, *, poll_s: float = 2.0,
+                 facts: Callable[[], ClusterFacts] = cluster_facts) -> None:
+        import threading
+
+        self.needs = {key: amount for key, amount in needs.items() if amount > 0}
+        self.wait_s, self.what_to_do, self.poll_s, self.facts = wait_s, what_to_do, poll_s, facts
+        self.message: str | None = None
+        self._armed = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="adre-ray-capacity-watch")
+        self._active = threading.current_thread() is threading.main_thread()
+
+    def lacking(self, facts: ClusterFacts) -> str | None:
+        for key, amount in self.needs.items():
+            if facts.most(key) < amount:
+                return (f"the cluster has {facts.most(key):g} {key}s (and no autoscaler to add more) but "
+                        f"needs {amount:g}")
+        return None
+
+    def _watch(self) -> None:
+        import _thread
+
+        since: float | None = None
+        while not self._stop.wait(self.poll_s):
+            try:
+                lack = self.lacking(self.facts())
+            except Exception:  # noqa: BLE001 - a failed look is not a verdict
+                continue
+            if lack is None:
+                since = None
+                continue
+            since = time.monotonic() if since is None else since
+            if time.monotonic() - since >= self.wait_s:
+                with self._armed:
+                    if self._stop.is_set():
+                        return
+                    self.message = f"{lack} (waited {self.wait_s:g} s; was a node lost?): {self.what_to_do}"
+                    self._stop.set()
+                    _thread.interrupt_main()
+                return
+
+    def __enter__(self) -> CapacityWatch:
+        if self._active and self.needs:
+            self._thread.start()
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
+        with self._armed:
+            self._stop.set()
+        if self.message is not None and (kind is None or issubclass(kind, KeyboardInterrupt)):
+            raise ClusterCapacityError(self.message) from None
+        return False

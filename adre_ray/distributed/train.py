@@ -42,7 +42,12 @@ from adre_ray.distributed._common import (
     resolve_storage_path,
     train_v2_enabled,
 )
-from adre_ray.distributed.cluster import check_cluster_paths, cluster_facts
+from adre_ray.distributed.cluster import (
+    CapacityWatch,
+    ClusterCapacityError,
+    check_cluster_paths,
+    cluster_facts,
+)
 from adre_ray.distributed.faults import FaultKill, fault_worker_env
 from adre_ray.tracking import (
     DISABLED,
@@ -525,6 +530,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "schedule.epochs", "scaling.", "data.data_dir", "data.source", "data.download", "data.loader_workers",
     "data.test_subset", "validation.", "run.name", "run.experiment", "run.storage_path", "run.tracking_uri",
     "run.max_failures", "run.checkpoints_to_keep", "run.channels_last", "run.compile",
+    "run.shared_filesystem", "run.resource_wait_s",
     "run.eval_max_batches", "run.progress", "run.verbose",
 )
 """Settings a resumed run may change (a trailing dot: the whole section): more epochs, the resources, where
@@ -567,6 +573,13 @@ def check_train_paths(cfg: TrainConfig, tracking_uri: str) -> None:
                         flag="run.shared_filesystem=true")
 
 
+def worker_group_needs(cfg: TrainConfig) -> dict[str, float]:
+    """CPUs and GPUs of the whole worker group (``scaling``)."""
+    s = cfg.scaling
+    return {"CPU": s.num_workers * s.cpus_per_worker,
+            "GPU": s.num_workers * s.gpus_per_worker if s.use_gpu else 0}
+
+
 def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     """Train ``cfg`` on the connected Ray cluster, tracked in MLflow; resume if the run exists.
 
@@ -599,7 +612,10 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
         trainer = build_trainer(cfg, run_name=name, resume_from=resume_from,
                                 extra_loop_config={MLFLOW_RUN_ID_KEY: run_id, TRACKING_URI_KEY: tracking_uri})
         started = time.perf_counter()
-        result = trainer.fit()
+        with CapacityWatch(worker_group_needs(cfg), cfg.run.resource_wait_s,
+                           "add a node (or lower scaling.num_workers) and re-run the same command: it "
+                           f"resumes from the last checkpoint in {run_path}"):
+            result = trainer.fit()
         if getattr(result, "error", None) is not None:
             raise result.error
         checkpoint = result.checkpoint or previous  # nothing left to train: the previous one stands
@@ -658,6 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"adre-ray train: error: {err}", file=sys.stderr)
         return 2
+    except ClusterCapacityError as err:  # a node died and none can replace it
+        print(f"adre-ray train: stopped: {err}", file=sys.stderr)
+        return 1
     except TrainingFailedError as err:  # a worker raised (after run.max_failures restarts)
         print(f"adre-ray train: training failed: {err}", file=sys.stderr)
         return 1
