@@ -185,3 +185,35 @@ def test_job_submit_excludes_keep_data_results_and_models_out_of_the_upload(tmp_
     create_package(str(tree), tmp_path / "pkg.zip", include_gitignore=True, excludes=excludes)
     packed = {name for name in zipfile.ZipFile(tmp_path / "pkg.zip").namelist() if not name.endswith("/")}
     assert packed == {"adre_ray/x.py", "jobs/train.py", "jobs/configs/a.yaml", ".gitignore"}
+
+
+# ------------------------------------------------------------------------------ a worker group stuck
+
+
+def test_capacity_watch_stops_a_wait_for_a_node_that_will_not_come():
+    """Ray Train waits forever for a worker group no node fits (a node died, no autoscaler): the watch
+    interrupts the blocked call after wait_s and names what is missing and what to do."""
+    import time
+
+    from adre_ray.distributed.cluster import CapacityWatch, ClusterCapacityError
+
+    one_cpu = ClusterFacts(nodes=2, total={"CPU": 1}, free={"CPU": 1}, max_resources=None)
+    began = time.monotonic()
+    stuck = r"^the cluster has 1 CPUs \(and no autoscaler to add more\) but needs 2 \(waited 0.5 s; was a "
+    stuck += r"node lost"
+    with pytest.raises(ClusterCapacityError, match=stuck + r"\?\): re-run"), \
+            CapacityWatch({"CPU": 2, "GPU": 0}, 0.5, "re-run", poll_s=0.05, facts=lambda: one_cpu):
+        while time.monotonic() - began < 60:  # stands for trainer.fit() waiting for its placement group
+            time.sleep(0.01)
+    assert time.monotonic() - began < 30
+
+
+def test_capacity_watch_lets_a_call_finish_when_the_cluster_fits_or_can_grow():
+    import time
+
+    from adre_ray.distributed.cluster import CapacityWatch
+
+    for facts in (ONE_NODE, AUTOSCALED):  # 2 CPUs now; an autoscaler that can add them
+        with CapacityWatch({"CPU": 2}, 0.1, "x", poll_s=0.02, facts=lambda f=facts: f) as watch:
+            time.sleep(0.5)
+        assert watch.message is None
