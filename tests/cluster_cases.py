@@ -258,3 +258,52 @@ def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar
         run_training(train_cfg(cifar10_dir, storage, "lost", wait_s=10))
     thread.join(timeout=60)
     assert not thread.is_alive() and thread.errors == [] and len(worker_nodes(cluster)) == 1
+
+
+# ------------------------------------------------------------------------------------------------- tune
+
+
+def test_tune_search_finishes_when_a_trials_node_is_removed(cluster, cifar10_dir, tmp_path):
+    """tiny_cpu.yaml (two 1-worker trials at once, one per worker node); once both run, one node is
+    removed: that trial fails, the other finishes, the search ends, and MLflow's child runs agree with
+    trials.csv (the failed trial's run FAILED, the other FINISHED)."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    from adre_ray.distributed.tune import TRIAL_ID_TAG, TRIALS_FILENAME
+    from adre_ray.distributed.tune import main as tune_main
+
+    ensure_two_workers(cluster)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    errors: list[BaseException] = []
+
+    def remove_when_both_trials_run() -> None:
+        try:
+            deadline = time.monotonic() + 900
+            while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(2.0)
+            cluster.remove_node(worker_nodes(cluster)[-1], allow_graceful=False)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    thread = threading.Thread(target=remove_when_both_trials_run, daemon=True)
+    thread.start()
+    rc = tune_main(["--space", str(Path(__file__).resolve().parents[1] / "tune_spaces" / "tiny_cpu.yaml"),
+                    "--config", str(Path(__file__).resolve().parents[1] / "jobs" / "configs"
+                                    / "train_cifar10_small_cpu.yaml"),
+                    "--output-dir", str(tmp_path / "out"), "--set", f"data.data_dir={cifar10_dir}",
+                    "--set", "run.shared_filesystem=true", "--set", f"run.tracking_uri={uri}"])
+    thread.join(timeout=60)
+    assert errors == [] and len(worker_nodes(cluster)) == 1
+    with (tmp_path / "out" / "tiny_cpu" / TRIALS_FILENAME).open() as handle:
+        rows = list(csv.DictReader(handle))
+    statuses = sorted(row["status"] for row in rows)
+    assert len(rows) == 2 and statuses == ["COMPLETED", "ERROR"], statuses
+    assert rc == 0  # the finished trial is the best
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("adre-tune").experiment_id])
+    children = {r.data.tags[TRIAL_ID_TAG]: r.info.status for r in runs if TRIAL_ID_TAG in r.data.tags}
+    expected = {"COMPLETED": "FINISHED", "ERROR": "FAILED"}
+    assert children == {row["trial_id"]: expected[row["status"]] for row in rows}
