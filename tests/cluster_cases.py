@@ -242,8 +242,13 @@ def remove_a_worker_node_in_epoch_1(cluster: Cluster, run_folder: Path, then_add
 
 
 @pytest.fixture(scope="module")
-def undisturbed_training(cluster, cifar10_dir, tmp_path_factory):
+def undisturbed_training(cluster, pool, cifar10_dir, tmp_path_factory):
+    pool.shutdown()  # the certification actors hold the worker nodes' CPUs: free them for training
     ensure_two_workers(cluster)
+    deadline = time.monotonic() + 120
+    while ray.available_resources().get("CPU", 0) < 2:
+        assert time.monotonic() < deadline, f"CPUs still held: {ray.available_resources()}"
+        time.sleep(0.5)
     return run_training(train_cfg(cifar10_dir, tmp_path_factory.mktemp("train"), "undisturbed"))
 
 
@@ -265,7 +270,8 @@ def test_training_restarts_on_a_replacement_node_with_equal_final_weights(cluste
     assert all(torch.equal(got[key], want[key]) for key in want)
 
 
-def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar10_dir, tmp_path):
+def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar10_dir, tmp_path,
+                                                                  undisturbed_training):
     """A node dies and none replaces it: the run stops (never hangs) with a message saying what to do."""
     ensure_two_workers(cluster)
     storage = tmp_path / "runs"
@@ -280,7 +286,8 @@ def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar
 # ------------------------------------------------------------------------------------------------- tune
 
 
-def test_tune_search_finishes_when_a_trials_node_is_removed(cluster, cifar10_dir, tmp_path):
+def test_tune_search_finishes_when_a_trials_node_is_removed(cluster, cifar10_dir, tmp_path,
+                                                            undisturbed_training):
     """tiny_cpu.yaml (two 1-worker trials at once, one per worker node); once both run, one node is
     removed: that trial fails, the other finishes, the search ends, and MLflow's child runs agree with
     trials.csv (the failed trial's run FAILED, the other FINISHED)."""
