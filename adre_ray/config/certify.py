@@ -107,6 +107,12 @@ class CertifyConfig(JobConfig):
     allow_mixed_devices: bool = config_field(
         False, "let a result folder hold rows from another device model or numeric setting (recorded in "
                "_run.json); by default resuming on other devices is refused")
+    autoscale_wait_s: float = config_field(
+        900.0, "seconds to wait for nodes an autoscaler is adding (a line on stderr each minute) before "
+               "refusing; used only when the cluster's autoscaler can add the actors' CPUs / GPUs")
+    shared_filesystem: bool = config_field(
+        False, "local paths (checkpoint) are the same on every node (NFS, FSx); else refused when the "
+               "cluster spans nodes")
     output_dir: str = config_field("results/certify", "result folder (Parquet parts + _run.json), local or "
                                                       "s3:// gs:// file://; a re-run with equal settings "
                                                       "resumes")
@@ -187,6 +193,11 @@ class CertifyConfig(JobConfig):
         check(isinstance(self.stall_timeout_s, (int, float)) and not isinstance(self.stall_timeout_s, bool)
               and math.isfinite(self.stall_timeout_s) and self.stall_timeout_s > 0, "stall_timeout_s",
               self.stall_timeout_s, "must be a finite number of seconds > 0")
+        check(isinstance(self.autoscale_wait_s, (int, float)) and not isinstance(self.autoscale_wait_s, bool)
+              and math.isfinite(self.autoscale_wait_s) and self.autoscale_wait_s >= 0, "autoscale_wait_s",
+              self.autoscale_wait_s, "must be a finite number of seconds >= 0")
+        check(isinstance(self.shared_filesystem, bool), "shared_filesystem", self.shared_filesystem,
+              "must be true or false")
         check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir,
               "must name the result folder")
         check(isinstance(self.experiment, str) and self.experiment != "", "experiment", self.experiment,

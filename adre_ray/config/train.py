@@ -7,6 +7,7 @@ epochs, batch 400, SGD lr 0.1 / 10 every 50 epochs, sigma 0.25, k 8, lambda 0.2.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,11 @@ class ScheduleSection:
     gamma: float = config_field(0.1, "decay factor (step), in (0, 1]")
 
 
+MIN_WORKER_BATCH = 16
+"""Images per GPU worker below which BatchNorm's per-worker statistics get noisy enough to hurt accuracy
+(Wu & He, Group Normalization, 2018, Fig. 1: ResNet-50 error rises steadily below 16 images per GPU)."""
+
+
 @dataclass
 class ScalingSection:
     """Ray Train workers and their resources."""
@@ -122,7 +128,13 @@ class ScalingSection:
     use_gpu: bool = config_field(False, "one GPU per worker (nccl, bf16 autocast, channels_last); else CPU "
                                         "(gloo)")
     cpus_per_worker: int = config_field(1, "CPUs reserved per worker")
-    gpus_per_worker: float = config_field(1.0, "GPUs per worker when use_gpu")
+    gpus_per_worker: float = config_field(1.0, "GPUs per worker when use_gpu: must be 1 (one DDP rank per "
+                                               "GPU)")
+    sync_batchnorm: bool = config_field(False, "SyncBatchNorm: BatchNorm statistics over the global batch "
+                                               "(one all-reduce per BN layer per step); lifts "
+                                               "min_worker_batch")
+    min_worker_batch: int = config_field(MIN_WORKER_BATCH, "smallest per-GPU-worker batch (images) accepted "
+                                                           "without sync_batchnorm")
 
 
 @dataclass
@@ -136,6 +148,12 @@ class RunSection:
                                              "(s3://, gs://, file://)")
     tracking_uri: str | None = config_field(None, "MLflow store; null = $MLFLOW_TRACKING_URI, else "
                                           "sqlite:///<cwd>/mlflow.db; none = off")
+    shared_filesystem: bool = config_field(False, "local paths (storage_path, data.data_dir, a SQLite store) "
+                                                  "are the same on every node (NFS, FSx); else refused when "
+                                                  "the cluster spans nodes")
+    resource_wait_s: float = config_field(
+        120.0, "seconds training waits while the cluster (and its autoscaler) cannot hold the worker group, "
+               "e.g. after a node died, before stopping with a message (a re-run resumes)")
     max_failures: int = config_field(0, "restarts of the worker group after a failure, from the latest "
                                         "checkpoint (-1 = unlimited)")
     checkpoints_to_keep: int = config_field(2, "newest checkpoints kept in storage")
@@ -207,9 +225,25 @@ class TrainConfig(JobConfig):
         workers = self.scaling.num_workers
         check(self.batch_size % workers == 0, "batch_size", self.batch_size,
               f"must be divisible by scaling.num_workers={workers}")
+        self._check_worker_batch()
         if self.data.train_subset is not None:
             check(self.data.train_subset >= self.batch_size, "data.train_subset", self.data.train_subset,
                   f"must be >= batch_size={self.batch_size} (each worker drops its last partial batch)")
+
+    def _check_worker_batch(self) -> None:
+        """GPU workers: batch_size / num_workers >= scaling.min_worker_batch, unless sync_batchnorm (then
+        the global batch must be). CPU runs (tests, demos, small models) are not checked."""
+        s = self.scaling
+        if not s.use_gpu:
+            return
+        if s.sync_batchnorm:
+            check(self.batch_size >= s.min_worker_batch, "batch_size", self.batch_size,
+                  f"must be >= scaling.min_worker_batch={s.min_worker_batch} (BatchNorm statistics)")
+            return
+        check(self.per_worker_batch_size >= s.min_worker_batch, "batch_size", self.batch_size,
+              f"gives {self.per_worker_batch_size} images per GPU worker (scaling.num_workers="
+              f"{s.num_workers}), below scaling.min_worker_batch={s.min_worker_batch}: BatchNorm over so few "
+              "images trains badly; raise batch_size, use fewer workers, or set scaling.sync_batchnorm=true")
 
     def _validate_data(self) -> None:
         d = self.data
@@ -284,6 +318,11 @@ class TrainConfig(JobConfig):
         _check_bool("scaling.use_gpu", s.use_gpu)
         check_int_at_least("scaling.cpus_per_worker", s.cpus_per_worker, 1)
         check_positive("scaling.gpus_per_worker", s.gpus_per_worker)
+        check(not s.use_gpu or s.gpus_per_worker == 1, "scaling.gpus_per_worker", s.gpus_per_worker,
+              "must be 1 with scaling.use_gpu (below 1 puts two DDP ranks on one GPU, which NCCL refuses; "
+              "above 1 leaves GPUs idle): one worker per GPU")
+        _check_bool("scaling.sync_batchnorm", s.sync_batchnorm)
+        check_int_at_least("scaling.min_worker_batch", s.min_worker_batch, 1)
 
     def _validate_run(self) -> None:
         r = self.run
@@ -297,9 +336,11 @@ class TrainConfig(JobConfig):
         check(isinstance(r.max_failures, int) and not isinstance(r.max_failures, bool)
               and r.max_failures >= -1, "run.max_failures", r.max_failures, "must be an integer >= -1")
         check_int_at_least("run.checkpoints_to_keep", r.checkpoints_to_keep, 1)
+        check(_is_number(r.resource_wait_s) and math.isfinite(r.resource_wait_s) and r.resource_wait_s >= 0,
+              "run.resource_wait_s", r.resource_wait_s, "must be a finite number of seconds >= 0")
         check_int_at_least("run.seed", r.seed, 0)
         check_precision("run.", r.precision, r.amp)
-        for name in ("channels_last", "compile", "progress", "verbose", "deterministic"):
+        for name in ("channels_last", "compile", "progress", "verbose", "deterministic", "shared_filesystem"):
             _check_bool(f"run.{name}", getattr(r, name))
         for name in ("eval_max_batches", "train_max_batches"):
             value = getattr(r, name)

@@ -56,6 +56,14 @@ from adre_ray.data import build_dataset, dataset_info, load_images
 from adre_ray.data.datasets import arrays_dataset
 from adre_ray.distributed._common import connect_ray, interrupted, os_error_message
 from adre_ray.distributed.actors import CertifyActor
+from adre_ray.distributed.cluster import (
+    PROGRESS_EVERY_S,
+    ClusterFacts,
+    ask_autoscaler,
+    check_cluster_paths,
+    cluster_facts,
+    wait_for,
+)
 from adre_ray.models.checkpoint import CHECKPOINT_FILENAME, read_checkpoint
 from adre_ray.models.model_fn import import_paths, model_fn_identity
 from adre_ray.parsers import CERTIFY_FLAG_NAMES, certify_parser
@@ -226,22 +234,27 @@ def actor_batch_size(batch_size: int | None, use_gpu: bool) -> int:
 class CertifyPool:
     """Actor slots holding one model each; a slot whose actor died gets a fresh actor (``replace``).
 
-    ``actors[i]`` is the current actor of slot i; ``generation[i]`` counts its replacements, so the
-    several failed tasks of one dead actor replace it only once. A pool may serve several runs of the
-    same checkpoint (``run_certification(cfg, pool=pool)``): actors stay warm, ``configure`` sets each
-    run's sigma, seed and batch size.
+    ``actors[i]`` is the current actor of slot i (None while the slot waits for a node); ``generation[i]``
+    counts its replacements, so the several failed tasks of one dead actor replace it only once. A dead
+    actor is replaced at once when the cluster has a free CPU / GPU for it, else its slot is emptied and
+    ``grow`` refills it when a node arrives (a lost node never blocks the run while other actors live).
+    ``target`` is the size the pool grows to as nodes arrive (an autoscaler adding them). A pool may serve
+    several runs of the same checkpoint (``run_certification(cfg, pool=pool)``): actors stay warm,
+    ``configure`` sets each run's sigma, seed and batch size.
     """
 
     def __init__(self, checkpoint: str, *, num_actors: int, num_classes: int | None, use_gpu: bool,
                  sigma: float, seed: int = 0, batch_size: int | None = None, precision: str = "fp32",
                  channels_last: bool = True, max_replacements: int = 3, model_fn: str | None = None,
-                 compile: bool = False, cuda_graphs: bool = False, deterministic: bool = False) -> None:
+                 compile: bool = False, cuda_graphs: bool = False, deterministic: bool = False,
+                 target: int | None = None) -> None:
         if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"num_actors={num_actors!r}: must be an integer >= 1")
         self.checkpoint = (model_fn_identity(model_fn) if model_fn is not None
                            else storage.identity(checkpoint))
         self.num_classes = num_classes
         self.use_gpu = use_gpu
+        self.resource = "GPU" if use_gpu else "CPU"
         self.actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0,
                                               "max_restarts": 0}
         if storage.is_remote(self.checkpoint) and storage.storage_env():  # actors read it from the store
@@ -253,10 +266,13 @@ class CertifyPool:
             "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn, "compile": compile,
             "cuda_graphs": cuda_graphs, "deterministic": deterministic, "import_paths": import_paths()}
         self.max_replacements = max_replacements
-        self.actors = [self._new_actor() for _ in range(num_actors)]
+        self.actors: list[Any] = [self._new_actor() for _ in range(num_actors)]
         self.generation = [0] * num_actors
         self.load = [0] * num_actors
         self.replacements = 0
+        self.target = max(num_actors, target or num_actors)
+        self.asked_autoscaler = False  # make_pool sets it when it asked for the target's resources
+        self._looked = 0.0
 
     def _new_actor(self) -> Any:
         return CertifyActor.options(**self.actor_options).remote(**self.actor_kwargs)
@@ -264,12 +280,18 @@ class CertifyPool:
     def __len__(self) -> int:
         return len(self.actors)
 
+    def live(self, limit: int | None = None) -> list[int]:
+        """Slots (among the first ``limit``) that hold an actor."""
+        slots = range(min(limit or len(self.actors), len(self.actors)))
+        return [s for s in slots if self.actors[s] is not None]
+
     def configure(self, *, sigma: float, seed: int, batch_size: int | None) -> None:
         """Set a run's settings on every actor (ordered before its tasks; replacements get them too)."""
         batch_size = actor_batch_size(batch_size, self.use_gpu)
         self.actor_kwargs.update(sigma=sigma, seed=seed, batch_size=batch_size)
         for actor in self.actors:
-            actor.configure.remote(sigma=sigma, seed=seed, batch_size=batch_size)
+            if actor is not None:
+                actor.configure.remote(sigma=sigma, seed=seed, batch_size=batch_size)
         self.load = [0] * len(self.actors)
 
     def device_facts(self, num_actors: int | None = None) -> list[dict[str, Any]]:
@@ -284,43 +306,87 @@ class CertifyPool:
         self.load[slot] += 1
         return self.actors[slot].count_timed.remote(image_ref, task.idx, task.stream, task.shard, task.num)
 
+    def _free(self) -> int:
+        return int(ray.available_resources().get(self.resource, 0))
+
     def replace(self, slot: int, generation: int, error: BaseException) -> None:
-        """Give slot ``slot`` a new actor, unless that already happened since ``generation``."""
+        """Give slot ``slot`` a new actor, unless that already happened since ``generation``; with no free
+        CPU / GPU for it (its node is gone), empty the slot for ``grow`` to refill."""
         if self.generation[slot] != generation:
             return
         if self.generation[slot] >= self.max_replacements:
             raise RuntimeError(f"certification actor slot {slot} died {self.generation[slot] + 1} times "
                                f"(actor_restarts={self.max_replacements}); last error: {error}") from error
-        ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self._new_actor()
+        if self.actors[slot] is not None:
+            ray.kill(self.actors[slot], no_restart=True)
         self.generation[slot] += 1
         self.replacements += 1
+        self.actors[slot] = self._new_actor() if self._free() >= 1 else None
+
+    def grow(self, limit: int, every_s: float = 1.0) -> int:
+        """Start actors on free CPUs / GPUs (a node arrived): refill empty slots, then add slots up to
+        ``min(target, limit)``; looks at the cluster at most every ``every_s`` seconds. Returns the
+        number of actors started."""
+        if len(self.live(limit)) >= min(self.target, limit) or time.monotonic() - self._looked < every_s:
+            return 0
+        self._looked = time.monotonic()
+        free = self._free()
+        started = 0
+        for slot in range(min(limit, len(self.actors))):
+            if self.actors[slot] is None and started < free:
+                self.actors[slot] = self._new_actor()
+                started += 1
+        while len(self.actors) < min(self.target, limit) and started < free:
+            self.actors.append(self._new_actor())
+            self.generation.append(0)
+            self.load.append(0)
+            started += 1
+        return started
 
     def shutdown(self) -> None:
         for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
         self.actors = []
+        if self.asked_autoscaler:
+            ask_autoscaler([])  # withdraw the standing request
+            self.asked_autoscaler = False
+
+
+def choose_use_gpu(cfg: CertifyConfig, facts: ClusterFacts) -> bool:
+    """``use_gpu``, or when null: GPU actors if the cluster has a GPU or its autoscaler can add one (a
+    fresh cluster.yaml cluster has no GPU node yet and a head with CPU: 0)."""
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    return facts.total.get("GPU", 0) >= 1 or facts.can_add("GPU")
 
 
 def make_pool(cfg: CertifyConfig) -> CertifyPool:
-    """A pool for ``cfg`` (sigma resolved): ``num_actors`` actors, or one per GPU / CPU of the cluster."""
+    """A pool for ``cfg`` (sigma resolved): ``num_actors`` actors, or one per GPU / CPU of the cluster;
+    on an autoscaling cluster, asks for the actors' resources and grows as nodes arrive."""
     _ensure_ray()
     if cfg.sigma is None:
         cfg, _ = resolve_settings(cfg)
-    use_gpu = resolve_use_gpu(cfg)
-    return CertifyPool(cfg.checkpoint, num_actors=_pool_size(cfg, use_gpu),
+    facts = cluster_facts()
+    use_gpu = choose_use_gpu(cfg, facts)
+    now, target = pool_plan(cfg, use_gpu, facts)
+    pool = CertifyPool(cfg.checkpoint, num_actors=now, target=target,
                        num_classes=declared_num_classes(cfg), use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
                        precision=resolve_precision(cfg.precision_setting, "cuda" if use_gpu else "cpu"),
                        channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,
                        model_fn=cfg.model_fn, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                        deterministic=cfg.deterministic)
+    pool.asked_autoscaler = facts.can_add(pool.resource)
+    return pool
+
+
 def resolve_use_gpu(cfg: CertifyConfig) -> bool:
-    """``cfg.use_gpu``, or (null) whether the Ray cluster has a GPU (connecting to Ray if needed)."""
+    """``cfg.use_gpu``, or (null) ``choose_use_gpu`` on the cluster's facts (connecting to Ray if needed)."""
     if cfg.use_gpu is not None:
         return cfg.use_gpu
     _ensure_ray()
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    return choose_use_gpu(cfg, cluster_facts())
 
 
 @dataclass
@@ -430,6 +496,36 @@ def check_arrays_input(cfg: CertifyConfig) -> None:
         arrays_dataset(cfg.data_dir, cfg.split, num_classes=cfg.num_classes)
 
 
+def pool_plan(cfg: CertifyConfig, use_gpu: bool, facts: ClusterFacts) -> tuple[int, int]:
+    """(actors to start now, actors the pool grows to as nodes arrive).
+
+    Without an autoscaler that can add the actors' CPUs / GPUs: ``_pool_size`` (what the cluster has,
+    waited for ``resource_wait_s``). With one: the target is ``num_actors``, else the most the
+    autoscaler's node types allow, refused at once if above that; the autoscaler is asked for the
+    target's resources (``request_resources``), and the pool starts as soon as one actor fits, waiting
+    at most ``autoscale_wait_s`` for the first node (a line on stderr each minute).
+    """
+    key = "GPU" if use_gpu else "CPU"
+    if not facts.can_add(key):
+        size = _pool_size(cfg, use_gpu)
+        return size, size
+    most = facts.most(key)
+    target = cfg.num_actors if cfg.num_actors is not None else most
+    if target > most:
+        raise ValueError(f"num_actors={cfg.num_actors}: the cluster's autoscaler can bring at most {most} "
+                         f"{key}s and each actor needs one; use num_actors <= {most}")
+    bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
+    ask_autoscaler([dict(bundle) for _ in range(target)])
+    now = wait_for(key, 1, cfg.autoscale_wait_s, what="adre-ray certify (autoscaler adding nodes)")
+    free = int(now.free.get(key, 0))
+    if free < 1:
+        ask_autoscaler([])
+        raise ValueError(f"num_actors={cfg.num_actors}: no free {key} came up within autoscale_wait_s="
+                         f"{cfg.autoscale_wait_s:g} s (the autoscaler was asked for {target}); see "
+                         "`ray status` for failed launches, or raise autoscale_wait_s")
+    return min(free, target), target
+
+
 def model_identity(cfg: CertifyConfig) -> str:
     """What rows and the manifest record as the model: the resolved checkpoint path, or
     ``model_fn:<module:function>``."""
@@ -490,8 +586,7 @@ def resolve_certify_precision(cfg: CertifyConfig) -> CertifyConfig:
     setting = cfg.precision_setting
     use_gpu = cfg.use_gpu
     if setting == "auto" and use_gpu is None:
-        _ensure_ray()
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+        use_gpu = resolve_use_gpu(cfg)
     resolved = resolve_precision(setting, "cuda" if use_gpu else "cpu")
     warn_if_emulated(resolved, "cuda" if use_gpu else "cpu", "CPU actors")
     return dataclasses.replace(cfg, precision=resolved, amp=None)
@@ -596,6 +691,18 @@ def output_location(output_dir: str) -> Path | str:
     return output_dir if storage.is_uri(output_dir) else Path(output_dir).expanduser()
 
 
+def check_certify_paths(cfg: CertifyConfig) -> None:
+    """Refuse a local checkpoint when the actors may run on other nodes (``cluster.check_cluster_paths``).
+    The driver alone reads ``data_dir`` and writes ``output_dir`` and the MLflow run, so those may be
+    local to the driver's node."""
+    if cfg.model_fn is not None:
+        return
+    _ensure_ray()
+    check_cluster_paths({"checkpoint": cfg.checkpoint}, cluster_facts(),
+                        shared_filesystem=cfg.shared_filesystem,
+                        flag="shared_filesystem=true (--shared-filesystem)")
+
+
 def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
                       pool: CertifyPool | None = None) -> CertifyResult:
     """Certify the selected images of ``cfg`` into ``cfg.output_dir``; resume what is already there.
@@ -607,6 +714,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     """
     cfg.validate()
     hooks = hooks or CertifyHooks()
+    check_certify_paths(cfg)
     cfg, train_run_id, train_sigma = _resolve_settings(cfg)
     assert cfg.sigma is not None
     out_dir = output_location(cfg.output_dir)
@@ -712,8 +820,8 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None
     if num_classes is None:  # read from the model's output on the first image (every actor checks it too)
         first, _ = load_images(cfg.dataset, cfg.data_dir, cfg.split, todo[:1])
         num_classes = int(ray.get(pool.actors[0].output_classes.remote(first[0])))
-    num_actors = min(len(pool), cfg.num_actors or len(pool))
-    facts = pool.device_facts(num_actors)
+    num_actors = cfg.num_actors or max(len(pool), pool.target)  # the pool may grow to this many
+    facts = pool.device_facts(min(len(pool), num_actors))
     record_devices(out_dir, facts, allow_mixed=cfg.allow_mixed_devices)
     shards_per_image = cfg.num_shards(cfg.n0) + cfg.num_shards(cfg.n)
     shortcuts = cfg.uses_shortcuts()
@@ -764,8 +872,10 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None
             queue.extend(plan)
 
     def dispatch() -> None:
-        while queue:
-            slot = min(range(num_actors), key=lambda s: pool.load[s])
+        pool.grow(num_actors)
+        slots = pool.live(num_actors)
+        while queue and slots:
+            slot = min(slots, key=lambda s: pool.load[s])
             if pool.load[slot] >= TASKS_PER_ACTOR:
                 return
             task = queue.popleft()
@@ -792,7 +902,15 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None
         admit()
         dispatch()
         stall = _StallWatch(cfg.stall_timeout_s)
-        while running:
+        starved = _Starved(cfg)
+        while running or queue:
+            if not running:  # every actor's node is gone: wait for one to come back, within a deadline
+                starved.check(pool)
+                time.sleep(0.5)
+                dispatch()
+                stall.restart()  # the wait for a node has its own deadline
+                continue
+            starved.since = None
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             stall.check(bool(ready), running=len(running), actors=num_actors)
             for ref in ready:
@@ -853,6 +971,10 @@ class _StallWatch:
         self.timeout_s = timeout_s
         self.last_shard = self.last_word = time.monotonic()
 
+    def restart(self) -> None:
+        """Count from now (after a wait that has its own deadline)."""
+        self.last_shard = self.last_word = time.monotonic()
+
     def check(self, progressed: bool, *, running: int, actors: int) -> None:
         now = time.monotonic()
         if progressed:
@@ -869,6 +991,33 @@ class _StallWatch:
             print(f"adre-ray certify: no shard finished for {waited:.0f} s ({running} running on {actors} "
                   f"actor(s)); giving up after stall_timeout_s={self.timeout_s:g} s", file=sys.stderr,
                   flush=True)
+
+
+class _Starved:
+    """The deadline of a run left with no live actor (their nodes removed): ``autoscale_wait_s`` when an
+    autoscaler can bring a node, else ``resource_wait_s``; then a clear error instead of a hang."""
+
+    def __init__(self, cfg: CertifyConfig) -> None:
+        self.cfg = cfg
+        self.since: float | None = None
+
+    def check(self, pool: CertifyPool) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.said_at = now, -math.inf
+            self.autoscaled = cluster_facts().can_add(pool.resource)
+            self.wait_s = self.cfg.autoscale_wait_s if self.autoscaled else self.cfg.resource_wait_s
+        waited = now - self.since
+        if waited >= self.wait_s:
+            name = "autoscale_wait_s" if self.autoscaled else "resource_wait_s"
+            raise RuntimeError(f"every certification actor was lost with its node and no free "
+                               f"{pool.resource} came back within {name}={self.wait_s:g} s; the finished "
+                               "images are written: add nodes and re-run the same command to resume")
+        if now - self.said_at >= PROGRESS_EVERY_S:
+            print(f"adre-ray certify: no certification actor is alive (their nodes are gone); waiting up to "
+                  f"{self.wait_s:g} s for a free {pool.resource} ({waited:.0f} s so far)", file=sys.stderr,
+                  flush=True)
+            self.said_at = now
 
 
 def _next_stage(cfg: CertifyConfig, image: _Image) -> list[ShardTask]:

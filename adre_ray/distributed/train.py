@@ -44,6 +44,12 @@ from adre_ray.distributed._common import (
     resolve_storage_path,
     train_v2_enabled,
 )
+from adre_ray.distributed.cluster import (
+    CapacityWatch,
+    ClusterCapacityError,
+    check_cluster_paths,
+    cluster_facts,
+)
 from adre_ray.distributed.faults import FaultKill, fault_worker_env
 from adre_ray.precision import (
     autocast_dtype,
@@ -292,6 +298,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     channels_last = cfg.run.channels_last  # on CPU too (oneDNN's NHWC kernels)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.scaling.sync_batchnorm and ray.train.get_context().get_world_size() > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     # DDP first, compile after (gradient all-reduce overlaps the backward); evaluation has its own module
     ddp_model, eval_model = training_modules(model, ray.train.torch.prepare_model, compile=cfg.run.compile)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay,
@@ -558,6 +566,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "data.test_subset", "validation.", "run.name", "run.experiment", "run.storage_path", "run.tracking_uri",
     "run.max_failures", "run.checkpoints_to_keep", "run.channels_last", "run.compile",
     "run.eval_max_batches", "run.progress", "run.verbose", "run.deterministic", "run.amp", "run.precision",
+    "run.shared_filesystem", "run.resource_wait_s",
 )
 """Settings a resumed run may change (a trailing dot: the whole section): more epochs, the resources, where
 data and outputs live, evaluation, and speed-only switches. Any other field (model, batch size, loss,
@@ -609,6 +618,24 @@ def check_resume_settings(cfg: TrainConfig, checkpoint: Any, where: str) -> None
                          f"{', '.join(RESUME_MAY_CHANGE)}; use a new run.name for other settings")
 
 
+def check_train_paths(cfg: TrainConfig, tracking_uri: str) -> None:
+    """Refuse local ``run.storage_path``, ``data.data_dir`` and a local MLflow store (``tracking_uri``,
+    resolved: null means a SQLite file in the working directory) when the workers may run on other
+    nodes than the driver and each other, unless ``run.shared_filesystem`` (``cluster.check_cluster_paths``).
+    Workers write checkpoints, read the data and log epochs to MLflow, so all three must reach every node."""
+    check_cluster_paths({"run.storage_path": cfg.run.storage_path, "data.data_dir": cfg.data.data_dir,
+                         "run.tracking_uri": None if tracking_uri == DISABLED else tracking_uri},
+                        cluster_facts(), shared_filesystem=cfg.run.shared_filesystem,
+                        flag="run.shared_filesystem=true")
+
+
+def worker_group_needs(cfg: TrainConfig) -> dict[str, float]:
+    """CPUs and GPUs of the whole worker group (``scaling``)."""
+    s = cfg.scaling
+    return {"CPU": s.num_workers * s.cpus_per_worker,
+            "GPU": s.num_workers * s.gpus_per_worker if s.use_gpu else 0}
+
+
 def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     """Train ``cfg`` on the connected Ray cluster, tracked in MLflow; resume if the run exists.
 
@@ -624,6 +651,7 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
     run_path = f"{storage.rstrip('/')}/{name}"
     tracking_uri = resolve_tracking_uri(cfg.run.tracking_uri)
     warn_if_emulated(train_precision(cfg), "cuda" if cfg.scaling.use_gpu else "cpu", "CPU workers")
+    check_train_paths(cfg, tracking_uri)
     previous = latest_checkpoint(run_path)
     resume_from = _checkpoint_uri(previous, run_path) if previous is not None else None
     previous_run_id = None
@@ -642,7 +670,10 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
         trainer = build_trainer(cfg, run_name=name, resume_from=resume_from,
                                 extra_loop_config={MLFLOW_RUN_ID_KEY: run_id, TRACKING_URI_KEY: tracking_uri})
         started = time.perf_counter()
-        result = trainer.fit()
+        with CapacityWatch(worker_group_needs(cfg), cfg.run.resource_wait_s,
+                           "add a node (or lower scaling.num_workers) and re-run the same command: it "
+                           f"resumes from the last checkpoint in {run_path}"):
+            result = trainer.fit()
         if getattr(result, "error", None) is not None:
             raise result.error
         checkpoint = result.checkpoint or previous  # nothing left to train: the previous one stands
@@ -702,6 +733,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"adre-ray train: error: {err}", file=sys.stderr)
         return 2
+    except ClusterCapacityError as err:  # a node died and none can replace it
+        print(f"adre-ray train: stopped: {err}", file=sys.stderr)
+        return 1
     except TrainingFailedError as err:  # a worker raised (after run.max_failures restarts)
         print(f"adre-ray train: training failed: {err}", file=sys.stderr)
         return 1

@@ -45,7 +45,14 @@ from adre_ray.distributed._common import (
     is_local_storage,
     ray_storage,
 )
-from adre_ray.distributed.train import EPOCH_METRICS, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, build_trainer
+from adre_ray.distributed.cluster import cluster_facts
+from adre_ray.distributed.train import (
+    EPOCH_METRICS,
+    MLFLOW_RUN_ID_KEY,
+    TRACKING_URI_KEY,
+    build_trainer,
+    check_train_paths,
+)
 from adre_ray.parsers import tune_parser
 from adre_ray.tracking import (
     DISABLED,
@@ -234,10 +241,11 @@ class SearchOutcome:
 
 
 def auto_max_concurrent(cfg: TrainConfig) -> int:
-    """Trials the cluster holds at once: min(CPUs / CPUs per trial, GPUs / GPUs per trial), at least 1."""
-    import ray
-
-    total = ray.cluster_resources()
+    """Trials the cluster holds at once: min(CPUs / CPUs per trial, GPUs / GPUs per trial), at least 1,
+    counting what the autoscaler can add (its node types' maximum): pending trials' placement groups are
+    the demand that makes it add nodes, so trials are not serialized on the nodes up now."""
+    facts = cluster_facts()
+    total = {key: facts.most(key) for key in ("CPU", "GPU")}
     s = cfg.scaling
     limits = [int(total.get("CPU", 0) // (s.num_workers * s.cpus_per_worker))]
     if s.use_gpu:
@@ -377,6 +385,7 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
         f"{base.run.storage_path.rstrip('/')}/{name}"
     # base, not train: a --set run.tracking_uri=... must be honoured (best_config.yaml records it)
     tracking_uri = resolve_tracking_uri(space.tracking_uri or base.run.tracking_uri)
+    check_train_paths(base, tracking_uri)
     dists = space.distributions()
     max_concurrent = space.max_concurrent or auto_max_concurrent(base)
     tune_storage = ray_storage(storage)  # object storage: the filesystem with its endpoint, no keys

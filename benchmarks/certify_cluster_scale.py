@@ -1,0 +1,177 @@
+"""Scale simulation: can one certification driver keep 8, 32, 64 GPU actors busy?
+
+    .venv/bin/python benchmarks/certify_cluster_scale.py [--actors 8,32,64] [--rates 0.5,3,0.05,0.3]
+        [--shard-size 10000] [--seconds 20]
+
+The real scheduler (``run_certification``: dispatch, result handling, bounds, Parquet writes) drives stub
+actors with the real actor's interface (``configure``, ``count_timed``) that import no torch: a shard of
+``num`` draws sleeps ``num * s_per_image / (n0 + n)`` seconds and returns fixed counts, so the "model"
+costs a stated time per sample. The stubs are Ray actors on logical CPUs (``ray.init(num_cpus=actors)``)
+of a private local cluster; the pool is started and warmed before the timed run.
+
+Measured utilization = (sum of the stubs' reported busy seconds) / (actors x wall time of the run);
+1.0 means no actor ever waited for the driver. On a machine with fewer cores than actors (the stubs
+sleep, but Ray still runs a process per actor) this measures the machine; so the driver's own CPU time
+per shard is reported too: ``time.thread_time`` of the driver's Python thread (scheduling, bounds, Parquet
+writes, Ray's Python-side submission), the part that cannot spread over the head's other cores (Ray's
+C++ threads, also counted in ``time.process_time``, can); the utilization one driver thread sustains is
+min(1, 1 / (CPU per shard x shards per second the actors finish when never idle)).
+
+Rates (seconds per image at n = 100,000, per GPU): 0.5 (CIFAR
+ResNet-110) and 3 (ImageNet ResNet-50), and 10x faster: 0.05 and 0.3. Images per run are sized so each
+actor gets about ``--seconds`` of work. Results go to stdout as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from adre_ray.analysis.results import read_results
+from adre_ray.config.certify import CertifyConfig
+from adre_ray.distributed.certify import CertifyPool, run_certification
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
+N0, N = 100, 100_000
+SPLIT_SIZE = 10_000
+"""CIFAR-10 test images (the driver loads and ships real images)."""
+
+
+@ray.remote(num_cpus=1)
+class StubCertifyActor:
+    """``CertifyWorker``'s interface; counting ``num`` draws costs ``num * s_per_sample`` seconds."""
+
+    def __init__(self, *, num_classes: int, s_per_sample: float, **_: Any) -> None:
+        self.num_classes = num_classes
+        self.s_per_sample = s_per_sample
+
+    def configure(self, *, sigma: float, seed: int, batch_size: int) -> None:
+        return None
+
+    def count_timed(self, image: Any, idx: int, stream: int, shard: int,
+                    num: int) -> tuple[np.ndarray, float]:
+        began = time.perf_counter()
+        time.sleep(num * self.s_per_sample)
+        counts = np.zeros(self.num_classes, np.int64)
+        counts[idx % self.num_classes] = num - num // 10  # certifies; one other class holds the rest
+        counts[(idx + 1) % self.num_classes] = num // 10
+        return counts, time.perf_counter() - began
+
+
+class StubPool(CertifyPool):
+    """The real pool (slots, replacement, growth) with stub actors."""
+
+    def __init__(self, checkpoint: str, *, s_per_sample: float, **kwargs: Any) -> None:
+        self.s_per_sample = s_per_sample
+        super().__init__(checkpoint, **kwargs)
+
+    def _new_actor(self) -> Any:
+        return StubCertifyActor.remote(num_classes=self.num_classes, s_per_sample=self.s_per_sample)
+
+
+@contextlib.contextmanager
+def profiled(enabled: bool) -> Any:
+    """cProfile the driver (``--profile``): its top functions by own time on stderr."""
+    if not enabled:
+        yield
+        return
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+
+
+def run_one(actors: int, s_per_image: float, args: argparse.Namespace, root: Path, checkpoint: str) -> dict:
+    s_per_sample = s_per_image / (N0 + N)
+    images = min(SPLIT_SIZE, max(2 * actors, int(args.seconds * actors / s_per_image)))
+    cfg = CertifyConfig(checkpoint=checkpoint, data_dir=str(args.data_dir), sigma=0.25, n0=N0, n=N, skip=1,
+                        max_images=images, shard_size=args.shard_size, tracking_uri="none", progress=False,
+                        output_dir=str(root / f"a{actors}_r{s_per_image}"))
+    pool = StubPool(checkpoint, s_per_sample=s_per_sample, num_actors=actors, num_classes=10, use_gpu=False,
+                    sigma=0.25)
+    try:
+        ray.get([a.configure.remote(sigma=0.25, seed=0, batch_size=1) for a in pool.actors])  # all started
+        began, cpu_began, thread_began = time.perf_counter(), time.process_time(), time.thread_time()
+        with contextlib.redirect_stdout(io.StringIO()), profiled(args.profile):
+            result = run_certification(cfg, pool=pool)
+        wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
+        thread = time.thread_time() - thread_began
+    finally:
+        pool.shutdown()
+    busy = float(np.sum(read_results(result.output_dir).column("time_s")))  # the stubs' own clocks
+    shards_per_image = -(-N0 // args.shard_size) + -(-N // args.shard_size)
+    shards = result.images_certified * shards_per_image
+    cpu_per_shard = thread / shards  # the driver's Python thread: the part that cannot use other cores
+    demand = actors * shards_per_image / s_per_image  # shards/s the actors finish when never idle
+    return {"actors": actors, "s_per_image": s_per_image, "images": result.images_certified, "shards": shards,
+            "wall_s": wall, "utilization": busy / (actors * wall), "cpu_per_shard_ms": 1e3 * cpu_per_shard,
+            "process_cpu_per_shard_ms": 1e3 * cpu / shards, "thread_cpu_per_image_ms": 1e3 * thread / max(
+                1, result.images_certified),
+            "demand": demand, "sustainable": min(1.0, 1.0 / (cpu_per_shard * demand))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--actors", default="8,32,64", help="pool sizes (default: 8,32,64)")
+    parser.add_argument("--rates", default="0.5,3,0.05,0.3",
+                        help="seconds per image at n = 100,000 per actor (default: 0.5,3,0.05,0.3)")
+    parser.add_argument("--shard-size", type=int, default=CertifyConfig.shard_size,
+                        help=f"draws per shard (default: {CertifyConfig.shard_size})")
+    parser.add_argument("--seconds", type=float, default=20.0, help="work per actor per run (default: 20)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
+                        help=f"CIFAR-10 Parquet (default: {DEFAULT_DATA})")
+    parser.add_argument("--profile", action="store_true", help="cProfile the driver of each run")
+    args = parser.parse_args(argv)
+    sizes = [int(a) for a in args.actors.split(",")]
+    rates = [float(r) for r in args.rates.split(",")]
+    ray.init(num_cpus=max(sizes), include_dashboard=False, log_to_driver=False,
+             _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            from adre_ray.models import build_model, save_model_checkpoint  # the run reads the file's facts
+
+            checkpoint = str(save_model_checkpoint(root / "m.pt", build_model("small_cnn", 10, "cifar10"),
+                                                   model_name="small_cnn", num_classes=10, dataset="cifar10",
+                                                   extra={"sigma": 0.25}))
+            for actors in sizes:
+                for rate in rates:
+                    row = run_one(actors, rate, args, root, checkpoint)
+                    rows.append(row)
+                    print(f"actors={actors:>3} s/image={rate:<5g} images={row['images']:>5} "
+                          f"wall={row['wall_s']:.1f}s utilization={row['utilization']:.3f} driver "
+                          f"thread {row['cpu_per_shard_ms']:.2f} ms CPU/shard "
+                          f"({row['thread_cpu_per_image_ms']:.1f} ms/image), process "
+                          f"{row['process_cpu_per_shard_ms']:.2f} ms CPU/shard", file=sys.stderr, flush=True)
+    finally:
+        ray.shutdown()
+    print(f"\nshard_size={args.shard_size}, n0={N0}, n={N}\n")
+    print("| actors | s / image / GPU | images | measured utilization | driver thread CPU ms / shard | "
+          "shards/s needed | utilization one driver thread sustains |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['actors']} | {row['s_per_image']:g} | {row['images']} | {row['utilization']:.3f} | "
+              f"{row['cpu_per_shard_ms']:.2f} | {row['demand']:.0f} | {row['sustainable']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
