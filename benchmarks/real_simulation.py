@@ -237,15 +237,15 @@ def report(name: str, sigma: float, log_alpha: float, images: list[Image],
         key = f"target@{r:g}"
         margin = true_radius >= r + sigma / 4
         all_samples = np.mean([o[key].samples for run in runs for o in run])
-        margin_samples = np.mean([o[key].samples for run in runs for o, m in zip(run, margin, strict=True) if m]) \
-            if margin.any() else math.nan
+        margin_samples = np.mean([o[key].samples for run in runs
+                                  for o, m in zip(run, margin, strict=True) if m]) if margin.any() else math.nan
         accepted = np.array([[o[key].radius >= 0 for o in run] for run in runs])
         full_at_r = np.array([[o["full"].radius >= r - 1e-9 for o in run] for run in runs])
         wrong = float(np.mean(accepted & (true_radius[None, :] < r)))
         decisions = {d: float(np.mean([f"{key}:{d}" in o for run in runs for o in run]))
                      for d in ("certified", "not_certified", "abstain")}
-        lines.append(f"- target radius {r:g}: {all_samples:,.0f} samples / image ({full_samples / all_samples:.1f}x"
-                     f" fewer than the full run); images certified at r with margin (true radius >= r + "
+        lines.append(f"- target radius {r:g}: {all_samples:,.0f} samples / image "
+                     f"({full_samples / all_samples:.1f}x fewer than the full run); images certified at r with margin (true radius >= r + "
                      f"sigma/4, {int(margin.sum())} of {len(images)}): {margin_samples:,.0f} samples / image "
                      f"({full_samples / margin_samples:.1f}x); decisions " +
                      ", ".join(f"{d} {v:.3f}" for d, v in decisions.items()) +
@@ -264,9 +264,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--delta", type=float, default=1e-4)
     parser.add_argument("--iss-loss", type=float, default=0.05)
-    parser.add_argument("--target-radii", type=lambda s: [float(v) for v in s.split(",")], default=[0.25, 0.5])
+    parser.add_argument("--target-radii", type=lambda s: [float(v) for v in s.split(",")],
+                        default=[0.25, 0.5])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--real-dir", type=Path, default=REAL, help="the published logs (default: %(default)s)")
+    parser.add_argument("--real-dir", type=Path, default=REAL,
+                        help="the published logs (default: %(default)s)")
     args = parser.parse_args(argv)
     if not args.real_dir.is_dir():
         print(f"no published logs at {args.real_dir}", file=sys.stderr)

@@ -8,7 +8,8 @@ Cohen et al.'s CIFAR-10 ResNet-110 and ImageNet ResNet-50: the count recovered b
 Clopper-Pearson radius). Compares the full run, today's shortcuts, the new sequential rules
 (``adre_ray.smoothing.sequential``) and all combined, per sigma.
 
-``--source synthetic``: ImageNet-size synthetic images, as follows. For each sigma, ``--images`` images get class probabilities over 1,000 classes (see ``image_probs``) so
+``--source synthetic``: ImageNet-size synthetic images, as follows. For each sigma, ``--images`` images
+get class probabilities over 1,000 classes (see ``image_probs``) so
 that the clean / wrong / abstain rates follow the published ImageNet runs of Cohen et al. (certified
 accuracy of the correct images at sigma = 0.5: 57 / 46 / 37 / 29 % at r = 0 / 0.5 / 1.0 / 1.5; at sigma =
 1.0: 44 / 38 / 33 / 26 / 19 / 15 / 12 % at r = 0 ... 3.0; 43 % and 56 % of the images wrong or abstained).

@@ -148,7 +148,8 @@ def test_shortcut_simulation_runs_and_skip_keeps_the_table(monkeypatch, capsys):
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     module = importlib.import_module("shortcut_simulation")
-    assert module.main(["--source", "synthetic", "--images", "30", "--n", "20000", "--shard-size", "2000", "--sigmas", "0.5"]) == 0
+    assert module.main(["--source", "synthetic", "--images", "30", "--n", "20000", "--shard-size", "2000",
+                        "--sigmas", "0.5"]) == 0
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "x |" in line}
     for variant in ("skip", "early", "skip+early"):

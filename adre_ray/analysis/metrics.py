@@ -242,6 +242,23 @@ def sample_summary(table: Any, num_images: int) -> dict[str, float]:
     shortcuts, _ = _nullable(_column(table, "shortcut"), num_images)
     for name in sorted({v for v in shortcuts if v not in (None, "none")}):
         out[f"shortcut/{name}_rate"] = float(np.mean([v == name for v in shortcuts]))
+    out.update(target_summary(table, num_images))
+    return out
+
+
+def target_summary(table: Any, num_images: int) -> dict[str, float]:
+    """For ``--target-radius`` rows: ``target/radius`` and ``target/certified_fraction`` (decision
+    ``certified`` and CERTIFY's class == label, over all images), ``target/<decision>_rate``."""
+    decisions, _ = _nullable(_column(table, "decision"), num_images)
+    radii, _ = _nullable(_column(table, "target_radius"), num_images)
+    known = {float(r) for r in radii if r is not None}
+    if not known:
+        return {}
+    correct, _ = _nullable(_column(table, "correct"), num_images)
+    out = {"target/radius": max(known), "target/certified_fraction": float(np.mean(
+        [d == "certified" and bool(c) for d, c in zip(decisions, correct, strict=True)]))}
+    for name in ("certified", "not_certified", "abstain"):
+        out[f"target/{name}_rate"] = float(np.mean([d == name for d in decisions]))
     return out
 
 

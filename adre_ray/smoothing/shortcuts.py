@@ -26,7 +26,7 @@ import math
 import numpy as np
 from scipy import special
 
-from adre_ray.config.certify import ABSTAINING_SHORTCUTS, N_POLICIES, SHORTCUTS
+from adre_ray.config.certify import ABSTAINING_SHORTCUTS, EARLY_ABSTAIN_RULES, N_POLICIES, SHORTCUTS
 from adre_ray.smoothing.bounds import cp_upper, pA_lower
 from adre_ray.smoothing.sequential import early_abstain_threshold
 
@@ -57,9 +57,8 @@ def wave_level(delta: float, checks: int) -> float:
     return delta / checks if checks > 0 else 0.0
 
 
-EARLY_ABSTAIN_RULES = ("product", "cp")
-"""``product``: the tighter test of ``adre_ray.smoothing.sequential.early_abstain_threshold`` (default);
-``cp``: the rule of schema-3 runs (``should_stop_early_cp``), kept so that their folders resume."""
+# EARLY_ABSTAIN_RULES: ``product`` = the tighter test of sequential.early_abstain_threshold (default),
+# ``cp`` = the rule of schema-3 runs (``should_stop_early_cp``), kept so that their folders resume.
 
 
 def should_stop_early(n_A: int, m: int, n: int, threshold: int, level: float, rule: str = "product") -> bool:
