@@ -237,16 +237,17 @@ def report(name: str, sigma: float, log_alpha: float, images: list[Image],
         key = f"target@{r:g}"
         margin = true_radius >= r + sigma / 4
         all_samples = np.mean([o[key].samples for run in runs for o in run])
-        margin_samples = np.mean([o[key].samples for run in runs
-                                  for o, m in zip(run, margin, strict=True) if m]) if margin.any() else math.nan
+        margin_samples = (np.mean([o[key].samples for run in runs for o, m in zip(run, margin, strict=True)
+                                   if m]) if margin.any() else math.nan)
         accepted = np.array([[o[key].radius >= 0 for o in run] for run in runs])
         full_at_r = np.array([[o["full"].radius >= r - 1e-9 for o in run] for run in runs])
         wrong = float(np.mean(accepted & (true_radius[None, :] < r)))
         decisions = {d: float(np.mean([f"{key}:{d}" in o for run in runs for o in run]))
                      for d in ("certified", "not_certified", "abstain")}
         lines.append(f"- target radius {r:g}: {all_samples:,.0f} samples / image "
-                     f"({full_samples / all_samples:.1f}x fewer than the full run); images certified at r with margin (true radius >= r + "
-                     f"sigma/4, {int(margin.sum())} of {len(images)}): {margin_samples:,.0f} samples / image "
+                     f"({full_samples / all_samples:.1f}x fewer than the full run); images certified at "
+                     f"r with margin (true radius >= r + sigma/4, {int(margin.sum())} of {len(images)}): "
+                     f"{margin_samples:,.0f} samples / image "
                      f"({full_samples / margin_samples:.1f}x); decisions " +
                      ", ".join(f"{d} {v:.3f}" for d, v in decisions.items()) +
                      f"; full-run CERTIFY certifies {full_at_r.mean():.3f} at r; accepted-correct "
