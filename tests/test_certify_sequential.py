@@ -1,0 +1,103 @@
+"""Sequential certification on Ray actors (CI size): ``stop_when_decided`` keeps the plain run's table with
+fewer draws, ``target_radius`` decides per image; every stored certificate recomputes from its counts at
+its ``certify_level``. Ten CIFAR-10 test images, n0 = 100, n = 4,000 in shards of 250 (looks after 250,
+500, 1,000, 2,000 and 4,000 draws)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adre_ray.analysis.metrics import certified_accuracy, summarize
+from adre_ray.analysis.results import read_results
+from adre_ray.config.certify import CertifyConfig
+from adre_ray.data import load_images
+from adre_ray.distributed.certify import make_pool, run_certification
+from adre_ray.models import build_model, save_model_checkpoint
+from adre_ray.smoothing import certify_counts
+from adre_ray.smoothing.sequential import decide_plan
+
+SIGMA = 0.25
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, cifar10_dir):
+    """A seeded small_cnn with BatchNorm statistics from noisy test images (counts split between
+    classes, so some images certify at various radii and others abstain)."""
+    torch.manual_seed(3)
+    model = build_model("small_cnn", 10, "cifar10")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    images, _ = load_images("cifar10", cifar10_dir, "test", list(range(3, 10_000, 40)))
+    model.train()
+    with torch.no_grad():
+        model(images + SIGMA * torch.randn_like(images))
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    return save_model_checkpoint(path, model.eval(), model_name="small_cnn", num_classes=10,
+                                 dataset="cifar10", extra={"sigma": SIGMA})
+
+
+def make_cfg(checkpoint, data_dir, out, **changes) -> CertifyConfig:
+    settings = dict(checkpoint=str(checkpoint), dataset="cifar10", data_dir=str(data_dir), sigma=SIGMA,
+                    n0=100, n=4_000, alpha=0.001, skip=1_000, max_images=10, shard_size=250, batch_size=250,
+                    num_actors=1, seed=7, output_dir=str(out), tracking_uri="none", progress=False)
+    cfg = CertifyConfig(**{**settings, **changes})
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, checkpoint, cifar10_dir, tmp_path_factory):
+    """The plain run, the table-decided run (+ skip misclassified) and a target-radius run, one warm actor."""
+    root = tmp_path_factory.mktemp("sequential")
+    pool = make_pool(make_cfg(checkpoint, cifar10_dir, root / "unused"))
+    try:
+        out = {}
+        variants = (("plain", {}), ("decided", {"stop_when_decided": True, "skip_misclassified": True}),
+                    ("target", {"target_radius": 0.25}))
+        for name, changes in variants:
+            cfg = make_cfg(checkpoint, cifar10_dir, root / name, **changes)
+            run_certification(cfg, pool=pool)
+            out[name] = read_results(root / name)
+        return out
+    finally:
+        pool.shutdown()
+
+
+def test_decided_run_keeps_the_table_with_fewer_draws(runs):
+    plain, decided = runs["plain"], runs["decided"]
+    grid = decide_plan(4_000, 250, SIGMA, 0.001, None, 1e-4).grid
+    assert grid == (0.0, 0.25, 0.5)
+    tables = [certified_accuracy(np.array(t.column("radius_certify").to_pylist()),
+                                 np.array(t.column("correct").to_pylist()), grid) for t in (plain, decided)]
+    assert tables[0].tolist() == tables[1].tolist()
+    assert 0 < tables[0][0] < 1  # some images certify, some do not: the comparison means something
+    used = [sum(t.column("samples_used").to_pylist()) for t in (plain, decided)]
+    assert used[1] < used[0]
+    shortcuts = set(decided.column("shortcut").to_pylist())
+    assert shortcuts & {"decided", "early_abstain", "skipped_misclassified"}
+    for row, ref in zip(decided.to_pylist(), plain.to_pylist(), strict=True):
+        assert row["alpha"] == 0.001 and row["certify_level"] < 0.001
+        if row["shortcut"] == "none":  # reached the last look: the plain run's draws, exactly
+            assert row["counts"] == ref["counts"]
+        if row["certify_predict"] >= 0:  # every certificate recomputes from the draws made
+            again = certify_counts(row["pilot_counts"], row["counts"], SIGMA, row["certify_level"])
+            assert again.radius == row["radius_certify"] and row["n"] == sum(row["counts"]) < 4_000 + 1
+
+
+def test_target_radius_run_decides_each_image(runs):
+    target = runs["target"]
+    for row in target.to_pylist():
+        assert row["target_radius"] == 0.25 and row["decision"] in ("certified", "not_certified", "abstain")
+        assert (row["decision"] == "certified") == (row["certify_predict"] >= 0
+                                                    and row["radius_certify"] >= 0.25 - 1e-9)
+        again = certify_counts(row["pilot_counts"], row["counts"], SIGMA, row["certify_level"])
+        assert again.radius == row["radius_certify"] and row["certify_level"] <= 0.001 / 2
+    summary = summarize(target)
+    assert summary["target/radius"] == 0.25
+    certified = [r["decision"] == "certified" and r["correct"] for r in target.to_pylist()]
+    assert summary["target/certified_fraction"] == pytest.approx(np.mean(certified))
+    plain_used = sum(runs["plain"].column("samples_used").to_pylist())
+    assert sum(target.column("samples_used").to_pylist()) < plain_used
