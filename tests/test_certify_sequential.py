@@ -101,3 +101,38 @@ def test_target_radius_run_decides_each_image(runs):
     assert summary["target/certified_fraction"] == pytest.approx(np.mean(certified))
     plain_used = sum(runs["plain"].column("samples_used").to_pylist())
     assert sum(target.column("samples_used").to_pylist()) < plain_used
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--target-radius", "-0.5"], "target_radius=-0.5"),
+    (["--decide-grid", "0.25,inf"], "decide_grid=(0.25, inf)"),
+    (["--decide-delta", "1.5"], "decide_delta=1.5"),
+    (["--stop-when-decided", "--early-abstain"], "early_abstain=True"),
+    (["--stop-when-decided", "--target-radius", "0.5"], "target_radius=0.5"),
+    (["--early-abstain-rule", "strict"], "early_abstain_rule='strict'"),
+])
+def test_bad_sequential_settings_exit_2_before_ray(flags, named, capsys, tmp_path):
+    from adre_ray.distributed.certify import main
+
+    assert main(["--checkpoint", str(tmp_path / "model.pt"), "--sigma", "0.25", "--output-dir",
+                 str(tmp_path / "out"), *flags]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_old_folder_resumes_with_the_schema_3_early_abstain_rule(tmp_path):
+    """A manifest without the schema-4 keys means early_abstain_rule cp: an early-abstain folder of schema 3
+    resumes only with that rule, a folder without early abstain with any."""
+    from adre_ray.analysis.results import ensure_manifest
+    from adre_ray.distributed.certify import manifest_settings
+
+    base = dict(checkpoint="c", sigma=0.25, tracking_uri="none")
+    settings = manifest_settings(CertifyConfig(**base, early_abstain=True, early_abstain_rule="cp"))
+    old = {k: v for k, v in settings.items() if k not in ("early_abstain_rule", "stop_when_decided",
+                                                          "decide_grid", "decide_delta", "target_radius")}
+    (tmp_path / "run.json").write_text(__import__("json").dumps(old))
+    assert ensure_manifest(tmp_path, settings) is True
+    with pytest.raises(ValueError, match="early_abstain_rule='product' differs"):
+        ensure_manifest(tmp_path, manifest_settings(CertifyConfig(**base, early_abstain=True)))
+    plain = manifest_settings(CertifyConfig(**base))
+    assert plain["early_abstain_rule"] == "cp"  # moot without early abstain: old plain folders resume
