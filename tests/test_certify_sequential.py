@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from calibrated_model import calibrated_small_cnn
 
 from adre_ray.analysis.metrics import certified_accuracy, summarize
 from adre_ray.analysis.results import read_results
 from adre_ray.config.certify import CertifyConfig
-from adre_ray.data import load_images
 from adre_ray.distributed.certify import make_pool, run_certification
-from adre_ray.models import build_model, save_model_checkpoint
 from adre_ray.smoothing import certify_counts
 from adre_ray.smoothing.sequential import decide_plan
 
@@ -23,20 +21,9 @@ SIGMA = 0.25
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, cifar10_dir):
-    """A seeded small_cnn with BatchNorm statistics from noisy test images (counts split between
-    classes, so some images certify at various radii and others abstain)."""
-    torch.manual_seed(3)
-    model = build_model("small_cnn", 10, "cifar10")
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-    images, _ = load_images("cifar10", cifar10_dir, "test", list(range(3, 10_000, 40)))
-    model.train()
-    with torch.no_grad():
-        model(images + SIGMA * torch.randn_like(images))
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    return save_model_checkpoint(path, model.eval(), model_name="small_cnn", num_classes=10,
-                                 dataset="cifar10", extra={"sigma": SIGMA})
+    """A small_cnn with calibrated BatchNorm: counts split, some images certify, others abstain."""
+    return calibrated_small_cnn(tmp_path_factory.mktemp("ckpt") / "model.pt", cifar10_dir, SIGMA, seed=3,
+                                first_image=3, extra={"sigma": SIGMA})
 
 
 def make_cfg(checkpoint, data_dir, out, **changes) -> CertifyConfig:

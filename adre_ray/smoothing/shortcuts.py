@@ -28,7 +28,7 @@ from scipy import special
 
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS, EARLY_ABSTAIN_RULES, N_POLICIES, SHORTCUTS
 from adre_ray.smoothing.bounds import cp_upper, pA_lower
-from adre_ray.smoothing.sequential import early_abstain_threshold
+from adre_ray.smoothing.sequential import count_threshold, early_abstain_threshold
 
 # N_POLICIES: per-image sample size, ``fixed`` = every image uses n, ``iss`` = chosen from the pilot counts.
 
@@ -40,16 +40,7 @@ def certify_threshold(n: int, alpha: float) -> int:
     pA_lower(N_A, n, a') > 1/2 with a' <= alpha, and pA_lower shrinks with the level, so T-CERTIFY can
     certify only when CERTIFY does: below K both abstain.
     """
-    if pA_lower(n, n, alpha) < 0.5:
-        return n + 1
-    lo, hi = 0, n  # pA_lower(hi) >= 1/2; pA_lower(0) = 0 < 1/2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if pA_lower(mid, n, alpha) >= 0.5:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return count_threshold(n, 1.0, alpha, 0.0)  # radius 0 is reached iff pA_lower >= 1/2
 
 
 def wave_level(delta: float, checks: int) -> float:
