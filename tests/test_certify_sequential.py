@@ -123,3 +123,37 @@ def test_an_old_folder_resumes_with_the_schema_3_early_abstain_rule(tmp_path):
         ensure_manifest(tmp_path, manifest_settings(CertifyConfig(**base, early_abstain=True)))
     plain = manifest_settings(CertifyConfig(**base))
     assert plain["early_abstain_rule"] == "cp"  # moot without early abstain: old plain folders resume
+
+
+@pytest.mark.parametrize("changes", [{"stop_when_decided": True}, {"target_radius": 0.25},
+                                     {"stop_when_decided": True, "n_policy": "iss"}])
+def test_driver_releases_shards_look_by_look_and_stops_as_the_plan_says(changes):
+    """The driver's stages (no Ray): waves end exactly at the plan's looks, the image stops at the first
+    look whose verdict stops, and its row is computed at that look's level from the draws made."""
+    from adre_ray.distributed.certify import _Image, _next_stage, _sequential_row_fields, result_row
+
+    cfg = CertifyConfig(checkpoint="c", sigma=SIGMA, n=4_000, shard_size=250, **changes)
+    cfg.validate()
+    rng = np.random.default_rng(0)
+    for p_a in (0.3, 0.52, 0.7, 0.9, 0.99, 0.9999):
+        pilot = np.array([int(rng.binomial(100, p_a)), 0])
+        pilot[1] = 100 - pilot[0]
+        image = _Image(0, 0, None, 0, pilot, np.zeros(2, np.int64), n=cfg.n)
+        wave, ends = _next_stage(cfg, image), []
+        while wave:
+            for task in wave:
+                hits = int(rng.binomial(task.num, p_a))
+                image.counts += np.array([hits, task.num - hits] if pilot[0] >= pilot[1] else
+                                         [task.num - hits, hits])
+                image.made += task.num
+            ends.append(image.made)
+            wave = _next_stage(cfg, image)
+        assert tuple(ends) == image.plan.looks[:len(ends)]
+        verdicts = [image.plan.check(int(image.counts[int(np.argmax(pilot))]), m) for m in ends[-1:]]
+        assert verdicts[0] == image.verdict and image.verdict.stop
+        row = result_row(0, 0, image.pilot, image.counts, sigma=SIGMA, alpha=cfg.alpha, mode="pilot",
+                         grid=cfg.grid, seed=0, time_s=0.0, checkpoint="c", train_run_id=None,
+                         shortcut=image.shortcut, **_sequential_row_fields(cfg, image))
+        assert row["certify_level"] == image.verdict.level and row["n"] == ends[-1]
+        assert row["decision"] == image.verdict.decision
+        assert (image.shortcut in ("none", "iss")) == (ends[-1] == image.n)  # iss: n_i < n from the pilot
