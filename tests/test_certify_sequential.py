@@ -157,3 +157,25 @@ def test_driver_releases_shards_look_by_look_and_stops_as_the_plan_says(changes)
         assert row["certify_level"] == image.verdict.level and row["n"] == ends[-1]
         assert row["decision"] == image.verdict.decision
         assert (image.shortcut in ("none", "iss")) == (ends[-1] == image.n)  # iss: n_i < n from the pilot
+
+
+def test_target_summary_and_analyze_column():
+    import pyarrow as pa
+
+    from adre_ray.analysis.tables import TARGET_COLUMN, certified_accuracy_table, to_markdown
+    from adre_ray.distributed.certify import result_row
+
+    def row(idx, label, counts, decision, level=0.0005):
+        return result_row(idx, label, np.array([0, 100]), np.array(counts), sigma=SIGMA, alpha=0.001,
+                          mode="pilot", grid=(1.0,), seed=0, time_s=0.0, checkpoint="c", train_run_id=None,
+                          shortcut="target_radius", level=level, target_radius=0.25, decision=decision)
+
+    target = pa.Table.from_pylist([row(0, 1, [0, 1000], "certified"), row(1, 0, [0, 1000], "certified"),
+                                   row(2, 1, [600, 400], "not_certified"), row(3, 1, [150, 850], "abstain")])
+    summary = summarize(target)
+    assert summary["target/certified_fraction"] == 0.25  # image 1 is certified, but for the wrong class
+    assert summary["target/certified_rate"] == 0.5 and summary["target/abstain_rate"] == 0.25
+    plain = pa.Table.from_pylist([{**row(0, 1, [0, 1000], None), "target_radius": None, "decision": None}])
+    rows = certified_accuracy_table({"target": target, "plain": plain}, radii=(0.0, 0.25))
+    assert [r[TARGET_COLUMN] for r in rows] == ["25.0 @ 0.25"] * 2 + [""] * 2
+    assert "certified at target %" in to_markdown(rows)
