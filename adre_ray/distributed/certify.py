@@ -766,7 +766,8 @@ def _sequential_stage(cfg: CertifyConfig, image: _Image) -> list[ShardTask]:
     ask the image's plan whether to stop; otherwise release the shards up to the next look."""
     if image.plan is None:
         image.plan = (decide_plan(image.n, cfg.shard_size, cfg.sigma, cfg.alpha,  # type: ignore[arg-type]
-                                  cfg.decide_grid, cfg.decide_delta) if cfg.stop_when_decided
+                                  None if cfg.decide_grid is None else tuple(cfg.decide_grid),
+                                  cfg.decide_delta) if cfg.stop_when_decided
                       else target_plan(image.n, cfg.shard_size, cfg.sigma, cfg.alpha,  # type: ignore[arg-type]
                                        cfg.target_radius))  # type: ignore[arg-type]
     else:
