@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adre_ray.analysis.results import read_manifest, read_results
+from adre_ray.analysis.results import SCHEMA_VERSION, read_manifest, read_results
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.distributed.certify import main, resolve_settings, run_certification
 from adre_ray.models import save_model_checkpoint
@@ -42,7 +42,7 @@ def test_imported_checkpoint_certifies_and_records_both_sigmas(ray_cluster, cifa
     rows = read_results(result.output_dir).to_pylist()
     assert [r["idx"] for r in rows] == [0, 5_000]
     for row in rows:
-        assert row["sigma"] == 0.5 and row["train_sigma"] == 0.25 and row["schema_version"] == 3
+        assert row["sigma"] == 0.5 and row["train_sigma"] == 0.25 and row["schema_version"] == SCHEMA_VERSION
         assert row["checkpoint"] == str(dst.resolve())
         assert sum(row["counts"]) == 256 and sum(row["pilot_counts"]) == 32
     # sigma left null: the recorded training sigma, and no warning
