@@ -1,6 +1,15 @@
-"""Evaluation shortcuts at ImageNet size by count-level simulation (no model): samples per image, the table.
+"""Evaluation shortcuts by count-level simulation (no model): samples per image, the table, ACR.
 
-For each sigma, ``--images`` images get class probabilities over 1,000 classes (see ``image_probs``) so
+Two sources of per-image class probabilities:
+
+``--source real`` (default; ``real_simulation``): the published certification logs in
+``../shared/data/real`` (Levine et al.'s MNIST model: the top-class count ``raw_count`` of n = 100,000;
+Cohen et al.'s CIFAR-10 ResNet-110 and ImageNet ResNet-50: the count recovered by inverting the
+Clopper-Pearson radius). Compares the full run, today's shortcuts, the new sequential rules
+(``adre_ray.smoothing.sequential``) and all combined, per sigma.
+
+``--source synthetic``: ImageNet-size synthetic images, as follows. For each sigma, ``--images`` images
+get class probabilities over 1,000 classes (see ``image_probs``) so
 that the clean / wrong / abstain rates follow the published ImageNet runs of Cohen et al. (certified
 accuracy of the correct images at sigma = 0.5: 57 / 46 / 37 / 29 % at r = 0 / 0.5 / 1.0 / 1.5; at sigma =
 1.0: 44 / 38 / 33 / 26 / 19 / 15 / 12 % at r = 0 ... 3.0; 43 % and 56 % of the images wrong or abstained).
@@ -18,7 +27,8 @@ Reported per variant: mean samples per image, the saving against full, certified
 T-CERTIFY pilot mode, pb_bound max) at the radii, ACR, whether the table equals full's exactly, and for
 early abstain the measured outcome-change rate (stopped images that the full run certifies) vs delta.
 
-    .venv/bin/python benchmarks/shortcut_simulation.py --images 2000
+    .venv/bin/python benchmarks/shortcut_simulation.py --source synthetic --images 2000
+    .venv/bin/python benchmarks/shortcut_simulation.py --repeats 20      # real logs
 """
 
 from __future__ import annotations
@@ -180,6 +190,13 @@ def table(sigma: float, outcomes: dict[str, list[Outcome]], radii: tuple[float, 
 
 
 def main(argv: list[str]) -> int:
+    source = argparse.ArgumentParser(add_help=False)
+    source.add_argument("--source", choices=("real", "synthetic"), default="real")
+    known, argv = source.parse_known_args(argv)
+    if known.source == "real":
+        import real_simulation
+
+        return real_simulation.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--n", type=int, default=100_000)

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import ray
 import torch
+from calibrated_model import calibrated_small_cnn
 from scipy import special, stats
 
 from adre_ray.analysis.results import MANIFEST_NAME, RESULT_SCHEMA, part_files, read_manifest, read_results
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.data import load_images
 from adre_ray.distributed.certify import CertifyHooks, main, make_pool, run_certification
-from adre_ray.models import build_model, save_model_checkpoint
+from adre_ray.models import build_model
 from adre_ray.smoothing import MAIN_STREAM, pA_lower, pB_upper_max, sample_counts
 
 SIGMA = 0.25
@@ -33,24 +34,10 @@ def comparable(table) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, cifar10_dir) -> Path:
-    """A seeded small_cnn whose BatchNorm statistics are set from 250 noisy test images.
-
-    Random weights with default BN statistics predict one class for every input (all counts in one
-    class); calibrated BN makes the logits depend on the image, so counts split between classes and
-    some images certify while others abstain, which the radius checks below need.
-    """
-    torch.manual_seed(1)
-    model = build_model("small_cnn", 10, "cifar10")
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration batch
-    images, _ = load_images("cifar10", cifar10_dir, "test", list(range(5, 10_000, 40)))
-    model.train()
-    with torch.no_grad():
-        model(images + SIGMA * torch.randn_like(images))
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    return save_model_checkpoint(path, model.eval(), model_name="small_cnn", num_classes=10,
-                                 dataset="cifar10", extra={"sigma": SIGMA, "mlflow_run_id": TRAIN_RUN_ID})
+    """A seeded small_cnn whose BatchNorm statistics are set from 250 noisy test images (counts split
+    between classes, so some images certify while others abstain, which the radius checks below need)."""
+    return calibrated_small_cnn(tmp_path_factory.mktemp("ckpt") / "model.pt", cifar10_dir, SIGMA, seed=1,
+                                first_image=5, extra={"sigma": SIGMA, "mlflow_run_id": TRAIN_RUN_ID})
 
 
 def make_cfg(checkpoint: Path, data_dir: Path, out: Path, **changes) -> CertifyConfig:

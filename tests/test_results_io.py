@@ -30,7 +30,8 @@ def make_row(idx: int, **changes) -> dict:
         "pA_lower_certify": 0.79, "counts": counts, "pilot_counts": [1, 8, 1], "n0": 10, "n": sum(counts),
         "alpha": 0.001, "sigma": 0.25, "seed": 3, "time_s": 1.5, "checkpoint": "/ckpt/model.pt",
         "train_run_id": None, "train_sigma": 0.25, "pb_bound": "max", "samples_used": 10 + sum(counts),
-        "shortcut": "none", "noise_scheme": 2, "precision": "fp32",
+        "shortcut": "none", "noise_scheme": 2, "precision": "fp32", "certify_level": 0.001,
+        "target_radius": None, "decision": None,
     }
     row.update(changes)
     return row

@@ -127,10 +127,12 @@ def test_shortcut_rows_are_never_certified_correct():
 
 def test_version_2_rows_and_manifests_still_read(tmp_path):
     row = _row(0, 1, [0, 100], [0, 1000])
-    old = {k: v for k, v in row.items() if k not in ("samples_used", "shortcut", "pb_bound")}
+    old = {k: v for k, v in row.items() if k not in ("samples_used", "shortcut", "pb_bound", "certify_level",
+                                                      "target_radius", "decision")}
     pq.write_table(pa.Table.from_pylist([old]), tmp_path / "part-000000000-x.parquet")
     back = read_results(tmp_path).to_pylist()[0]
     assert back["samples_used"] == 1100 and back["shortcut"] == "none" and back["pb_bound"] == "sum"
+    assert back["certify_level"] == 0.001 and back["target_radius"] is None and back["decision"] is None
     settings = dict(checkpoint="c", dataset="cifar10", split="test", sigma=0.5, n0=100, n=1000, alpha=0.001,
                     seed=0, mode="pilot", grid=[1.0], shard_size=500)
     (tmp_path / "run.json").write_text(__import__("json").dumps(settings))  # a version 2 manifest
@@ -148,7 +150,8 @@ def test_shortcut_simulation_runs_and_skip_keeps_the_table(monkeypatch, capsys):
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     module = importlib.import_module("shortcut_simulation")
-    assert module.main(["--images", "30", "--n", "20000", "--shard-size", "2000", "--sigmas", "0.5"]) == 0
+    assert module.main(["--source", "synthetic", "--images", "30", "--n", "20000", "--shard-size", "2000",
+                        "--sigmas", "0.5"]) == 0
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "x |" in line}
     for variant in ("skip", "early", "skip+early"):

@@ -265,6 +265,22 @@ def sample_summary(table: Any, num_images: int) -> dict[str, float]:
     for name, count in sorted(_string_counts(table, "shortcut").items()):
         if name != "none":
             out[f"shortcut/{name}_rate"] = count / num_images
+    out.update(target_summary(table, num_images))
+    return out
+
+
+def target_summary(table: Any, num_images: int) -> dict[str, float]:
+    """For ``--target-radius`` rows: ``target/radius`` and ``target/certified_fraction`` (decision
+    ``certified`` and CERTIFY's class == label, over all images), ``target/<decision>_rate``."""
+    radii = _values(table, "target_radius", float, np.nan)
+    if radii is None or radii[1].all():
+        return {}
+    certified = _is_in(table, "decision", ["certified"], num_images)
+    correct, _ = _values(table, "correct", bool, False) or _absent(num_images, bool, False)
+    out = {"target/radius": float(np.max(radii[0][~radii[1]])),
+           "target/certified_fraction": float(np.mean(certified & correct))}
+    for name in ("certified", "not_certified", "abstain"):
+        out[f"target/{name}_rate"] = float(np.mean(_is_in(table, "decision", [name], num_images)))
     return out
 
 

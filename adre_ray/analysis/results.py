@@ -51,7 +51,8 @@ SCHEMA_VERSION = 4
 3: evaluation shortcuts (``samples_used``, ``shortcut``), the runner-up bound (``pb_bound``),
 ``train_sigma`` and ``noise_scheme`` (the sampler's noise stream version,
 adre_ray.smoothing.sampler.NOISE_SCHEME); 4: ``precision`` (fp32 | bf16: the base classifier's numeric
-precision; null in older files, whose precision was not recorded)."""
+precision; null in older files, whose precision was not recorded) and sequential certification
+(``certify_level``, ``target_radius``, ``decision``; adre_ray.smoothing.sequential)."""
 
 MANIFEST_NAME = "_run.json"
 LEGACY_MANIFEST_NAME = "run.json"
@@ -61,13 +62,16 @@ PART_SUFFIX = ".parquet"
 
 MANIFEST_FIELDS = ("checkpoint", "dataset", "split", "sigma", "n0", "n", "alpha", "seed", "mode", "grid",
                    "shard_size", "pb_bound", "skip_misclassified", "early_abstain", "early_abstain_delta",
-                   "early_abstain_wave", "n_policy", "iss_max_radius_loss", "noise_scheme", "precision")
+                   "early_abstain_wave", "n_policy", "iss_max_radius_loss", "noise_scheme", "precision",
+                   "early_abstain_rule", "stop_when_decided", "decide_grid", "decide_delta", "target_radius")
 """Settings that determine every row's values: a folder holds rows of one setting only."""
 
 MANIFEST_DEFAULTS: dict[str, Any] = {
     "pb_bound": "sum", "skip_misclassified": False, "early_abstain": False, "early_abstain_delta": 1e-4,
     "early_abstain_wave": 1, "n_policy": "fixed", "iss_max_radius_loss": 0.05, "noise_scheme": 1,
     "precision": None,
+    "early_abstain_rule": "cp", "stop_when_decided": False, "decide_grid": None, "decide_delta": 1e-4,
+    "target_radius": None,
 }
 """What a manifest written before a field existed means by its absence (the behaviour of that version)."""
 
@@ -103,16 +107,21 @@ RESULT_SCHEMA = pa.schema(
         pa.field("pb_bound", pa.string()),                  # T-CERTIFY runner-up bound: sum (eq. 14) | max
         pa.field("samples_used", pa.int64()),               # pilot + main draws actually made
         pa.field("shortcut", pa.string()),                  # none | skipped_misclassified | early_abstain
-                                                            # | iss (see adre_ray.smoothing.shortcuts)
+                                                            # | iss | decided | target_radius
         pa.field("precision", pa.string()),                 # fp32 | bf16: the base classifier's (v4)
+        pa.field("certify_level", pa.float64()),            # level of this row's CERTIFY / T-CERTIFY
+                                                            # (alpha, or a sequential look's share) (v4)
+        pa.field("target_radius", pa.float64()),            # --target-radius r, null without (v4)
+        pa.field("decision", pa.string()),                  # certified | not_certified | abstain at r (v4)
     ],
     metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
 _OPTIONAL_ROW_KEYS = frozenset({"schema_version", "pb_bound", "samples_used", "shortcut", "train_sigma",
-                                "noise_scheme", "precision"})
+                                "noise_scheme", "precision", "certify_level", "target_radius", "decision"})
 """Row keys ``write_part`` fills when absent: the writer's version, pb_bound null, samples_used = n0 + n,
-shortcut "none" (a row made without shortcuts), train_sigma, noise_scheme and precision null."""
+shortcut "none" (a row made without shortcuts), train_sigma, noise_scheme and precision null,
+certify_level = alpha, target_radius and decision null."""
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -162,6 +171,7 @@ def _rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
             n0, n = row.get("n0"), row.get("n")
             row["samples_used"] = None if n0 is None or n is None else int(n0) + int(n)
         row.setdefault("shortcut", "none")
+        row.setdefault("certify_level", row.get("alpha"))
         clean.append(row)
     try:
         return pa.Table.from_pylist(clean, schema=RESULT_SCHEMA)
@@ -334,6 +344,7 @@ _DERIVED = {
     "pb_bound": _constant("sum"),                  # before version 3 T-CERTIFY always used eq. 14
     "samples_used": _derive_samples_used,          # before version 3 every image made n0 + n draws
     "shortcut": _constant("none"),                 # ... and took no shortcut
+    "certify_level": lambda t: t.column("alpha") if "alpha" in t.schema.names else None,  # before v4: alpha
 }
 
 

@@ -25,6 +25,7 @@ from adre_ray.analysis.metrics import (
     method_columns,
     methods_present,
     sample_summary,
+    target_summary,
 )
 
 METHOD_NAMES: dict[str, str] = {"certify": "CERTIFY", "tcertify": "T-CERTIFY"}
@@ -39,6 +40,9 @@ ID_COLUMNS: tuple[str, ...] = ("run", "method", "sigma", "n", "images")
 
 SAMPLES_COLUMN = "samples / image"
 """Last column: mean Monte Carlo draws per image (``metrics.sample_summary``)."""
+
+TARGET_COLUMN = "certified at target %"
+"""With ``--target-radius`` runs: ``<percent certified-correct> @ r`` (``metrics.target_summary``)."""
 
 
 def radius_column(r: float) -> str:
@@ -118,6 +122,12 @@ def certified_accuracy_table(
             samples = sample_summary(table, table.num_rows).get("samples/per_image")
             row[SAMPLES_COLUMN] = "" if samples is None else int(round(samples))
             rows.append(row)
+    targets = {name: target_summary(table, table.num_rows) for name, table in runs.items()}
+    if any(targets.values()):
+        for row in rows:
+            found = targets[row["run"]]
+            row[TARGET_COLUMN] = (f"{100 * found['target/certified_fraction']:.1f} @ "
+                                  f"{found['target/radius']:g}" if found else "")
     return rows
 
 
@@ -142,7 +152,8 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], path: str | Path | None = Non
     paper's Table 1 (ties all bold; not for a best of 0, nor when there is only one row).
     """
     columns = _columns(rows)
-    metric_columns = [c for c in columns if c not in ID_COLUMNS and c not in ("abstain %", SAMPLES_COLUMN)]
+    metric_columns = [c for c in columns if c not in ID_COLUMNS
+                      and c not in ("abstain %", SAMPLES_COLUMN, TARGET_COLUMN)]
     best = {c: max(float(r[c]) for r in rows) for c in metric_columns} if len(rows) > 1 else {}
     lines = ["| " + " | ".join(columns) + " |",
              "|" + "|".join(":---" if c in ("run", "method") else "---:" for c in columns) + "|"]

@@ -32,10 +32,12 @@ PB_BOUNDS = ("sum", "max")
 """T-CERTIFY runner-up bounds (adre_ray.smoothing.bounds): sum = eq. 14, max = CP bound of the top other."""
 N_POLICIES = ("fixed", "iss")
 """Per-image sample size (adre_ray.smoothing.shortcuts): fixed = n for all, iss = chosen from the pilot."""
-SHORTCUTS = ("none", "skipped_misclassified", "early_abstain", "iss")
+SHORTCUTS = ("none", "skipped_misclassified", "early_abstain", "iss", "decided", "target_radius")
 """Values of a result row's ``shortcut`` column (the last shortcut that changed the image's draws)."""
 ABSTAINING_SHORTCUTS = ("skipped_misclassified", "early_abstain")
 """Shortcuts whose rows are abstentions by construction (never certified-correct)."""
+EARLY_ABSTAIN_RULES = ("product", "cp")
+"""Early-abstain tests (adre_ray.smoothing.shortcuts): product = the tighter rule, cp = schema 3's."""
 
 
 @dataclass
@@ -129,6 +131,20 @@ class CertifyConfig(JobConfig):
     early_abstain_delta: float = config_field(
         1e-4, "per-image probability that early abstain changes the outcome (0: only certain stops)")
     early_abstain_wave: int = config_field(1, "main shards per early-abstain wave (a check after each)")
+    early_abstain_rule: str = config_field(
+        "product", "early-abstain test: product (tighter, same delta) or cp (the rule of schema-3 runs)")
+    stop_when_decided: bool = config_field(
+        False, "stop an image's main draws (looks after 1, 2, 4, ... shards) once its bucket of decide_grid "
+               "is decided; table changed with probability <= decide_delta per image, certificates valid at "
+               "alpha")
+    decide_grid: tuple[float, ...] | None = config_field(
+        None, "radii of the table stop_when_decided keeps (comma-separated, 0 added); null = 0, 0.25, ... up "
+              "to the largest radius certifiable at n")
+    decide_delta: float = config_field(1e-4, "stop_when_decided: per-image probability that the table "
+                                             "bucket differs from the full run's")
+    target_radius: float | None = config_field(
+        None, "certify at this radius only: stop each image once a sequential test decides (rows get "
+              "decision certified | not_certified | abstain; wrong accept <= alpha)")
     n_policy: str = config_field("fixed", "per-image n: fixed (n) or iss (chosen from the pilot counts)")
     iss_max_radius_loss: float = config_field(
         0.05, "ISS: largest tolerated loss of the plug-in CERTIFY radius (l2 units, like the radii)")
@@ -215,6 +231,7 @@ class CertifyConfig(JobConfig):
         check(isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 <= delta < 1,
               "early_abstain_delta", delta, "must be a number in [0, 1)")
         check_int_at_least("early_abstain_wave", self.early_abstain_wave, 1)
+        self._validate_sequential()
         check_choice("n_policy", self.n_policy, N_POLICIES)
         loss = self.iss_max_radius_loss
         check(isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
@@ -225,9 +242,35 @@ class CertifyConfig(JobConfig):
         """``precision``, or what the deprecated ``amp`` meant (auto | fp32 | bf16; resolve per device)."""
         return effective_precision(self.precision, self.amp)
 
+    def _validate_sequential(self) -> None:
+        check_choice("early_abstain_rule", self.early_abstain_rule, EARLY_ABSTAIN_RULES)
+        check(isinstance(self.stop_when_decided, bool), "stop_when_decided", self.stop_when_decided,
+              "must be true or false")
+        if self.decide_grid is not None:
+            check(all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0
+                      for g in self.decide_grid), "decide_grid", self.decide_grid,
+                  "must be finite radii >= 0 (or null for the default grid)")
+        delta = self.decide_delta
+        check(isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 <= delta < 1,
+              "decide_delta", delta, "must be a number in [0, 1)")
+        radius = self.target_radius
+        if radius is not None:
+            check(isinstance(radius, (int, float)) and not isinstance(radius, bool) and math.isfinite(radius)
+                  and radius >= 0, "target_radius", radius, "must be a finite radius >= 0 (or null)")
+            check(not self.stop_when_decided, "target_radius", radius,
+                  "answers one radius; do not combine it with stop_when_decided")
+        if self.stop_when_decided or radius is not None:
+            check(not self.early_abstain, "early_abstain", self.early_abstain,
+                  "is part of stop_when_decided / target_radius (they stop abstaining images themselves); "
+                  "drop early_abstain")
+
+    def sequential(self) -> bool:
+        """True when main draws are released look by look (stop_when_decided or target_radius)."""
+        return self.stop_when_decided or self.target_radius is not None
+
     def uses_shortcuts(self) -> bool:
         """True when a shortcut may change an image's draws (then pilot shards run before main ones)."""
-        return self.skip_misclassified or self.early_abstain or self.n_policy != "fixed"
+        return self.skip_misclassified or self.early_abstain or self.n_policy != "fixed" or self.sequential()
 
     def num_shards(self, total: int) -> int:
         """Shards that ``total`` draws are cut into: ceil(total / shard_size)."""

@@ -80,6 +80,7 @@ from adre_ray.smoothing import (
 )
 from adre_ray.smoothing import noise_scheme as scheme_of_noise
 from adre_ray.smoothing.certify import effective_pb_bound
+from adre_ray.smoothing.sequential import DecidePlan, Stop, TargetPlan, decide_plan, target_plan
 from adre_ray.smoothing.shortcuts import (
     certify_threshold,
     iss_sample_size,
@@ -157,7 +158,8 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
                alpha: float, mode: str, grid: Sequence[float], seed: int, time_s: float, checkpoint: str,
                train_run_id: str | None, pb_bound: str = "sum", shortcut: str = "none",
                train_sigma: float | None = None, noise_scheme: int = NOISE_SCHEME,
-               precision: str | None = None) -> dict[str, Any]:
+               precision: str | None = None, level: float | None = None,
+               target_radius: float | None = None, decision: str | None = None) -> dict[str, Any]:
     """One ``RESULT_SCHEMA`` row: PREDICT on ``counts``, CERTIFY and T-CERTIFY on (pilot_counts, counts).
 
     CERTIFY and T-CERTIFY see the same counts and the same pilot class cA, so T-CERTIFY's radius is
@@ -166,11 +168,15 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
     ``shortcut`` in ``ABSTAINING_SHORTCUTS`` (skipped_misclassified: no main draws; early_abstain: the
     draws made before the stop) gives an abstention row: both methods -1, radius 0, not correct, the
     bounds NaN; ``predict`` is then PREDICT on the draws made (the pilot's when there are none).
+    ``level``: the level CERTIFY and T-CERTIFY are computed at (default ``alpha``; a sequential look's
+    share of alpha, adre_ray.smoothing.sequential); ``alpha`` stays the overall guarantee.
     """
     pilot_counts = np.asarray(pilot_counts, dtype=np.int64)
     counts = np.asarray(counts, dtype=np.int64)
+    level = alpha if level is None else level
     samples = {"samples_used": int(pilot_counts.sum() + counts.sum()), "shortcut": shortcut,
-               "precision": precision}
+               "precision": precision, "certify_level": float(level), "target_radius": target_radius,
+               "decision": decision}
     if shortcut in ABSTAINING_SHORTCUTS:
         predicted = predict_counts(counts if counts.sum() > 0 else pilot_counts, alpha)
         return {
@@ -186,8 +192,8 @@ def result_row(idx: int, label: int, pilot_counts: np.ndarray, counts: np.ndarra
             "pb_bound": effective_pb_bound(mode, pb_bound), "noise_scheme": noise_scheme, **samples,
         }
     predicted = predict_counts(counts, alpha)
-    certified = certify_counts(pilot_counts, counts, sigma, alpha)
-    tcertified = tcertify_counts(pilot_counts, counts, sigma, alpha, mode=mode, grid=tuple(grid),
+    certified = certify_counts(pilot_counts, counts, sigma, level)
+    tcertified = tcertify_counts(pilot_counts, counts, sigma, level, mode=mode, grid=tuple(grid),
                                  pb_bound=pb_bound)
     return {
         "idx": int(idx), "label": int(label),
@@ -405,6 +411,8 @@ class _Image:
     threshold: int = 0  # early abstain: CERTIFY certifies iff N_A >= threshold (at this image's n)
     level: float = 0.0  # early abstain: level of each check
     shortcut: str = "none"
+    plan: DecidePlan | TargetPlan | None = None  # stop_when_decided / target_radius: the looks and tests
+    verdict: Stop | None = None  # the look that stopped the image
 
 
 @dataclass
@@ -622,6 +630,11 @@ def shortcut_settings(cfg: CertifyConfig) -> dict[str, Any]:
         "skip_misclassified": cfg.skip_misclassified, "early_abstain": cfg.early_abstain,
         "early_abstain_delta": cfg.early_abstain_delta, "early_abstain_wave": cfg.early_abstain_wave,
         "n_policy": cfg.n_policy, "iss_max_radius_loss": cfg.iss_max_radius_loss,
+        # the rule of a run without early abstain is moot: recorded as schema 3's so old folders resume
+        "early_abstain_rule": cfg.early_abstain_rule if cfg.early_abstain else "cp",
+        "stop_when_decided": cfg.stop_when_decided,
+        "decide_grid": None if cfg.decide_grid is None else list(cfg.decide_grid),
+        "decide_delta": cfg.decide_delta, "target_radius": cfg.target_radius,
     }
 
 
@@ -888,7 +901,7 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None
                          time_s=image.time_s, checkpoint=checkpoint_id, train_run_id=train_run_id,
                          pb_bound=cfg.pb_bound, shortcut=image.shortcut, train_sigma=train_sigma,
                          noise_scheme=facts[0]["noise_scheme"],
-                         precision=cfg.precision)
+                         precision=cfg.precision, **_sequential_row_fields(cfg, image))
         buffer.append(row)
         del images[image.idx]
         progress.done += 1
@@ -1040,21 +1053,58 @@ def _next_stage(cfg: CertifyConfig, image: _Image) -> list[ShardTask]:
             if image.n < cfg.n:
                 image.shortcut = "iss"
         image.main_todo = shard_plan(image.idx, 0, image.n, cfg.shard_size)
+        if cfg.sequential():
+            return _sequential_stage(cfg, image)
         if not cfg.early_abstain:
             todo, image.main_todo = image.main_todo, []
             return todo
         waves = -(-len(image.main_todo) // cfg.early_abstain_wave)
         image.level = wave_level(cfg.early_abstain_delta, waves - 1)
         image.threshold = certify_threshold(image.n, cfg.alpha)
+    elif cfg.sequential():
+        return _sequential_stage(cfg, image)
     elif not image.main_todo:
         return []
     elif should_stop_early(int(image.counts[int(np.argmax(image.pilot))]), image.made, image.n,
-                           image.threshold, image.level):
+                           image.threshold, image.level, cfg.early_abstain_rule):
         image.shortcut = "early_abstain"
         image.main_todo = []
         return []
     wave, image.main_todo = image.main_todo[:cfg.early_abstain_wave], image.main_todo[cfg.early_abstain_wave:]
     return wave
+
+
+def _sequential_stage(cfg: CertifyConfig, image: _Image) -> list[ShardTask]:
+    """``stop_when_decided`` / ``target_radius``: after each look (1, 2, 4, ... main shards, then all)
+    ask the image's plan whether to stop; otherwise release the shards up to the next look."""
+    if image.plan is None:
+        image.plan = (decide_plan(image.n, cfg.shard_size, cfg.sigma, cfg.alpha,  # type: ignore[arg-type]
+                                  None if cfg.decide_grid is None else tuple(cfg.decide_grid),
+                                  cfg.decide_delta) if cfg.stop_when_decided
+                      else target_plan(image.n, cfg.shard_size, cfg.sigma, cfg.alpha,  # type: ignore[arg-type]
+                                       cfg.target_radius))  # type: ignore[arg-type]
+    else:
+        verdict = image.plan.check(int(image.counts[int(np.argmax(image.pilot))]), image.made)
+        if verdict.stop:
+            image.verdict, image.main_todo = verdict, []
+            if image.made < image.n:
+                image.shortcut = ("early_abstain" if verdict.abstain else
+                                  "decided" if cfg.stop_when_decided else "target_radius")
+            return []
+    upto = next(m for m in image.plan.looks if m > image.made)
+    count = -(-(upto - image.made) // cfg.shard_size)
+    wave, image.main_todo = image.main_todo[:count], image.main_todo[count:]
+    return wave
+
+
+def _sequential_row_fields(cfg: CertifyConfig, image: _Image) -> dict[str, Any]:
+    """``level``, ``target_radius``, ``decision`` of a finished image's row (empty without a plan). A
+    target-radius image skipped after its pilot gets decision ``abstain`` (nothing was tested)."""
+    if image.verdict is None:
+        return {} if cfg.target_radius is None else {"target_radius": cfg.target_radius,
+                                                       "decision": "abstain"}
+    return {"level": image.verdict.level, "target_radius": cfg.target_radius,
+            "decision": image.verdict.decision}
 
 
 def format_summary(summary: dict[str, float], out_dir: Path | str) -> str:
@@ -1072,6 +1122,11 @@ def format_summary(summary: dict[str, float], out_dir: Path | str) -> str:
                           if key.startswith("shortcut/"))
         lines.append(f"samples per image: {summary['samples/per_image']:.0f}"
                      + (f"  (shortcut rates: {taken})" if taken else ""))
+    if "target/radius" in summary:
+        lines.append(f"target radius {summary['target/radius']:g}: certified-correct "
+                     f"{summary['target/certified_fraction']:.3f}  (decisions: " + ", ".join(
+                         f"{name} {summary[f'target/{name}_rate']:.3f}"
+                         for name in ("certified", "not_certified", "abstain")) + ")")
     return "\n".join(lines)
 
 

@@ -26,8 +26,9 @@ import math
 import numpy as np
 from scipy import special
 
-from adre_ray.config.certify import ABSTAINING_SHORTCUTS, N_POLICIES, SHORTCUTS
+from adre_ray.config.certify import ABSTAINING_SHORTCUTS, EARLY_ABSTAIN_RULES, N_POLICIES, SHORTCUTS
 from adre_ray.smoothing.bounds import cp_upper, pA_lower
+from adre_ray.smoothing.sequential import count_threshold, early_abstain_threshold
 
 # N_POLICIES: per-image sample size, ``fixed`` = every image uses n, ``iss`` = chosen from the pilot counts.
 
@@ -39,16 +40,7 @@ def certify_threshold(n: int, alpha: float) -> int:
     pA_lower(N_A, n, a') > 1/2 with a' <= alpha, and pA_lower shrinks with the level, so T-CERTIFY can
     certify only when CERTIFY does: below K both abstain.
     """
-    if pA_lower(n, n, alpha) < 0.5:
-        return n + 1
-    lo, hi = 0, n  # pA_lower(hi) >= 1/2; pA_lower(0) = 0 < 1/2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if pA_lower(mid, n, alpha) >= 0.5:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return count_threshold(n, 1.0, alpha, 0.0)  # radius 0 is reached iff pA_lower >= 1/2
 
 
 def wave_level(delta: float, checks: int) -> float:
@@ -56,7 +48,26 @@ def wave_level(delta: float, checks: int) -> float:
     return delta / checks if checks > 0 else 0.0
 
 
-def should_stop_early(n_A: int, m: int, n: int, threshold: int, level: float) -> bool:
+# EARLY_ABSTAIN_RULES: ``product`` = the tighter test of sequential.early_abstain_threshold (default),
+# ``cp`` = the rule of schema-3 runs (``should_stop_early_cp``), kept so that their folders resume.
+
+
+def should_stop_early(n_A: int, m: int, n: int, threshold: int, level: float, rule: str = "product") -> bool:
+    """After ``m`` of ``n`` main draws with ``n_A`` of them cA: stop (the image will abstain) or not.
+
+    ``product`` (default): stop iff n_A <= c, c the largest count with
+    sup_p P(Bin(m, p) <= c) P(Bin(n - m, p) >= K - c) <= level. The draws so far and the remaining ones
+    are independent, so P(stop and final N_A >= K) <= P(N_A,m <= c) P(R >= K - c) <= level for every p_A.
+    ``cp``: ``should_stop_early_cp``, which bounds the same event by the smaller of the two factors.
+    """
+    if rule == "cp":
+        return should_stop_early_cp(n_A, m, n, threshold, level)
+    if rule != "product":
+        raise ValueError(f"early_abstain_rule={rule!r}: must be one of {', '.join(EARLY_ABSTAIN_RULES)}")
+    return n_A <= early_abstain_threshold(m, n, threshold, level)
+
+
+def should_stop_early_cp(n_A: int, m: int, n: int, threshold: int, level: float) -> bool:
     """After ``m`` of ``n`` main draws with ``n_A`` of them cA: stop (the image will abstain) or not.
 
     r = n - m draws remain; the final count is n_A + R, R ~ Bin(r, p_A). Stop iff
@@ -111,6 +122,7 @@ def iss_sample_size(pilot_counts: np.ndarray, n_max: int, shard_size: int, sigma
 
 
 __all__ = [
-    "ABSTAINING_SHORTCUTS", "N_POLICIES", "SHORTCUTS", "allowed_sample_sizes", "certify_threshold",
-    "iss_sample_size", "plugin_radius", "should_stop_early", "wave_level",
+    "ABSTAINING_SHORTCUTS", "EARLY_ABSTAIN_RULES", "N_POLICIES", "SHORTCUTS", "allowed_sample_sizes",
+    "certify_threshold", "iss_sample_size", "plugin_radius", "should_stop_early", "should_stop_early_cp",
+    "wave_level",
 ]
