@@ -593,7 +593,7 @@ def time_worker(
             seed=args.seed,
             batch_size=batch,
             device=device.type,
-            amp=settings["amp_dtype"] is not None,
+            precision="bf16" if settings["amp_dtype"] is not None else "fp32",
             channels_last=True,
             compile=variant == "compile",
             cuda_graphs=variant == "cuda_graphs",

@@ -248,13 +248,15 @@ def train_method(plan: Plan, method: str, state: Path, data: tuple[torch.Tensor,
     chunk = max(1, steps // 50)
     while run["epoch"] < plan.epochs:
         began = time.perf_counter()
-        while run["batch"] < steps and time.perf_counter() - began < checkpoint_s:
+        while True:  # at least one chunk per save, then until the epoch ends or checkpoint_s passed
             last = min(steps, run["batch"] + chunk)
             batches = epoch_batches(plan, data, run["epoch"], run["batch"], last)
             stats = train_one_epoch(run["model"], batches, loss_fn, run["optimizer"], run["scheduler"],
                                     device="cpu", epoch=run["epoch"], amp_dtype=plan.amp_dtype)
             add_chunk(run["sums"], stats)
             run["batch"] = last
+            if run["batch"] == steps or time.perf_counter() - began >= checkpoint_s:
+                break
         wall = time.perf_counter() - began
         if run["batch"] == steps:
             sums = run["sums"]
