@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(a) for a in args.actors.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
-    ray.init(num_cpus=max(sizes), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(sizes), include_dashboard=False, log_to_driver=False,
              _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
     rows = []
     try:
