@@ -54,6 +54,7 @@ from adre_ray.distributed.train import (
     check_train_paths,
 )
 from adre_ray.parsers import tune_parser
+from adre_ray.storage import storage_env
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -180,10 +181,14 @@ def trial_base_config(train: TrainConfig, space: TuneSpace, cli_overrides: Mappi
 
 
 def _run_trial(config: dict[str, Any], *, base: dict[str, Any], dists: Sequence[Distribution], search: str,
-               experiment: str, tracking_uri: str, parent_run_id: str, storage_path: str) -> None:
+               experiment: str, tracking_uri: str, parent_run_id: str, storage_path: str,
+               object_storage_env: dict[str, str] | None = None) -> None:
     """One Tune trial: its TrainConfig, an MLflow child run, and a Ray Train fit whose per-epoch metrics
-    are forwarded to Tune."""
+    are forwarded to Tune. ``object_storage_env``: the driver's object-storage settings (endpoint, region,
+    credential-file paths; never keys), set in the trial's process before it opens ``storage_path``."""
     import ray.tune
+
+    os.environ.update(object_storage_env or {})
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -403,7 +408,8 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
         log_config(params, run_id=parent_id or None, tracking_uri=tracking_uri)
         trainable = ray.tune.with_parameters(
             _run_trial, base=base.to_dict(), dists=dists, search=name, experiment=space.experiment,
-            tracking_uri=tracking_uri, parent_run_id=parent_id, storage_path=f"{storage}/train")
+            tracking_uri=tracking_uri, parent_run_id=parent_id, storage_path=f"{storage}/train",
+            object_storage_env=storage_env())
         search_alg = BasicVariantGenerator(random_state=space.seed, max_concurrent=max_concurrent)
         if restoring:  # an interrupted run of this search: Tune's own restore, finished trials kept
             tuner = ray.tune.Tuner.restore(experiment_path, ray.tune.with_resources(trainable,
