@@ -47,12 +47,6 @@ def _objects_holding(needles: list[bytes], uri: str) -> tuple[int, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Ray Tune itself copies the driver's AWS_ACCESS_KEY_ID / "
-                   "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN into every trainable's runtime_env "
-                   "(ray/tune/execution/class_cache.py, ENV_VARS_TO_PROPAGATE), so runtime_env_agent.log "
-                   "still holds them after `adre-ray tune`; train and certify no longer leak "
-                   "(issue 21 item 2, "
-                   "open for tune)")
 def test_a_planted_secret_is_nowhere_after_train_certify_and_tune_to_s3(
         s3_endpoint, ray_cluster, node_credentials_file, cifar10_dir, tmp_path, monkeypatch, capsys):
     from adre_ray import cli

@@ -23,6 +23,7 @@ metrics; status FINISHED, KILLED when ASHA stopped it, FAILED on error).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -54,7 +55,7 @@ from adre_ray.distributed.train import (
     check_train_paths,
 )
 from adre_ray.parsers import tune_parser
-from adre_ray.storage import storage_env
+from adre_ray.storage import CREDENTIAL_ENV_VARS, storage_env
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -373,6 +374,28 @@ def _close_child_runs(rows: list[dict[str, Any]], parent_run_id: str, experiment
     return {str(t): r.info.run_id for t, r in by_trial.items()}
 
 
+@contextlib.contextmanager
+def _no_keys_to_trials():
+    """Keep the driver's object-storage keys out of the trials' ``runtime_env`` while Tune runs.
+
+    Ray Tune copies the driver's ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``
+    into every trainable's ``runtime_env`` (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``), and
+    Ray's runtime_env agent writes each runtime_env to a world-readable log. Trials read their node's own
+    credential chain instead, as certification actors and training workers do (``CREDENTIAL_ENV_VARS``).
+    """
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # a Ray without this module propagates nothing
+        yield
+        return
+    propagated = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - {*CREDENTIAL_ENV_VARS, "AWS_SECURITY_TOKEN"}
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = propagated
+
+
 def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[str, Any] | None = None,
                verbose: int = 1) -> SearchOutcome:
     """Run the search on the connected Ray cluster (see the module docstring) and write its outputs."""
@@ -427,7 +450,8 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
             )
         print(f"[adre-ray tune] search {name!r}: {len(dists)} searched key(s), up to {max_concurrent} "
               f"trial(s) at once; outputs in {out_dir}", flush=True)
-        results = tuner.fit()
+        with _no_keys_to_trials():
+            results = tuner.fit()
         rows = _trial_rows(results, space, base)
         if tracking_uri != DISABLED and parent_id:
             _close_child_runs(rows, parent_id, space.experiment, tracking_uri)
