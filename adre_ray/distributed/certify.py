@@ -1154,8 +1154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         check_output_dir(cfg.output_dir)  # a file in the way, a read-only folder: before Ray starts
+        check_arrays_input(cfg)  # bad arrays: refused before the lock makes the output folder
         with output_folder_lock(output_location(cfg.output_dir)):  # held on (re-entered) by the run
-            check_arrays_input(cfg)
             check_resume(cfg)  # the lock and a manifest of other settings refuse before Ray starts
             started = connect_ray(build_parser().parse_args(argv).address)
             result = run_certification(cfg)

@@ -73,12 +73,14 @@ class CertifyWorker:
                                                 expected_num_classes=num_classes)
         model = fp32_logits(model).to(self.device).eval()  # float32 logits: no bf16 ties in the argmax
         on_gpu = self.device.type == "cuda"
-        self.channels_last = bool(channels_last)  # exact on CPU too: same counts as NCHW
+        # CPU: oneDNN off for a model whose convolutions are all tiny (adre_ray.smoothing.cpu_speed)
+        self.native_convolutions = not on_gpu and tiny_convolutions(model)
+        # channels_last on GPU and on CPU with oneDNN (same counts as NCHW; ~1.4x for a CIFAR ResNet on
+        # CPU), not with the native kernels of tiny convolutions (0.63x there); images only (not vectors)
+        self.channels_last = bool(channels_last) and not self.native_convolutions
         model = prepare_model(model, channels_last=self.channels_last, compile=bool(compile),
                               cuda_graphs=bool(cuda_graphs and on_gpu))
         self.pad_batches = bool(compile or (cuda_graphs and on_gpu))
-        # CPU: oneDNN off for a model whose convolutions are all tiny (adre_ray.smoothing.cpu_speed)
-        self.native_convolutions = not on_gpu and tiny_convolutions(model)
         self._cpu_batch: dict[tuple[int, ...], int] = {}
         self.amp_dtype = autocast_dtype(precision)
         self.model = model
@@ -132,8 +134,8 @@ class CertifyWorker:
                 counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
                                        batch_size=self.batch_for(tuple(x.shape)), seed=self.seed, idx=idx,
                                        shard=shard, stream=stream, amp_dtype=self.amp_dtype,
-                                       channels_last=self.channels_last, pad_batches=self.pad_batches,
-                                       noise=self.noise)
+                                       channels_last=self.channels_last and x.dim() == 3,
+                                       pad_batches=self.pad_batches, noise=self.noise)
         except NonFiniteLogitsError as err:
             raise NonFiniteLogitsError(f"checkpoint={self.checkpoint!r}: {err} (NaN or infinite weights, or "
                                        "a model that overflows; no certificate can come from it)") from None
