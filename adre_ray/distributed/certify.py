@@ -272,6 +272,7 @@ class CertifyPool:
             "channels_last": channels_last, "cpu_threads": 1, "model_fn": model_fn, "compile": compile,
             "cuda_graphs": cuda_graphs, "deterministic": deterministic, "import_paths": import_paths()}
         self.max_replacements = max_replacements
+        self._facts: dict[Any, Any] = {}  # actor -> ref of its device facts
         self.actors: list[Any] = [self._new_actor() for _ in range(num_actors)]
         self.generation = [0] * num_actors
         self.load = [0] * num_actors
@@ -281,7 +282,11 @@ class CertifyPool:
         self._looked = 0.0
 
     def _new_actor(self) -> Any:
-        return CertifyActor.options(**self.actor_options).remote(**self.actor_kwargs)
+        """A new actor, asked for its device facts at once (its first task, answered as soon as it is up,
+        so reading them later never waits on an actor that has since stopped answering)."""
+        actor = CertifyActor.options(**self.actor_options).remote(**self.actor_kwargs)
+        self._facts[actor] = actor.device_facts.remote()
+        return actor
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -300,13 +305,20 @@ class CertifyPool:
                 actor.configure.remote(sigma=sigma, seed=seed, batch_size=batch_size)
         self.load = [0] * len(self.actors)
 
-    def device_facts(self, num_actors: int | None = None) -> list[dict[str, Any]]:
-        """``adre_ray.device.device_facts`` of the first ``num_actors`` actors (all when None). An actor
-        that could not start (no usable CUDA, a model that fails to load): ``ValueError`` with its reason."""
+    def device_facts(self, num_actors: int | None = None,
+                     timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """``adre_ray.device.device_facts`` of the live actors among the first ``num_actors`` (all when
+        None), waiting at most ``timeout_s`` for actors still starting. An actor that could not start (no
+        usable CUDA, a model that fails to load): ``ValueError`` with its reason."""
+        refs = [self._facts[self.actors[slot]] for slot in self.live(num_actors)]
         try:
-            return ray.get([actor.device_facts.remote() for actor in self.actors[:num_actors]])
+            return ray.get(refs, timeout=timeout_s)
         except RayActorError as err:
             raise ValueError(f"certification actors could not start: {err}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise ValueError(f"stall_timeout_s={timeout_s:g}: the certification actors did not start within "
+                             f"{timeout_s:g} s (not schedulable, or their node is gone); see `ray status`"
+                             ) from None
 
     def submit(self, slot: int, image_ref: Any, task: ShardTask) -> Any:
         self.load[slot] += 1
@@ -832,9 +844,10 @@ def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None
         pool.configure(sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size)  # type: ignore[arg-type]
     if num_classes is None:  # read from the model's output on the first image (every actor checks it too)
         first, _ = load_images(cfg.dataset, cfg.data_dir, cfg.split, todo[:1])
-        num_classes = int(ray.get(pool.actors[0].output_classes.remote(first[0])))
+        probe = pool.actors[pool.live()[0]].output_classes.remote(first[0])
+        num_classes = int(ray.get(probe, timeout=cfg.stall_timeout_s))
     num_actors = cfg.num_actors or max(len(pool), pool.target)  # the pool may grow to this many
-    facts = pool.device_facts(min(len(pool), num_actors))
+    facts = pool.device_facts(min(len(pool), num_actors), timeout_s=cfg.stall_timeout_s)
     record_devices(out_dir, facts, allow_mixed=cfg.allow_mixed_devices)
     shards_per_image = cfg.num_shards(cfg.n0) + cfg.num_shards(cfg.n)
     shortcuts = cfg.uses_shortcuts()
