@@ -252,6 +252,8 @@ def undisturbed_training(cluster, pool, cifar10_dir, tmp_path_factory):
     return run_training(train_cfg(cifar10_dir, tmp_path_factory.mktemp("train"), "undisturbed"))
 
 
+@pytest.mark.skip(reason="open (issue 22): not yet confirmed to pass on the multi-node test cluster; "
+                  "remove this mark to run it")
 def test_training_restarts_on_a_replacement_node_with_equal_final_weights(cluster, cifar10_dir, tmp_path,
                                                                          undisturbed_training):
     """Two workers on two nodes; one node is removed in epoch 1 and a replacement added: Ray Train
@@ -270,6 +272,8 @@ def test_training_restarts_on_a_replacement_node_with_equal_final_weights(cluste
     assert all(torch.equal(got[key], want[key]) for key in want)
 
 
+@pytest.mark.skip(reason="open (issue 22): not yet confirmed to pass on the multi-node test cluster; "
+                  "remove this mark to run it")
 def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar10_dir, tmp_path,
                                                                   undisturbed_training):
     """A node dies and none replaces it: the run stops (never hangs) with a message saying what to do."""
@@ -286,6 +290,8 @@ def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar
 # ------------------------------------------------------------------------------------------------- tune
 
 
+@pytest.mark.skip(reason="open (issue 22): not yet confirmed to pass on the multi-node test cluster; "
+                  "remove this mark to run it")
 def test_tune_search_finishes_when_a_trials_node_is_removed(cluster, cifar10_dir, tmp_path,
                                                             undisturbed_training):
     """tiny_cpu.yaml (two 1-worker trials at once, one per worker node); once both run, one node is
