@@ -739,6 +739,7 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     """
     cfg.validate()
     hooks = hooks or CertifyHooks()
+    completed_indices(output_location(cfg.output_dir))  # a corrupt part is named before Ray is needed
     check_certify_paths(cfg)
     cfg, train_run_id, train_sigma = _resolve_settings(cfg)
     assert cfg.sigma is not None
