@@ -69,6 +69,8 @@ def test_published_logs_with_extra_columns_are_read(tmp_path):
     got = [(r["idx"], r["label"], r["certify_predict"], r["radius_certify"], r["correct"]) for r in rows]
     assert got == [(0, 7, 7, 0.409, True), (10, 0, -1, 0.0, False)]
     assert rows[0]["time_s"] == pytest.approx(0.448263)
-    shuffled = tmp_path / "other.tsv"  # the six columns out of order: not a log of the original code
+    shuffled = tmp_path / "other.tsv"  # the columns in another order are read by header name (issue 21)
     shuffled.write_text("label\tidx\tpredict\tradius\tcorrect\ttime\n7\t0\t7\t0.4\t1\t1.0\n")
-    assert not is_certify_log(shuffled)
+    assert is_certify_log(shuffled)
+    [row] = read_certify_log(shuffled, sigma=0.25).to_pylist()
+    assert (row["idx"], row["label"], row["certify_predict"], row["radius_certify"]) == (0, 7, 7, 0.4)

@@ -1169,8 +1169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(argv)
         check_output_dir(cfg.output_dir)  # a file in the way, a read-only folder: before Ray starts
         check_arrays_input(cfg)  # bad arrays: refused before the lock makes the output folder
+        check_resume(cfg)  # a bad checkpoint or a folder of other settings: refused before anything is made
         with output_folder_lock(output_location(cfg.output_dir)):  # held on (re-entered) by the run
-            check_resume(cfg)  # the lock and a manifest of other settings refuse before Ray starts
             started = connect_ray(build_parser().parse_args(argv).address)
             result = run_certification(cfg)
     except ValueError as err:
