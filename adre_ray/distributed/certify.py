@@ -337,6 +337,7 @@ class CertifyPool:
                                f"(actor_restarts={self.max_replacements}); last error: {error}") from error
         if self.actors[slot] is not None:
             ray.kill(self.actors[slot], no_restart=True)
+            self._facts.pop(self.actors[slot], None)  # a dead actor's facts are never read
         self.generation[slot] += 1
         self.replacements += 1
         self.actors[slot] = self._new_actor() if self._free() >= 1 else None
