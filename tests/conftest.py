@@ -28,15 +28,18 @@ def node_credentials_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster(node_credentials_file):
-    """One local Ray cluster (2 CPUs, no dashboard) shared by every test that needs Ray: always a new one
-    of the tests' own (``address="local"``), never a cluster started on the machine with ``ray start``."""
+    """One local Ray cluster (2 CPUs) shared by every test that needs Ray: always a new one of the tests'
+    own (``address="local"``), never a cluster started on the machine with ``ray start``. Its dashboard
+    runs, as on a real cluster: Ray Train's ``PlacementGroupCleaner`` asks it (the State API) whether a
+    training controller is still alive, and without it the placement group of a controller that died
+    with its Tune trial is never removed, holding its CPUs until every later training waits forever."""
     import ray
 
     from adre_ray.distributed._common import start_private_ray
 
     if not ray.is_initialized():
         env = {"OMP_NUM_THREADS": "1", "AWS_SHARED_CREDENTIALS_FILE": str(node_credentials_file)}
-        start_private_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        start_private_ray(num_cpus=2, include_dashboard=True, log_to_driver=False,
                           runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()

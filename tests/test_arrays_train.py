@@ -7,11 +7,17 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from adre_ray.config import load_config
 from adre_ray.config.train import TrainConfig
+from adre_ray.data.datasets import arrays_dataset
 from adre_ray.distributed.train import run_training
 from adre_ray.models.checkpoint import load_model_checkpoint
+from adre_ray.models.model_fn import build_model_fn
+from adre_ray.training import build_optimizer, train_one_epoch
+from adre_ray.training.losses import build_loss
 
 SPECS = {"image": ("tests.model_fns:small_mnist_net", (1, 7, 7), 10),
          "vector": ("tests.model_fns:vector_net", (10,), 3)}
@@ -36,9 +42,28 @@ def arrays_config(data_dir, storage, spec: str, loss: str) -> TrainConfig:
     return load_config(TrainConfig, None, overrides)
 
 
-@pytest.mark.parametrize(("loss", "kind"), [("gaussian", "image"), ("adre_reg", "vector"),
-                                            ("smoothadv", "image"), ("adre_adv", "vector")])
-def test_every_method_trains_on_arrays(ray_cluster, tmp_path, loss, kind):
+@pytest.mark.parametrize("kind", sorted(SPECS))
+@pytest.mark.parametrize("loss", ["gaussian", "adre_reg", "smoothadv", "adre_adv"])
+def test_every_method_steps_on_arrays_of_either_shape(tmp_path, loss, kind):
+    """The training step of each method on an arrays split as Ray Train's workers read it (no Ray: the
+    worker's data and loss path, one epoch)."""
+    spec, shape, classes = SPECS[kind]
+    write_split(tmp_path, "train", shape, classes, 64, seed=1)
+    loader = DataLoader(arrays_dataset(tmp_path, "train"), batch_size=32)
+    model = build_model_fn(spec)
+    loss_fn = build_loss(loss, sigma=0.25, k=2, lam=0.1, epsilon=0.25, steps=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, loader, loss_fn, build_optimizer(model, 0.05, 0.9, 0.0), None,
+                            device="cpu", epoch=0)
+    assert stats["images"] == 64 and stats["batches"] == 2
+    assert all(math.isfinite(stats[key]) for key in ("loss", "l_per", "l_adre", "train_acc_noise"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(("loss", "kind"), [("gaussian", "image"), ("adre_adv", "vector")])
+def test_arrays_train_on_ray_train_and_the_checkpoint_names_its_model_fn(ray_cluster, tmp_path, loss, kind):
+    """Two workers on Ray Train, one run per sample shape (the other methods share this path: their
+    steps are checked above)."""
     spec, shape, classes = SPECS[kind]
     write_split(tmp_path, "train", shape, classes, 128, seed=1)
     write_split(tmp_path, "test", shape, classes, 64, seed=2)

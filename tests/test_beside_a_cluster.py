@@ -23,7 +23,7 @@ from ray_head import free_port, start_head, stop_head
 
 REPO = Path(__file__).resolve().parents[1]
 BESIDE = os.environ.get("ADRE_TEST_BESIDE_CLUSTER")  # the other cluster's address, in the inner run only
-TRAIN_SECONDS = 15.0  # the cleaner checks the controller every second: many checks while the worker lives
+TRAIN_SECONDS = 6.0  # the cleaner checks the controller every second: several checks while the worker lives
 
 
 @pytest.mark.skipif(BESIDE is None, reason="the inner half of test_the_suite_runs_beside_a_ray_start_cluster")

@@ -208,6 +208,36 @@ def test_capacity_watch_stops_a_wait_for_a_node_that_will_not_come():
     assert time.monotonic() - began < 30
 
 
+def test_capacity_watch_stops_the_call_behind_a_sigint_handler_left_by_an_earlier_fit():
+    """Ray Train's ``fit()`` registers a SIGINT handler that only logs and aborts its (finished) controller,
+    and never restores the one before: a later watch still stops its call (seen in CI: the wait ran its
+    full 60 s), and the watch puts back the handler from before its block whatever the call installed."""
+    import signal
+    import time
+
+    from adre_ray.distributed.cluster import CapacityWatch, ClusterCapacityError
+
+    heard: list[int] = []
+    one_cpu = ClusterFacts(nodes=1, total={"CPU": 1}, free={"CPU": 1}, max_resources=None)
+    before = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))  # an earlier fit's
+    try:
+        began = time.monotonic()
+        with pytest.raises(ClusterCapacityError, match="needs 2"), \
+                CapacityWatch({"CPU": 2}, 0.2, "re-run", poll_s=0.05, facts=lambda: one_cpu):
+            while time.monotonic() - began < 60:
+                time.sleep(0.01)
+        assert time.monotonic() - began < 30 and heard == []
+        left_behind = signal.getsignal(signal.SIGINT)
+        with CapacityWatch({"CPU": 1}, 5.0, "re-run", poll_s=0.05, facts=lambda: one_cpu):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # stands for the handler fit() registers
+        assert signal.getsignal(signal.SIGINT) is left_behind
+        with CapacityWatch({"CPU": 1}, 5.0, "re-run", poll_s=0.05, facts=lambda: one_cpu):
+            signal.raise_signal(signal.SIGINT)  # a SIGINT the watch did not send: the outer handler's
+        assert heard == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_capacity_watch_lets_a_call_finish_when_the_cluster_fits_or_can_grow():
     import time
 

@@ -121,30 +121,6 @@ def test_sigterm_prints_one_line_and_exits_143_and_the_same_command_resumes(mode
     assert 0 < len(written) < 40 and len(written) == len(set(written))
 
 
-def test_a_resumed_certification_continues_mlflow_images_done(ray_cluster, model, cifar10_dir,
-                                                             tmp_path):
-    """Before: ``images_done`` restarted at 1 after a resume, so steps 1, 2, ... were logged twice."""
-    from mlflow.tracking import MlflowClient
-
-    from adre_ray.config import load_config
-    from adre_ray.config.certify import CertifyConfig
-    from adre_ray.distributed.certify import CertifyHooks, run_certification
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_config(CertifyConfig, None, _settings(model, cifar10_dir, tmp_path / "out", "max_images=3",
-                                                     "flush_images=1", f"tracking_uri={uri}",
-                                                     "experiment=images-done"))
-
-    def stop(path: Path) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_certification(cfg, hooks=CertifyHooks(on_part_written=stop))  # one image, then stopped
-    result = run_certification(cfg)
-    history = MlflowClient(tracking_uri=uri).get_metric_history(result.mlflow_run_id, "images_done")
-    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
-
-
 def test_after_ray_starts_sigterm_raises_terminated_which_every_job_maps_to_143(capsys):
     """The handler ``connect_ray`` installs once Ray is up (Ray's own ended jobs with exit 134)."""
     from adre_ray.distributed import _common

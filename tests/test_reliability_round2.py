@@ -373,7 +373,8 @@ def test_full_disk_while_writing_a_part_exits_2_naming_the_path(ray_cluster, sma
 
 def test_resumed_certification_continues_its_mlflow_run(ray_cluster, small_checkpoints, cifar10_dir,
                                                         tmp_path):
-    """Before: each resume opened a new run of the same name, the interrupted one left behind."""
+    """Before: each resume opened a new run of the same name, the interrupted one left behind; and its
+    ``images_done`` restarted at 1, so steps 1, 2, ... were logged twice (issue 21)."""
     from mlflow.tracking import MlflowClient
 
     from adre_ray.config import load_config
@@ -397,6 +398,8 @@ def test_resumed_certification_continues_its_mlflow_run(ray_cluster, small_check
     runs = client.search_runs([client.get_experiment_by_name("certify16").experiment_id])
     assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
     assert runs[0].info.status == "FINISHED" and runs[0].data.metrics["certify/num_images"] == 3
+    history = client.get_metric_history(result.mlflow_run_id, "images_done")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
 def test_an_epoch_run_again_after_a_restart_is_logged_once(tmp_path):

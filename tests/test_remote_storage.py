@@ -120,33 +120,3 @@ def test_readme_cluster_certify_line_on_s3_certifies_and_resumes(s3_endpoint, ra
     capsys.readouterr()
     assert cli.main(["analyze", output, "--output-dir", str(tmp_path / "analysis"), "--no-log-mlflow"]) == 0
     assert (tmp_path / "analysis" / "table.md").is_file()
-
-
-@pytest.mark.slow
-def test_training_checkpoints_to_s3_and_certify_reads_them(s3_endpoint, ray_cluster, cifar10_dir, tmp_path,
-                                                           monkeypatch):
-    """The README's cluster train line (`run.storage_path=s3://BUCKET/...`) with the local server as the
-    bucket: Ray Train writes its checkpoint to S3 and `adre-ray certify` certifies from that URI."""
-    from adre_ray.config import load_config
-    from adre_ray.config.train import TrainConfig
-    from adre_ray.distributed import certify as certify_job
-    from adre_ray.distributed.train import run_training
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "none")
-    storage_uri = f"s3://{BUCKET}/adre-runs/{tmp_path.name}"
-    cfg = load_config(TrainConfig, None, [
-        "model=small_cnn", "batch_size=32", f"data.data_dir={cifar10_dir}", "data.source=parquet",
-        "data.train_subset=64", "data.test_subset=32", "data.loader_workers=0", "loss.name=gaussian",
-        "schedule.epochs=1", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "run.name=s3-run",
-        f"run.storage_path={storage_uri}", "run.tracking_uri=none"])
-    result = run_training(cfg)
-    assert result.checkpoint_path.startswith(f"{storage_uri}/s3-run/checkpoint_"), result.checkpoint_path
-    assert read_checkpoint(result.checkpoint_path)["model_name"] == "small_cnn"
-
-    output = f"s3://{BUCKET}/adre-results/{tmp_path.name}"
-    argv = ["--checkpoint", result.checkpoint_path, "--output-dir", output, "--data-dir", str(cifar10_dir),
-            "--n0", "16", "--n", "64", "--shard-size", "64", "--batch-size", "32", "--max-images", "2",
-            "--actors", "1", "--tracking-uri", "none", "--no-progress"]
-    assert certify_job.main(argv) == 0
-    assert completed_indices(output) == {0, 20}
-    assert read_results(output).column("checkpoint").to_pylist() == [result.checkpoint_path] * 2

@@ -17,6 +17,8 @@ import yaml
 from conftest import S3_BUCKET, write_node_credentials
 
 from adre_ray import storage
+from adre_ray.analysis.results import completed_indices, read_results
+from adre_ray.models.checkpoint import read_checkpoint
 
 pytest.importorskip("moto.server")
 REPO = Path(__file__).resolve().parents[1]
@@ -70,11 +72,14 @@ def test_a_planted_secret_is_nowhere_after_train_certify_and_tune_to_s3(
     assert cli.main(["train", "--config", config, *small, "--set", "run.name=secret-train"]) == 0
     checkpoint = next(line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()
                       if line.startswith("checkpoint: "))
-    assert checkpoint.startswith(f"{bucket}/runs/secret-train/checkpoint_")
+    assert checkpoint.startswith(f"{bucket}/runs/secret-train/checkpoint_")  # Ray Train wrote it to S3
+    assert read_checkpoint(checkpoint)["model_name"] == "small_cnn"
     assert cli.main(["certify", "--checkpoint", checkpoint, "--output-dir", f"{bucket}/certify",
                      "--data-dir", str(cifar10_dir), "--n0", "8", "--n", "32", "--shard-size", "32",
                      "--batch-size", "32", "--max-images", "2", "--actors", "1", "--no-progress",
                      "--tracking-uri", tracking]) == 0
+    assert completed_indices(f"{bucket}/certify") == {0, 20}  # certified from the checkpoint's URI
+    assert read_results(f"{bucket}/certify").column("checkpoint").to_pylist() == [checkpoint] * 2
     space = yaml.safe_load((REPO / "tune_spaces" / "tiny_cpu.yaml").read_text())
     space["search"] = {"loss.lam": {"grid": [0.1]}}  # one trial
     space["validation"].update(size=8, n=16)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -153,7 +154,12 @@ class CapacityWatch:
     (resource -> amount) and no autoscaler can add the difference, for ``wait_s`` seconds in a row: Ray
     Train waits forever for the placement group of a worker group that no node will ever fit (a node
     died and none replaces it). Use as a context manager around the call; a stop raises
-    ``ClusterCapacityError`` with ``what_to_do`` in its message instead of the interrupt."""
+    ``ClusterCapacityError`` with ``what_to_do`` in its message instead of the interrupt.
+
+    The stop is a simulated SIGINT. Inside the block the watch's own handler answers it (a SIGINT the
+    watch did not send goes to the handler it replaced); a handler the call installs and leaves behind
+    (Ray Train's ``fit()`` registers one that aborts its controller and keeps the controller alive
+    through its closure) is replaced by the one from before the block on exit."""
 
     def __init__(self, needs: Mapping[str, float], wait_s: float, what_to_do: str, *, poll_s: float = 2.0,
                  facts: Callable[[], ClusterFacts] = cluster_facts) -> None:
@@ -166,6 +172,7 @@ class CapacityWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="adre-ray-capacity-watch")
         self._active = threading.current_thread() is threading.main_thread()
+        self._outer_sigint: Any = signal.default_int_handler
 
     def lacking(self, facts: ClusterFacts) -> str | None:
         for key, amount in self.needs.items():
@@ -196,14 +203,27 @@ class CapacityWatch:
                     _thread.interrupt_main()
                 return
 
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.message is not None:
+            raise KeyboardInterrupt
+        if callable(self._outer_sigint):
+            self._outer_sigint(signum, frame)
+        else:
+            signal.default_int_handler(signum, frame)
+
     def __enter__(self) -> CapacityWatch:
-        if self._active and self.needs:
-            self._thread.start()
+        if self._active:
+            self._outer_sigint = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_sigint)
+            if self.needs:
+                self._thread.start()
         return self
 
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> bool:
         with self._armed:
             self._stop.set()
+        if self._active and self._outer_sigint is not None:  # None: not installed from Python
+            signal.signal(signal.SIGINT, self._outer_sigint)
         if self.message is not None and (kind is None or issubclass(kind, KeyboardInterrupt)):
             raise ClusterCapacityError(self.message) from None
         return False

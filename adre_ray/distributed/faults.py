@@ -101,15 +101,22 @@ class _KillBeforeBatch:
             yield batch
 
 
+def _train_v2_result_queue() -> Any:
+    """This Ray Train V2 worker's queue of reports not yet collected; None outside a V2 worker."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().get_result_queue()
+    except Exception:  # noqa: BLE001 - V1, or not inside a Ray Train worker
+        return None
+
+
 def _wait_for_reports_collected(timeout_s: float = 60.0) -> None:
     """Block until the Ray Train V2 controller has collected this worker's earlier reports (its result
     queue is empty), so the crash happens after the last checkpoint was committed, as in a real failure
     between two epochs' reports. Returns at once outside Ray Train V2."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        result_queue = get_train_context().get_result_queue()
-    except Exception:  # noqa: BLE001 - V1, or not inside a Ray Train worker
+    result_queue = _train_v2_result_queue()
+    if result_queue is None:
         return
     deadline = time.monotonic() + timeout_s
     while not result_queue.empty() and time.monotonic() < deadline:
@@ -120,8 +127,11 @@ def _wait_for_checkpoint_registered(run_folder: Path, epoch: int, timeout_s: flo
     """Block until the controller's checkpoint record in ``run_folder`` (Ray Train's
     ``checkpoint_manager_snapshot.json``, written when it registers a checkpoint) lists epoch ``epoch``'s
     checkpoint: an empty result queue means the report was taken, not yet that its checkpoint is the one
-    a restarted worker group resumes from."""
+    a restarted worker group resumes from. Returns at once outside Ray Train V2 (no controller)."""
     from adre_ray.distributed.train import CHECKPOINT_PREFIX
+
+    if _train_v2_result_queue() is None:
+        return
 
     wanted = f'"{CHECKPOINT_PREFIX}{epoch:06d}"'
     snapshot = run_folder / "checkpoint_manager_snapshot.json"
