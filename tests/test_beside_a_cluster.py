@@ -4,7 +4,8 @@ Before: the session fixture's ``ray.init(num_cpus=2)`` joined the cluster record
 every Ray test errored ("When connecting to an existing cluster, num_cpus and num_gpus must not be
 provided"); and Ray Train's placement-group cleaner of the tests' cluster asked the *other* cluster's State
 API whether its controller was alive, was told "no such actor" and removed the live run's placement group
-(the workers died: "placement group was removed"). The outer test starts the other cluster with a private
+(the workers died: "placement group was removed"; issue 21 saw it on a loaded machine, so the inner
+training runs with every core kept busy outside Ray). The outer test starts the other cluster with a private
 ``RAY_TMPDIR`` (Ray keeps its ``ray_current_cluster`` record there, so the machine's other Ray users never
 see it) and runs the inner test in a fresh pytest beside it.
 """
@@ -40,7 +41,13 @@ def test_inner_own_cluster_and_a_training_that_outlives_the_cleaner_checks(ray_c
     config = {"seconds": TRAIN_SECONDS, "marker": str(tmp_path / "done")}
     trainer = TorchTrainer(train_loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=1),
                            run_config=RunConfig(name="beside", storage_path=str(tmp_path)))
-    result = trainer.fit()  # before: ControllerError, "... its placement group was removed"
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:  # the machine loaded on purpose, as when issue 21 saw it: every core busy outside Ray
+        result = trainer.fit()  # before: ControllerError, "... its placement group was removed"
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
     assert result.error is None and (tmp_path / "done").read_text() == str(TRAIN_SECONDS)
 
 

@@ -14,6 +14,7 @@ import pytest
 import ray
 import torch
 from calibrated_model import calibrated_small_cnn
+from conftest import fresh_mlflow_db
 from scipy import special, stats
 
 from adre_ray.analysis.results import MANIFEST_NAME, RESULT_SCHEMA, part_files, read_manifest, read_results
@@ -66,7 +67,7 @@ def pool(ray_cluster, checkpoint, cifar10_dir, tmp_path_factory):
 def reference(pool, checkpoint, cifar10_dir, tmp_path_factory):
     """The undisturbed single-actor run every other run is compared with (MLflow on)."""
     root = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_mlflow_db(root / 'mlflow.db')
     cfg = make_cfg(checkpoint, cifar10_dir, root / "out", tracking_uri=uri)
     result = run_certification(cfg, pool=pool)
     return cfg, result, read_results(result.output_dir), uri
