@@ -157,7 +157,7 @@ def checkpoints(tmp_path_factory) -> dict[int, Path]:
 
 
 @pytest.fixture()
-def workspace(tmp_path, monkeypatch, mlflow_uri, checkpoints, cifar10_dir) -> dict[str, Path]:
+def workspace(tmp_path, monkeypatch, checkpoints, cifar10_dir) -> dict[str, Path]:
     """cwd: an empty folder; ``out``: a certification folder holding a finished run (manifest + a part);
     ``runs``: a training storage folder holding a file; MLflow store: ``tmp_path/mlflow.db`` (absent).
     Ray must not start: ``ray.init`` fails the test and Ray's auto-connect is off."""
@@ -179,7 +179,7 @@ def workspace(tmp_path, monkeypatch, mlflow_uri, checkpoints, cifar10_dir) -> di
     runs = tmp_path / "runs"
     runs.mkdir()
     (runs / "keep.txt").write_text("an earlier run")
-    assert not Path(mlflow_uri.removeprefix("sqlite:///")).exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # not made: bad input
     return {"root": tmp_path, "cwd": cwd, "out": out, "runs": runs, "mlflow_db": tmp_path / "mlflow.db"}
 
 

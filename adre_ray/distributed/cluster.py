@@ -208,7 +208,7 @@ class CapacityWatch:
             raise KeyboardInterrupt
         if callable(self._outer_sigint):
             self._outer_sigint(signum, frame)
-        else:
+        elif self._outer_sigint != signal.SIG_IGN:
             signal.default_int_handler(signum, frame)
 
     def __enter__(self) -> CapacityWatch:
