@@ -67,7 +67,7 @@ def pool(ray_cluster, checkpoint, cifar10_dir, tmp_path_factory):
 def reference(pool, checkpoint, cifar10_dir, tmp_path_factory):
     """The undisturbed single-actor run every other run is compared with (MLflow on)."""
     root = tmp_path_factory.mktemp("reference")
-    uri = fresh_mlflow_db(root / 'mlflow.db')
+    uri = fresh_mlflow_db(root / "mlflow.db")
     cfg = make_cfg(checkpoint, cifar10_dir, root / "out", tracking_uri=uri)
     result = run_certification(cfg, pool=pool)
     return cfg, result, read_results(result.output_dir), uri

@@ -382,7 +382,7 @@ def test_resumed_certification_continues_its_mlflow_run(ray_cluster, small_check
     from adre_ray.config.certify import CertifyConfig
     from adre_ray.distributed.certify import MLFLOW_RUN_FILE, CertifyHooks, run_certification
 
-    uri = fresh_mlflow_db(tmp_path / 'mlflow.db')
+    uri = fresh_mlflow_db(tmp_path / "mlflow.db")
     cfg = load_config(CertifyConfig, None, [
         f"checkpoint={small_checkpoints['good']}", f"data_dir={cifar10_dir}",
         f"output_dir={tmp_path / 'out'}", "sigma=0.25", "n0=32", "n=64", "max_images=3", "shard_size=32",
@@ -411,7 +411,7 @@ def test_an_epoch_run_again_after_a_restart_is_logged_once(tmp_path):
     from adre_ray.distributed.train import _log_epoch
     from adre_ray.tracking import mlflow_run
 
-    uri = fresh_mlflow_db(tmp_path / 'mlflow.db')
+    uri = fresh_mlflow_db(tmp_path / "mlflow.db")
     with mlflow_run("train16", "r", tracking_uri=uri) as run:
         run_id = run.info.run_id
     metrics = {"epoch": 3, "loss": 1.0, "l_per": 1.0, "l_adre": 0.0, "train_acc_noise": 0.5,

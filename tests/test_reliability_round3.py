@@ -419,7 +419,7 @@ def test_a_result_folder_is_a_parquet_dataset_and_an_old_folder_still_resumes(tm
     from adre_ray.distributed.certify import previous_certify_run, record_certify_run
 
     folder = _result_folder(tmp_path / "new", "/m.pt", range(7))
-    uri = fresh_mlflow_db(tmp_path / 'mlflow.db')
+    uri = fresh_mlflow_db(tmp_path / "mlflow.db")
     record_certify_run(folder, uri, "0123abcd")
     with output_folder_lock(folder):  # the lock file is there while a run writes
         assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("part-")) == [
@@ -498,7 +498,7 @@ def test_demo_prints_a_line_per_finished_epoch_while_training_runs(tmp_path, cap
     from adre_ray.demo import EpochProgress
     from adre_ray.tracking import log_metrics, mlflow_run
 
-    uri = fresh_mlflow_db(tmp_path / 'mlflow.db')
+    uri = fresh_mlflow_db(tmp_path / "mlflow.db")
     with EpochProgress("ADRE_REG", "demo_adre_reg", "adre-demo", uri, epochs=3, interval=0.2) as progress, \
             mlflow_run("adre-demo", "demo_adre_reg", tracking_uri=uri) as run:
         for epoch in range(2):

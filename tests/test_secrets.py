@@ -59,7 +59,7 @@ def test_a_planted_secret_is_nowhere_after_train_certify_and_tune_to_s3(
     for name, value in keys.items():  # the driver's environment, and the node's credential file
         monkeypatch.setenv(name, value)
     write_node_credentials(node_credentials_file, keys)
-    tracking = fresh_mlflow_db(tmp_path / 'mlflow.db')
+    tracking = fresh_mlflow_db(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     monkeypatch.chdir(tmp_path)
     bucket = f"s3://{S3_BUCKET}/secrets-{tmp_path.name}"

@@ -176,7 +176,7 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluste
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = fresh_mlflow_db(tmp_path / 'tune.db')
+    uri = fresh_mlflow_db(tmp_path / "tune.db")
     out = tmp_path / "out"
     args = ["--space", str(REPO / "tune_spaces" / "tiny_cpu.yaml"),
             "--config", str(REPO / "jobs" / "configs" / "train_cifar10_small_cpu.yaml"),
