@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,22 +96,22 @@ def write_node_credentials(path: Path, keys: dict[str, str]) -> None:
     path.chmod(0o600)
 
 
-_EMPTY_MLFLOW_DB: list[Path] = []
+@functools.cache
+def _empty_mlflow_db() -> Path:
+    """One new SQLite MLflow store, made (and migrated) once per test process."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    template = Path(tempfile.mkdtemp(prefix="adre-mlflow-template-")) / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    return template
 
 
 def fresh_mlflow_db(path: Path) -> str:
-    """The URI of a new, empty SQLite MLflow store at ``path``: a copy of one store made (and migrated)
-    once per test process, as MLflow's ~30 schema migrations take seconds per new file on this machine."""
-    import shutil
-    import tempfile
-
-    if not _EMPTY_MLFLOW_DB:
-        from mlflow.tracking import MlflowClient
-
-        template = Path(tempfile.mkdtemp(prefix="adre-mlflow-template-")) / "mlflow.db"
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-        _EMPTY_MLFLOW_DB.append(template)
-    shutil.copyfile(_EMPTY_MLFLOW_DB[0], path)
+    """The URI of a new, empty SQLite MLflow store at ``path``: a copy of ``_empty_mlflow_db()``, as
+    MLflow's ~30 schema migrations take seconds per new file on this machine."""
+    shutil.copyfile(_empty_mlflow_db(), path)
     return f"sqlite:///{path}"
 
 

@@ -77,9 +77,11 @@ class FaultKill:
             return
         with os.fdopen(fd, "w") as handle:
             handle.write(f"epoch={self.epoch},rank={self.rank},batch={self.batch}\n")
-        _wait_for_reports_collected()
-        if self.epoch > 0:
-            _wait_for_checkpoint_registered(Path(self.marker).parent, self.epoch - 1)
+        result_queue = _train_v2_result_queue()
+        if result_queue is not None:  # inside a Ray Train V2 worker: its controller is there to wait for
+            _wait_for_reports_collected(result_queue)
+            if self.epoch > 0:
+                _wait_for_checkpoint_registered(Path(self.marker).parent, self.epoch - 1)
         print(f"[adre-ray train] fault injection: rank {self.rank} exits in epoch {self.epoch} "
               f"before batch {self.batch}", file=sys.__stdout__ or sys.stdout, flush=True)
         os._exit(1)
@@ -111,13 +113,10 @@ def _train_v2_result_queue() -> Any:
         return None
 
 
-def _wait_for_reports_collected(timeout_s: float = 60.0) -> None:
-    """Block until the Ray Train V2 controller has collected this worker's earlier reports (its result
-    queue is empty), so the crash happens after the last checkpoint was committed, as in a real failure
-    between two epochs' reports. Returns at once outside Ray Train V2."""
-    result_queue = _train_v2_result_queue()
-    if result_queue is None:
-        return
+def _wait_for_reports_collected(result_queue: Any, timeout_s: float = 60.0) -> None:
+    """Block until the Ray Train V2 controller has collected this worker's earlier reports (its
+    ``result_queue`` is empty), so the crash happens after the last checkpoint was committed, as in a real
+    failure between two epochs' reports."""
     deadline = time.monotonic() + timeout_s
     while not result_queue.empty() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -127,11 +126,8 @@ def _wait_for_checkpoint_registered(run_folder: Path, epoch: int, timeout_s: flo
     """Block until the controller's checkpoint record in ``run_folder`` (Ray Train's
     ``checkpoint_manager_snapshot.json``, written when it registers a checkpoint) lists epoch ``epoch``'s
     checkpoint: an empty result queue means the report was taken, not yet that its checkpoint is the one
-    a restarted worker group resumes from. Returns at once outside Ray Train V2 (no controller)."""
+    a restarted worker group resumes from."""
     from adre_ray.distributed.train import CHECKPOINT_PREFIX
-
-    if _train_v2_result_queue() is None:
-        return
 
     wanted = f'"{CHECKPOINT_PREFIX}{epoch:06d}"'
     snapshot = run_folder / "checkpoint_manager_snapshot.json"
