@@ -41,7 +41,11 @@ def ray_cluster(node_credentials_file):
 
     if not ray.is_initialized():
         env = {"OMP_NUM_THREADS": "1", "AWS_SHARED_CREDENTIALS_FILE": str(node_credentials_file),
-               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # one actor less per run: no spot nodes here
+               "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one actor less per run: no spot nodes here
+               # Ray Train's controller sees a report, a checkpoint or the end of a run only at its next
+               # poll of the workers (every 2 s by default); a missed poll is not a failure (that takes
+               # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes), so polling faster is safe here
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
         start_private_ray(num_cpus=2, include_dashboard=True, log_to_driver=False,
                           runtime_env={"env_vars": env})
     yield ray

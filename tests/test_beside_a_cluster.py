@@ -38,6 +38,17 @@ def test_inner_own_cluster_and_a_training_that_outlives_the_cleaner_checks(ray_c
 
     assert ray_cluster.get_runtime_context().gcs_address != BESIDE  # a cluster of the tests' own
     assert ray_cluster.cluster_resources()["CPU"] == 2
+
+    @ray_cluster.remote(num_cpus=0)
+    def state_api_address() -> str:
+        """The dashboard that Ray's State API client of a worker asks (the cleaner's ``get_actor``)."""
+        from ray.dashboard.utils import get_address_for_submission_client
+
+        return get_address_for_submission_client(None)
+
+    # before the pin: the other cluster's dashboard (its `ray start` record), which answers "no such actor"
+    own = f"http://{ray_cluster._private.worker.get_dashboard_url()}"
+    assert ray_cluster.get(state_api_address.remote()) == own
     config = {"seconds": TRAIN_SECONDS, "marker": str(tmp_path / "done")}
     trainer = TorchTrainer(train_loop, train_loop_config=config, scaling_config=ScalingConfig(num_workers=1),
                            run_config=RunConfig(name="beside", storage_path=str(tmp_path)))

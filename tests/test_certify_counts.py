@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -259,9 +257,3 @@ def test_smoothed_classifier_predict_and_checks():
     with pytest.raises(ValueError, match="n=0"):
         smoothed.certify(x, 10, 0, 0.01)
     assert DEFAULT_GRID[-1] == 1.0
-
-
-def test_import_does_not_load_ray():
-    code = "import sys, adre_ray.smoothing; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -27,7 +27,10 @@ def test_tiny_demo_writes_table_plots_and_mlflow_runs(ray_cluster, cifar10_dir, 
     code = main(["--output-dir", str(out), "--set", f"data_dir={cifar10_dir}", "--set", "train_subset=128",
                  "--set", "test_subset=64", "--set", "epochs=1", "--set", "batch_size=32",
                  "--set", "num_images=4", "--set", "skip=2500", "--set", "n0=16", "--set", "n=64",
-                 "--set", "alpha=0.05", "--set", "cert_batch_size=32"])
+                 "--set", "alpha=0.05", "--set", "cert_batch_size=32",
+                 # one training worker and one actor: a process less to start per job on 2 cores (DDP over
+                 # 2 workers and 2 actors' shards are tested in test_train_ray / test_certify_ray)
+                 "--set", "num_workers=1", "--set", "num_actors=1"])
     printed = capsys.readouterr().out
     assert code == 0
     analysis = out / "analysis"
