@@ -42,16 +42,13 @@ from adre_ray.distributed._common import (
 )
 from adre_ray.distributed.cluster import cluster_facts
 from adre_ray.distributed.train import build_trainer, check_train_paths
-from adre_ray.distributed.train_report import EPOCH_METRICS
 from adre_ray.distributed.train_worker import MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY
 from adre_ray.distributed.tune_results import (
+    BEST_CONFIG_FILENAME,
     TRIAL_ID_TAG,
+    TRIALS_FILENAME,
     SearchOutcome,
-    best_row,
-    close_child_runs,
-    trial_rows,
-    write_best_config,
-    write_table,
+    record_search,
 )
 from adre_ray.distributed.tune_space import (
     check_space_against,
@@ -64,17 +61,12 @@ from adre_ray.parsers import tune_parser
 from adre_ray.storage import CREDENTIAL_ENV_VARS, storage_env
 from adre_ray.tracking import (
     DISABLED,
-    log_artifact,
     log_config,
-    log_metrics,
     mlflow_run,
     resolve_tracking_uri,
-    set_tags,
 )
 
 SEARCH_TAG = "adre_ray.search"
-BEST_CONFIG_FILENAME = "best_config.yaml"
-TRIALS_FILENAME = "trials.csv"
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 TUNE_DIRNAME = "tune"
 """Tune's experiment folder under the search's storage; ``Tuner.restore`` resumes from it."""
@@ -244,32 +236,7 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
               f"trial(s) at once; outputs in {out_dir}", flush=True)
         with _no_keys_to_trials():
             results = tuner.fit()
-        rows = trial_rows(results, space, base)
-        if tracking_uri != DISABLED and parent_id:
-            close_child_runs(rows, parent_id, space.experiment, tracking_uri)
-        best = best_row(rows, space.metric, space.mode)
-        best_cfg = None
-        table = out_dir / TRIALS_FILENAME
-        write_table(table, rows)
-        summary = {"trials": len(rows), "trials_completed": sum(r["status"] == "COMPLETED" for r in rows),
-                   "trials_stopped": sum(r["status"] == "STOPPED" for r in rows),
-                   "trials_failed": sum(r["status"] == "ERROR" for r in rows)}
-        if best is not None:
-            overrides = {d.key: best[d.key] for d in dists}
-            best_cfg = base.replace(**overrides,
-                                    **{"run.name": None, "run.storage_path": base.run.storage_path})
-            write_best_config(out_dir / BEST_CONFIG_FILENAME, best_cfg, best, space.metric)
-            summary.update({f"best_{k}": v for k, v in best.items()
-                            if k.startswith("approx_") or k in EPOCH_METRICS})
-            summary[f"best_{space.metric}"] = best[space.metric]
-            set_tags({"best_trial_id": best["trial_id"], **{f"best.{k}": v for k, v in overrides.items()}},
-                     run_id=parent_id or None, tracking_uri=tracking_uri)
-        log_metrics(summary, run_id=parent_id or None, tracking_uri=tracking_uri)
-        log_artifact(table, run_id=parent_id or None, tracking_uri=tracking_uri)
-        if best_cfg is not None:
-            log_artifact(out_dir / BEST_CONFIG_FILENAME, run_id=parent_id or None, tracking_uri=tracking_uri)
-    return SearchOutcome(output_dir=out_dir, rows=rows, best=best, best_config=best_cfg,
-                         parent_run_id=parent_id)
+        return record_search(results, space, base, out_dir, parent_id=parent_id, tracking_uri=tracking_uri)
 
 
 # -- command line --------------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from adre_ray.config.train import TrainConfig
 from adre_ray.config.tune import TuneSpace
 from adre_ray.distributed.train_report import EPOCH_METRICS
 from adre_ray.distributed.tune_space import plain, trial_overrides
-from adre_ray.tracking import set_tags
+from adre_ray.tracking import DISABLED, log_artifact, log_metrics, set_tags
 from adre_ray.training.certified_validation import metric_names
 
 TRIAL_ID_TAG = "adre_ray.trial_id"
+BEST_CONFIG_FILENAME = "best_config.yaml"
+TRIALS_FILENAME = "trials.csv"
 
 
 @dataclass(frozen=True)
@@ -133,5 +135,39 @@ def close_child_runs(rows: list[dict[str, Any]], parent_run_id: str, experiment:
     return {str(t): r.info.run_id for t, r in by_trial.items()}
 
 
-__all__ = ["TRIAL_ID_TAG", "SearchOutcome", "best_row", "close_child_runs", "trial_rows", "write_best_config",
-           "write_table"]
+def record_search(results: Any, space: TuneSpace, base: TrainConfig, out_dir: Path, *, parent_id: str,
+                  tracking_uri: str) -> SearchOutcome:
+    """A finished search's outcome: ``trials.csv`` and ``best_config.yaml`` in ``out_dir``, each trial's
+    MLflow run closed with its Tune status, and the parent run's summary metrics, best-trial tags and the
+    two files as artifacts."""
+    dists = space.distributions()
+    rows = trial_rows(results, space, base)
+    if tracking_uri != DISABLED and parent_id:
+        close_child_runs(rows, parent_id, space.experiment, tracking_uri)
+    best = best_row(rows, space.metric, space.mode)
+    best_cfg = None
+    table = out_dir / TRIALS_FILENAME
+    write_table(table, rows)
+    summary = {"trials": len(rows), "trials_completed": sum(r["status"] == "COMPLETED" for r in rows),
+               "trials_stopped": sum(r["status"] == "STOPPED" for r in rows),
+               "trials_failed": sum(r["status"] == "ERROR" for r in rows)}
+    if best is not None:
+        overrides = {d.key: best[d.key] for d in dists}
+        best_cfg = base.replace(**overrides,
+                                **{"run.name": None, "run.storage_path": base.run.storage_path})
+        write_best_config(out_dir / BEST_CONFIG_FILENAME, best_cfg, best, space.metric)
+        summary.update({f"best_{k}": v for k, v in best.items()
+                        if k.startswith("approx_") or k in EPOCH_METRICS})
+        summary[f"best_{space.metric}"] = best[space.metric]
+        set_tags({"best_trial_id": best["trial_id"], **{f"best.{k}": v for k, v in overrides.items()}},
+                 run_id=parent_id or None, tracking_uri=tracking_uri)
+    log_metrics(summary, run_id=parent_id or None, tracking_uri=tracking_uri)
+    log_artifact(table, run_id=parent_id or None, tracking_uri=tracking_uri)
+    if best_cfg is not None:
+        log_artifact(out_dir / BEST_CONFIG_FILENAME, run_id=parent_id or None, tracking_uri=tracking_uri)
+    return SearchOutcome(output_dir=out_dir, rows=rows, best=best, best_config=best_cfg,
+                         parent_run_id=parent_id)
+
+
+__all__ = ["BEST_CONFIG_FILENAME", "TRIALS_FILENAME", "TRIAL_ID_TAG", "SearchOutcome", "best_row",
+           "close_child_runs", "record_search", "trial_rows", "write_best_config", "write_table"]
