@@ -1,10 +1,10 @@
 """Training as DDP under Ray Train: ``adre-ray train --config FILE --set loss.lam=0.2``.
 
-``train_loop_per_worker(config)`` is a plain function of a config dict, run by every Ray Train worker:
-it rebuilds the :class:`TrainConfig`, trains with ``adre_ray.training`` (per-worker shard of the data
-through a ``DistributedSampler``, gradients all-reduced by DDP), evaluates under noise after each epoch
-and reports metrics and a checkpoint to Ray Train. Scaling, storage and failure handling are declared in
-``ScalingConfig`` / ``RunConfig`` / ``FailureConfig`` by :func:`build_trainer`.
+This module is the driver: it resolves the run (name, storage, MLflow run, the checkpoint to resume),
+declares scaling, storage and failure handling in ``ScalingConfig`` / ``RunConfig`` / ``FailureConfig``
+(:func:`build_trainer`) and fits the trainer. Every Ray Train worker runs ``train_loop_per_worker``
+(``train_worker.py``: Algorithm 1 per epoch), with the checkpoint format and resume rules in
+``train_checkpoint.py`` and the epoch's reduction, checkpoint and MLflow logging in ``train_report.py``.
 
 Reproducibility and resume: the RNG of rank r in epoch e is seeded with (seed, e, r), and the data order
 by (seed, e), so an epoch is a function of the weights and optimizer state it starts from. A checkpoint
