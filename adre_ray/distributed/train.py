@@ -79,7 +79,6 @@ from adre_ray.tracking import (
     mlflow_run,
     resolve_tracking_uri,
 )
-from adre_ray.training.seeds import rng_seed
 
 RUN_PATH_TAG = "adre_ray.train_path"
 
@@ -346,11 +345,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def __getattr__(name: str) -> Any:
+    """``rng_seed`` (``adre_ray.training.seeds``), re-exported lazily: the training package imports torch,
+    and ``adre-ray train --help`` must not."""
+    if name == "rng_seed":
+        from adre_ray.training.seeds import rng_seed
+
+        return rng_seed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [  # the driver, and the names users and tests import from here (defined in the modules above)
     "CHECKPOINT_PREFIX", "EPOCH_METRICS", "MLFLOW_RUN_ID_KEY", "RESUME_MAY_CHANGE", "TRACKING_URI_KEY",
     "TRAIN_STATE_FILENAME", "FaultKill", "TrainResult", "_load_train_checkpoint", "_log_epoch",
     "build_parser", "build_trainer", "check_resume_settings", "check_train_paths", "config_from_loop_config",
-    "default_run_name", "fault_worker_env", "latest_checkpoint", "localize_paths", "main", "rng_seed",
+    "default_run_name", "fault_worker_env", "latest_checkpoint", "localize_paths", "main",
     "run_training", "stored_train_precision", "train_loop_per_worker", "train_precision",
     "worker_group_needs",
 ]
