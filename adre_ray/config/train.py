@@ -7,6 +7,7 @@ epochs, batch 400, SGD lr 0.1 / 10 every 50 epochs, sigma 0.25, k 8, lambda 0.2.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,8 +15,6 @@ from typing import Any
 from adre_ray import storage
 from adre_ray.config.base import (
     DATASETS,
-    LOSSES,
-    PER_LOSSES,
     SCHEDULES,
     JobConfig,
     check,
@@ -24,7 +23,6 @@ from adre_ray.config.base import (
     check_nonnegative,
     check_positive,
     check_precision,
-    check_sigma,
     config_field,
     effective_precision,
 )
@@ -32,8 +30,6 @@ from adre_ray.config.tune import ValidationSection
 
 DATA_SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
 DATA_LOADERS = ("auto", "ray_data", "torch")
-
-ADVERSARIAL_LOSSES = ("smoothadv", "adre_adv")
 
 
 def _is_number(value: Any) -> bool:
@@ -79,7 +75,10 @@ class DataSection:
 
 @dataclass
 class LossSection:
-    """The training objective (adre_ray.training.build_loss)."""
+    """The training objective: the registered loss ``name`` and the union of the built-in losses'
+    parameters (each loss declares its own, with their rules, in its module under
+    ``adre_ray.training.losses``; a loss uses the fields it declares). Listed here, not imported, so
+    ``--help`` needs no torch; ``tests/test_losses_registry.py`` keeps the two lists equal."""
 
     name: str = config_field("adre_reg", "loss: gaussian | adre_reg | smoothadv | adre_adv")
     sigma: float = config_field(0.25, "noise std of training and of the per-epoch noisy evaluation")
@@ -278,19 +277,10 @@ class TrainConfig(JobConfig):
         _check_bool("data.deterministic", d.deterministic)
 
     def _validate_loss(self) -> None:
-        loss = self.loss
-        check_choice("loss.name", loss.name, LOSSES)
-        check_sigma("loss.sigma", loss.sigma)
-        check_int_at_least("loss.k", loss.k, 1)
-        check_nonnegative("loss.lam", loss.lam)
-        check_choice("loss.per_loss", loss.per_loss, PER_LOSSES)
-        check_nonnegative("loss.epsilon", loss.epsilon)
-        if loss.name in ADVERSARIAL_LOSSES:
-            check(loss.epsilon > 0, "loss.epsilon", loss.epsilon, f"must be > 0 for loss.name={loss.name!r}")
-        check_int_at_least("loss.steps", loss.steps, 1)
-        check_int_at_least("loss.warmup_epochs", loss.warmup_epochs, 0)
-        check_nonnegative("loss.label_smoothing", loss.label_smoothing)
-        check(loss.label_smoothing < 1, "loss.label_smoothing", loss.label_smoothing, "must be < 1")
+        """The loss registry's rules (adre_ray.training.losses.check_loss_config; imports torch, lazily)."""
+        from adre_ray.training.losses import check_loss_config
+
+        check_loss_config(dataclasses.asdict(self.loss))
 
     def _validate_optim(self) -> None:
         o = self.optim

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adre_ray.distributed._common import is_local_storage, train_v2_enabled
+from adre_ray.distributed.train_checkpoint import CHECKPOINT_PREFIX
 
 FAULT_KILL_ENV = "ADRE_RAY_FAULT_KILL"
 """Test-only fault injection, read on the driver: ``epoch=E,rank=R,batch=B`` (see :class:`FaultKill`)."""
@@ -127,8 +128,6 @@ def _wait_for_checkpoint_registered(run_folder: Path, epoch: int, timeout_s: flo
     ``checkpoint_manager_snapshot.json``, written when it registers a checkpoint) lists epoch ``epoch``'s
     checkpoint: an empty result queue means the report was taken, not yet that its checkpoint is the one
     a restarted worker group resumes from."""
-    from adre_ray.distributed.train import CHECKPOINT_PREFIX
-
     wanted = f'"{CHECKPOINT_PREFIX}{epoch:06d}"'
     snapshot = run_folder / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + timeout_s

@@ -195,7 +195,7 @@ def worker_loaders(cfg: TrainConfig, *, rank: int, world_size: int, device: Any
     None when the test set is local and read map-style)."""
     import ray.train
 
-    from adre_ray.distributed.train import rng_seed
+    from adre_ray.training.seeds import rng_seed
 
     data, batch = cfg.data, cfg.per_worker_batch_size
     rows = parquet_row_count(parquet_split_files(data.data_dir, data.dataset, "train"))

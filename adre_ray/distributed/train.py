@@ -1,10 +1,10 @@
 """Training as DDP under Ray Train: ``adre-ray train --config FILE --set loss.lam=0.2``.
 
-``train_loop_per_worker(config)`` is a plain function of a config dict, run by every Ray Train worker:
-it rebuilds the :class:`TrainConfig`, trains with ``adre_ray.training`` (per-worker shard of the data
-through a ``DistributedSampler``, gradients all-reduced by DDP), evaluates under noise after each epoch
-and reports metrics and a checkpoint to Ray Train. Scaling, storage and failure handling are declared in
-``ScalingConfig`` / ``RunConfig`` / ``FailureConfig`` by :func:`build_trainer`.
+This module is the driver: it resolves the run (name, storage, MLflow run, the checkpoint to resume),
+declares scaling, storage and failure handling in ``ScalingConfig`` / ``RunConfig`` / ``FailureConfig``
+(:func:`build_trainer`) and fits the trainer. Every Ray Train worker runs ``train_loop_per_worker``
+(``train_worker.py``: Algorithm 1 per epoch), with the checkpoint format and resume rules in
+``train_checkpoint.py`` and the epoch's reduction, checkpoint and MLflow logging in ``train_report.py``.
 
 Reproducibility and resume: the RNG of rank r in epoch e is seeded with (seed, e, r), and the data order
 by (seed, e), so an epoch is a function of the weights and optimizer state it starts from. A checkpoint
@@ -19,10 +19,8 @@ Train offers no checkpoint of its own. Training continues after the last finishe
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +29,7 @@ from typing import Any
 
 from adre_ray import storage
 from adre_ray.analysis.output_folder import check_output_dir
-from adre_ray.config import flatten, load_config
-from adre_ray.config.base import effective_precision
+from adre_ray.config import load_config
 from adre_ray.config.flags import SuggestingParser, config_reference
 from adre_ray.config.train import TrainConfig
 from adre_ray.distributed._common import (
@@ -51,13 +48,29 @@ from adre_ray.distributed.cluster import (
     cluster_facts,
 )
 from adre_ray.distributed.faults import FaultKill, fault_worker_env
-from adre_ray.precision import (
-    autocast_dtype,
-    precision_params,
-    refuse_mixed_precision,
-    resolve_precision,
-    warn_if_emulated,
+from adre_ray.distributed.train_checkpoint import (
+    CHECKPOINT_PREFIX,
+    RESUME_MAY_CHANGE,
+    TRAIN_STATE_FILENAME,
+    check_resume_settings,
+    latest_checkpoint,
+    stored_train_precision,
+    train_precision,
 )
+from adre_ray.distributed.train_checkpoint import load_train_checkpoint as _load_train_checkpoint
+from adre_ray.distributed.train_report import EPOCH_METRICS
+from adre_ray.distributed.train_report import log_epoch as _log_epoch
+from adre_ray.distributed.train_worker import (
+    IMPORT_PATHS_KEY,
+    LOADER_KEY,
+    MLFLOW_RUN_ID_KEY,
+    RESUME_FROM_KEY,
+    TRACKING_URI_KEY,
+    TRAIN_CONFIG_KEY,
+    config_from_loop_config,
+    train_loop_per_worker,
+)
+from adre_ray.precision import precision_params, warn_if_emulated
 from adre_ray.tracking import (
     DISABLED,
     log_artifact,
@@ -67,21 +80,9 @@ from adre_ray.tracking import (
     resolve_tracking_uri,
 )
 
-TRAIN_CONFIG_KEY = "train_config"
-MLFLOW_RUN_ID_KEY = "mlflow_run_id"
-TRACKING_URI_KEY = "tracking_uri"
-RESUME_FROM_KEY = "resume_from"
-LOADER_KEY = "loader"
-IMPORT_PATHS_KEY = "import_paths"
-"""Loop-config key: the driver's working directory, put on each worker's ``sys.path`` for ``model_fn``."""
-"""Loop-config key: the resolved training input, ``ray_data`` or ``torch`` (:func:`build_trainer` sets it)."""
-RESERVED_KEYS = (TRAIN_CONFIG_KEY, MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY, RESUME_FROM_KEY, LOADER_KEY,
-                 IMPORT_PATHS_KEY)
-TRAIN_STATE_FILENAME = "train_state.pt"
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
 RUN_PATH_TAG = "adre_ray.train_path"
-EPOCH_METRICS = ("epoch", "l_per", "l_adre", "loss", "train_acc_noise", "test_acc_noise", "test_acc_clean",
-                 "epoch_time_s", "images_per_s", "images_per_s_total", "lr", "epsilon")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """Where the trained model is: the final checkpoint folder (holding model.pt), its MLflow run, and the
@@ -92,333 +93,6 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-# -- the loop every Ray Train worker runs -------------------------------------------------------------
-
-
-def config_from_loop_config(config: Mapping[str, Any]) -> TrainConfig:
-    """The ``TrainConfig`` in ``config["train_config"]`` with every other non-reserved key applied as a
-    dotted override (so Ray Tune can search ``{"loss.lam": tune.grid_search([...])}``)."""
-    if TRAIN_CONFIG_KEY not in config:
-        raise ValueError(f"config keys={sorted(config)}: missing {TRAIN_CONFIG_KEY!r}")
-    cfg = TrainConfig.from_dict(config[TRAIN_CONFIG_KEY])
-    overrides = {key: value for key, value in config.items() if key not in RESERVED_KEYS}
-    return cfg.replace(**overrides) if overrides else cfg
-
-
-def rng_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
-    """A distinct non-negative seed per (seed, epoch >= -1, rank < 4096, stream in {0: train, 1: eval})."""
-    return ((seed * 1_000_003 + epoch + 1) * 4_096 + rank) * 2 + stream
-
-
-def _seed_everything(seed: int, epoch: int, rank: int) -> None:
-    """torch / numpy / random RNGs of rank ``rank`` in ``epoch``, as a function of (seed, epoch, rank)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    value = rng_seed(seed, epoch, rank)
-    torch.manual_seed(value)
-    np.random.seed(value % 2**32)
-    random.seed(value)
-
-
-def _all_reduce_sum(values: list[float], device: Any, world_size: int) -> list[float]:
-    """Element-wise sum over the workers (identity with one worker)."""
-    if world_size == 1:
-        return list(values)
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _broadcast_buffers(model: Any, world_size: int) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank; weights already agree (DDP)."""
-    if world_size == 1:
-        return
-    import torch.distributed as dist
-
-    for buffer in model.buffers():
-        dist.broadcast(buffer.data, src=0)
-
-
-def _load_train_checkpoint(directory: Path, model: Any, cfg: TrainConfig) -> dict[str, Any]:
-    """Load ``model.pt`` weights into ``model``; return the ``train_state.pt`` dict (weights-only load)."""
-    import torch
-
-    from adre_ray.data import dataset_info
-    from adre_ray.models import load_model_checkpoint
-    from adre_ray.models.model_fn import model_fn_identity
-
-    if cfg.model_fn is not None:
-        restored, _meta = load_model_checkpoint(directory, expected_model=model_fn_identity(cfg.model_fn))
-    else:
-        restored, _meta = load_model_checkpoint(directory, expected_model=cfg.model,
-                                                expected_num_classes=dataset_info(cfg.data.dataset).num_classes)
-    model.load_state_dict(restored.state_dict())
-    state_file = directory / TRAIN_STATE_FILENAME
-    if not state_file.is_file():
-        raise ValueError(f"checkpoint={str(directory)!r}: no {TRAIN_STATE_FILENAME} to resume from")
-    return torch.load(state_file, map_location="cpu", weights_only=True)
-
-
-def _save_train_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any, *, cfg: TrainConfig,
-                           epoch: int, metrics: Mapping[str, Any], mlflow_run_id: str) -> None:
-    import torch
-
-    from adre_ray.data import dataset_info
-    from adre_ray.models import save_model_checkpoint
-    from adre_ray.models.checkpoint import save_model_fn_checkpoint
-
-    extra = {"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "epoch": epoch,
-             "sigma": cfg.loss.sigma, "loss": cfg.loss.name, "metrics": dict(metrics),
-             "precision": train_precision(cfg)}
-    if cfg.model_fn is not None:  # the checkpoint records the spec; certify rebuilds the module from it
-        save_model_fn_checkpoint(directory, model, cfg.model_fn, num_classes=None, dataset=cfg.data.dataset,
-                                 extra=extra)
-    else:
-        save_model_checkpoint(directory, model, model_name=cfg.model,
-                              num_classes=dataset_info(cfg.data.dataset).num_classes,
-                              dataset=cfg.data.dataset, extra=extra)
-    state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-    torch.save(state, directory / TRAIN_STATE_FILENAME)
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train ``TrainConfig`` ``config["train_config"]`` on this Ray Train worker (see the module docstring).
-
-    Reports once per epoch, from every rank: ``epoch`` (0-based), ``l_per``, ``l_adre``, ``loss``,
-    ``train_acc_noise`` (means over all workers' images), ``test_acc_noise`` / ``test_acc_clean`` (the
-    test subset, split over the workers, counts summed), ``epoch_time_s``, ``images_per_s`` (training
-    images per second of one worker, mean over workers), ``images_per_s_total`` (summed), ``lr``,
-    ``epsilon``. Rank 0 attaches the checkpoint and logs the same metrics to MLflow run
-    ``config["mlflow_run_id"]`` (if any) at step ``epoch``.
-    """
-    import ray.train
-    import ray.train.torch
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler, Subset
-
-    from adre_ray.data import build_dataset, dataset_info
-    from adre_ray.device import require_cuda, set_numerics
-    from adre_ray.models import build_model
-    from adre_ray.models.model_fn import add_import_paths, build_model_fn
-    from adre_ray.training import (
-        build_loss,
-        build_optimizer,
-        build_scheduler,
-        evaluate_under_noise,
-        train_one_epoch,
-    )
-    from adre_ray.training.certified_validation import run_validation
-    from adre_ray.training.compiled import training_modules
-
-    cfg = config_from_loop_config(config)
-    fault = FaultKill.from_env()  # the one test hook: None unless a fault-tolerance test asked for a crash
-    if not cfg.run.verbose:
-        _quiet_ray_train_reports()
-    mlflow_run_id = str(config.get(MLFLOW_RUN_ID_KEY) or "")
-    tracking_uri = str(config.get(TRACKING_URI_KEY) or DISABLED)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    if cfg.scaling.use_gpu:  # never train on the CPU when GPUs were asked for
-        require_cuda("adre-ray train")
-    on_gpu = device.type == "cuda"
-    set_numerics(device, deterministic=cfg.run.deterministic)  # cuDNN autotuning on GPU (fixed shapes)
-    if not on_gpu:
-        torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    precision = resolve_precision(cfg.run.precision_setting, device)
-    amp_dtype = autocast_dtype(precision)
-    _seed_everything(cfg.run.seed, -1, 0)  # identical initial weights on every rank
-
-    # data: each worker trains on its DistributedSampler shard (or its Ray Data shard) and evaluates a
-    # strided test shard
-    data = cfg.data
-    batch = cfg.per_worker_batch_size
-    loader_kwargs: dict[str, Any] = dict(num_workers=data.loader_workers, pin_memory=on_gpu,
-                                         persistent_workers=data.loader_workers > 0)
-    test_loader: Any = None
-    if config.get(LOADER_KEY) == "ray_data":  # adre_ray.distributed.ingest: batches streamed by Ray Data
-        from adre_ray.distributed.ingest import worker_loaders
-
-        epoch_loader, steps_per_epoch, test_loader = worker_loaders(cfg, rank=rank, world_size=world_size,
-                                                                    device=device)
-        if not storage.is_remote(data.data_dir):  # a local test split: the torch loader's seeded subset
-            test_set = build_dataset(data.dataset, data.data_dir, "test", source=data.source, augment=False,
-                                     subset=data.test_subset, subset_seed=data.subset_seed)
-    else:
-        first_on_node = context.get_local_rank() == 0
-        download_barrier = data.download and world_size > 1  # the first worker of each node downloads alone
-        if download_barrier and not first_on_node:
-            torch.distributed.barrier()
-        train_set = build_dataset(data.dataset, data.data_dir, "train", source=data.source,
-                                  augment=data.augment, subset=data.train_subset,
-                                  subset_seed=data.subset_seed, download=data.download)
-        test_set = build_dataset(data.dataset, data.data_dir, "test", source=data.source, augment=False,
-                                 subset=data.test_subset, subset_seed=data.subset_seed,
-                                 download=data.download)
-        if download_barrier and first_on_node:
-            torch.distributed.barrier()
-        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=cfg.run.seed, drop_last=False)
-        if len(sampler) < batch:
-            raise ValueError(f"batch_size={cfg.batch_size}: each of {world_size} workers gets {len(sampler)} "
-                             f"training images, fewer than its batch of {batch}")
-        train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True,
-                                  **loader_kwargs)
-        train_loader = ray.train.torch.prepare_data_loader(train_loader)  # keeps our sampler, moves to device
-
-        def epoch_loader(epoch: int) -> Any:
-            sampler.set_epoch(epoch)
-            return train_loader
-
-        steps_per_epoch = len(sampler) // batch
-    if test_loader is None:
-        test_shard = Subset(test_set, range(rank, len(test_set), world_size))  # type: ignore[arg-type]
-        test_loader = DataLoader(test_shard, batch_size=batch, shuffle=False, **loader_kwargs)
-    if cfg.run.train_max_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.run.train_max_batches)
-
-    # model, optimizer, schedule; weights restored before DDP wraps (DDP broadcasts rank 0's anyway)
-    add_import_paths([*config.get(IMPORT_PATHS_KEY, []), os.getcwd()])
-    model = (build_model_fn(cfg.model_fn).train() if cfg.model_fn is not None
-             else build_model(cfg.model, dataset_info(data.dataset).num_classes, data.dataset))
-    checkpoint = ray.train.get_checkpoint()  # this run's latest (after a failure or a restored run)
-    resume_source = "Ray Train run state"
-    if checkpoint is None and config.get(RESUME_FROM_KEY):
-        checkpoint, resume_source = ray.train.Checkpoint(str(config[RESUME_FROM_KEY])), "resume_from"
-    train_state: dict[str, Any] | None = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            train_state = _load_train_checkpoint(Path(directory), model, cfg)
-    channels_last = cfg.run.channels_last  # on CPU too (oneDNN's NHWC kernels)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.scaling.sync_batchnorm and ray.train.get_context().get_world_size() > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    # DDP first, compile after (gradient all-reduce overlaps the backward); evaluation has its own module
-    ddp_model, eval_model = training_modules(model, ray.train.torch.prepare_model, compile=cfg.run.compile)
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay,
-                                cfg.optim.nesterov, decay_norm_and_bias=cfg.optim.decay_norm_and_bias)
-    s = cfg.schedule
-    scheduler = build_scheduler(optimizer, s.name, epochs=s.epochs, steps_per_epoch=steps_per_epoch,
-                                warmup_epochs=s.warmup_epochs, step_size=s.step_size, gamma=s.gamma)
-    start_epoch = 0
-    if train_state is not None:
-        optimizer.load_state_dict(train_state["optimizer"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        start_epoch = int(train_state["epoch"]) + 1
-        if rank == 0:
-            _say(f"[adre-ray train] resuming after epoch {start_epoch - 1} "
-                 f"({resume_source}: {checkpoint.path})")  # type: ignore[union-attr]
-    loss = cfg.loss
-    loss_fn = build_loss(loss.name, sigma=loss.sigma, k=loss.k, lam=loss.lam, per_loss=loss.per_loss,
-                         epsilon=loss.epsilon, steps=loss.steps, warmup_epochs=loss.warmup_epochs,
-                         label_smoothing=loss.label_smoothing)
-    # eval_model: the local module (evaluation shards differ in size, so no DDP collectives there)
-
-    for epoch in range(start_epoch, cfg.schedule.epochs):
-        _seed_everything(cfg.run.seed, epoch, rank)
-        train_loader = epoch_loader(epoch)
-        loader = train_loader if fault is None else fault.wrap(train_loader, epoch=epoch, rank=rank)
-        train_stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, device=device,
-                                      epoch=epoch, amp_dtype=amp_dtype, max_batches=cfg.run.train_max_batches,
-                                      progress=cfg.run.progress and rank == 0, channels_last=channels_last)
-        _broadcast_buffers(model, world_size)  # every rank evaluates exactly the model rank 0 checkpoints
-        eval_stats = evaluate_under_noise(eval_model, test_loader, loss.sigma, device=device,
-                                          amp_dtype=amp_dtype, max_batches=cfg.run.eval_max_batches,
-                                          seed=rng_seed(cfg.run.seed, epoch, rank, stream=1),
-                                          channels_last=channels_last, fixed_shape=cfg.run.compile)
-        epoch_time = train_stats["time_s"] + eval_stats["time_s"]
-        n_train, n_test = train_stats["images"], eval_stats["images"]
-        sums = _all_reduce_sum([train_stats["loss"] * n_train, train_stats["l_per"] * n_train,
-                                train_stats["l_adre"] * n_train, train_stats["train_acc_noise"] * n_train,
-                                n_train, eval_stats["acc_noise"] * n_test if n_test else 0.0,
-                                eval_stats["acc_clean"] * n_test if n_test else 0.0, n_test,
-                                train_stats["images_per_s"], epoch_time], device, world_size)
-        (loss_sum, l_per_sum, l_adre_sum, correct_train, images, correct_noise, correct_clean, test_images,
-         speed_sum, time_sum) = sums
-        metrics = {
-            "epoch": epoch,
-            "l_per": l_per_sum / images,
-            "l_adre": l_adre_sum / images,
-            "loss": loss_sum / images,
-            "train_acc_noise": correct_train / images,
-            "test_acc_noise": correct_noise / test_images if test_images else math.nan,
-            "test_acc_clean": correct_clean / test_images if test_images else math.nan,
-            "epoch_time_s": time_sum / world_size,
-            "images_per_s": speed_sum / world_size,
-            "images_per_s_total": speed_sum,
-            "lr": train_stats["lr"],
-            "epsilon": train_stats["epsilon"],
-            "train_images": images,
-            "test_images": test_images,
-        }
-        if cfg.validation.enabled and epoch == cfg.schedule.epochs - 1:  # approx certified accuracy
-            metrics.update(run_validation(eval_model, cfg.validation, cfg.data, loss.sigma, rank=rank,
-                                          world_size=world_size, amp_dtype=amp_dtype,
-                                          channels_last=channels_last))
-        with tempfile.TemporaryDirectory(prefix="adre_ckpt_") as tmp:
-            ray_checkpoint = None
-            if rank == 0:
-                _save_train_checkpoint(Path(tmp), model, optimizer, scheduler, cfg=cfg, epoch=epoch,
-                                       metrics=metrics, mlflow_run_id=mlflow_run_id)
-                ray_checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                _log_epoch(metrics, mlflow_run_id, tracking_uri)
-            ray.train.report(metrics, checkpoint=ray_checkpoint,
-                             checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:06d}")
-
-
-def _quiet_ray_train_reports() -> None:
-    """Ray Train V2 logs every report of every rank at INFO through a logger named after its file, which
-    ``LoggingConfig(log_level=...)`` does not reach; raise that logger to WARNING in this worker."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context as v2_context
-    except ImportError:
-        return
-    logging.getLogger(v2_context.__file__).setLevel(logging.WARNING)
-
-
-def _say(message: str) -> None:
-    """Print once from a Ray Train worker (V2 tees a plain ``print`` to stdout and to its logger)."""
-    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
-
-
-def _logged_epochs(mlflow_run_id: str, tracking_uri: str) -> set[int]:
-    """Steps of the run's ``epoch`` metric already in MLflow.
-
-    An epoch is logged before the controller has committed its checkpoint, so a crash in between (or a
-    stop and resume) re-runs the epoch from the previous checkpoint; checking here keeps one point per
-    step however the run was interrupted.
-    """
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(mlflow_run_id, "epoch")
-    return {int(m.step) for m in history}
-
-
-def _log_epoch(metrics: Mapping[str, Any], mlflow_run_id: str, tracking_uri: str) -> None:
-    """One summary line, and the metrics into the driver's MLflow run (a tracking error never stops
-    training)."""
-    _say("[adre-ray train] epoch {epoch}: loss {loss:.4f} l_per {l_per:.4f} l_adre {l_adre:.4f} "
-          "train_acc_noise {train_acc_noise:.3f} test_acc_noise {test_acc_noise:.3f} "
-          "test_acc_clean {test_acc_clean:.3f} {images_per_s_total:.0f} img/s".format(**metrics))
-    if not mlflow_run_id or tracking_uri == DISABLED:
-        return
-    try:
-        if int(metrics["epoch"]) in _logged_epochs(mlflow_run_id, tracking_uri):
-            return  # this epoch was re-run after a restart: its first values stand, never a second point
-        log_metrics(metrics, step=int(metrics["epoch"]), run_id=mlflow_run_id, tracking_uri=tracking_uri)
-    except Exception as err:  # noqa: BLE001 - tracking is best effort inside the loop
-        print(f"[adre-ray train] warning: MLflow logging failed: {err}", file=sys.stderr, flush=True)
-
-
 # -- the driver ---------------------------------------------------------------------------------------
 
 
@@ -426,30 +100,6 @@ def default_run_name(cfg: TrainConfig) -> str:
     """``<model>_<loss>_<YYYYmmdd-HHMMSS>`` (a fresh run each time)."""
     model = cfg.model_fn.rsplit(":", 1)[-1] if cfg.model_fn is not None else cfg.model
     return f"{model}_{cfg.loss.name}_{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def latest_checkpoint(run_path: str) -> Any | None:
-    """The most recently written complete checkpoint folder (``checkpoint_*`` holding ``train_state.pt``)
-    under ``run_path``, at any depth, on local or cloud storage, as a ``ray.train.Checkpoint``; or None.
-
-    Ordered by the write time of ``train_state.pt``: V2 names folders ``checkpoint_epoch_NNNNNN``, V1
-    numbers them per attempt (``<trial>/checkpoint_NNNNNN``), so names alone do not order them.
-    """
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-
-    try:
-        fs, root = storage.resolve(run_path) if "://" in run_path else (pafs.LocalFileSystem(), run_path)
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except (OSError, ValueError):
-        return None
-    states = [info for info in infos
-              if info.type == pafs.FileType.File and info.base_name == TRAIN_STATE_FILENAME
-              and info.path.rsplit("/", 2)[-2].startswith("checkpoint_")]
-    if not states:
-        return None
-    newest = max(states, key=lambda info: (info.mtime_ns or 0, info.path))
-    return Checkpoint(path=newest.path.rsplit("/", 1)[0], filesystem=fs)
 
 
 def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
@@ -559,63 +209,6 @@ def localize_paths(cfg: TrainConfig) -> TrainConfig:
     if os.environ.get("RAY_ADDRESS") or data_dir.is_absolute() or not data_dir.exists():
         return cfg
     return cfg.replace(**{"data.data_dir": str(data_dir.resolve())})
-
-
-RESUME_MAY_CHANGE: tuple[str, ...] = (
-    "schedule.epochs", "scaling.", "data.data_dir", "data.source", "data.download", "data.loader_workers",
-    "data.test_subset", "validation.", "run.name", "run.experiment", "run.storage_path", "run.tracking_uri",
-    "run.max_failures", "run.checkpoints_to_keep", "run.channels_last", "run.compile",
-    "run.eval_max_batches", "run.progress", "run.verbose", "run.deterministic", "run.amp", "run.precision",
-    "run.shared_filesystem", "run.resource_wait_s",
-)
-"""Settings a resumed run may change (a trailing dot: the whole section): more epochs, the resources, where
-data and outputs live, evaluation, and speed-only switches. Any other field (model, batch size, loss,
-optimizer, the rest of the schedule, seed, training data) would silently mix two trainings in one
-run: refused. ``run.precision`` / ``run.amp`` are compared as the RESOLVED precision (fp32 | bf16) instead
-(``check_resume_precision``): a bf16 and an fp32 training never mix, whatever the spelling."""
-
-
-def train_precision(cfg: TrainConfig) -> str:
-    """The resolved precision (fp32 | bf16) the workers of ``cfg`` train in (auto: bf16 on GPU workers)."""
-    return resolve_precision(cfg.run.precision_setting, "cuda" if cfg.scaling.use_gpu else "cpu")
-
-
-def stored_train_precision(extra: Mapping[str, Any]) -> str | None:
-    """The resolved precision a checkpoint was trained in: recorded (``extra["precision"]``), or derived
-    from its stored config (before ``precision`` existed: ``run.amp``, bf16 on GPU only); None if unknown."""
-    if extra.get("precision") in ("fp32", "bf16"):
-        return str(extra["precision"])
-    stored = extra.get("config")
-    if not isinstance(stored, Mapping):
-        return None
-    run, scaling = stored.get("run") or {}, stored.get("scaling") or {}
-    setting = effective_precision(run.get("precision", "auto"), run.get("amp"))
-    return resolve_precision(setting, "cuda" if scaling.get("use_gpu") else "cpu")
-
-
-def _flat(data: Mapping[str, Any]) -> dict[str, Any]:
-    """``flatten`` with tuples as lists (a stored config holds lists where a live one holds tuples)."""
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in flatten(data).items()}
-
-
-def check_resume_settings(cfg: TrainConfig, checkpoint: Any, where: str) -> None:
-    """``ValueError`` naming the first field that differs between ``cfg`` and the config stored in the
-    checkpoint being resumed (``extra["config"]``), unless ``RESUME_MAY_CHANGE`` allows it."""
-    from adre_ray.models.checkpoint import read_checkpoint
-
-    with checkpoint.as_directory() as directory:
-        extra = read_checkpoint(directory).get("extra") or {}
-    refuse_mixed_precision(stored_train_precision(extra), train_precision(cfg), f"checkpoint {where}")
-    stored = extra.get("config")
-    if not isinstance(stored, Mapping):
-        return  # a checkpoint from elsewhere: nothing recorded to compare
-    old, new = _flat(stored), _flat(cfg.to_dict())
-    for key in sorted(set(old) | set(new)):
-        if key.startswith(RESUME_MAY_CHANGE) or old.get(key) == new.get(key):
-            continue
-        raise ValueError(f"{key}={new.get(key)!r} differs from the run being resumed ({key}="
-                         f"{old.get(key)!r}, checkpoint {where}); a resumed run may change only "
-                         f"{', '.join(RESUME_MAY_CHANGE)}; use a new run.name for other settings")
 
 
 def check_train_paths(cfg: TrainConfig, tracking_uri: str) -> None:
@@ -750,6 +343,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.mlflow_run_id:
         print(f"MLflow run: {result.mlflow_run_id}")
     return 0
+
+
+def __getattr__(name: str) -> Any:
+    """``rng_seed`` (``adre_ray.training.seeds``), re-exported lazily: the training package imports torch,
+    and ``adre-ray train --help`` must not."""
+    if name == "rng_seed":
+        from adre_ray.training.seeds import rng_seed
+
+        return rng_seed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [  # the driver, and the names users and tests import from here (defined in the modules above)
+    "CHECKPOINT_PREFIX", "EPOCH_METRICS", "MLFLOW_RUN_ID_KEY", "RESUME_MAY_CHANGE", "TRACKING_URI_KEY",
+    "TRAIN_STATE_FILENAME", "FaultKill", "TrainResult", "_load_train_checkpoint", "_log_epoch",
+    "build_parser", "build_trainer", "check_resume_settings", "check_train_paths", "config_from_loop_config",
+    "default_run_name", "fault_worker_env", "latest_checkpoint", "localize_paths", "main",
+    "run_training", "stored_train_precision", "train_loop_per_worker", "train_precision",
+    "worker_group_needs",
+]
 
 
 if __name__ == "__main__":

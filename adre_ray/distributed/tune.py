@@ -24,18 +24,12 @@ metrics; status FINISHED, KILLED when ASHA stopped it, FAILED on error).
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
-import math
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from adre_ray.config import load_config, parse_overrides
 from adre_ray.config.train import TrainConfig
@@ -47,135 +41,36 @@ from adre_ray.distributed._common import (
     ray_storage,
 )
 from adre_ray.distributed.cluster import cluster_facts
-from adre_ray.distributed.train import (
-    EPOCH_METRICS,
-    MLFLOW_RUN_ID_KEY,
-    TRACKING_URI_KEY,
-    build_trainer,
-    check_train_paths,
+from adre_ray.distributed.train import build_trainer, check_train_paths
+from adre_ray.distributed.train_worker import MLFLOW_RUN_ID_KEY, TRACKING_URI_KEY
+from adre_ray.distributed.tune_results import (
+    BEST_CONFIG_FILENAME,
+    TRIAL_ID_TAG,
+    TRIALS_FILENAME,
+    SearchOutcome,
+    record_search,
+)
+from adre_ray.distributed.tune_space import (
+    check_space_against,
+    max_epochs,
+    param_space,
+    trial_base_config,
+    trial_overrides,
 )
 from adre_ray.parsers import tune_parser
 from adre_ray.storage import CREDENTIAL_ENV_VARS, storage_env
 from adre_ray.tracking import (
     DISABLED,
-    log_artifact,
     log_config,
-    log_metrics,
     mlflow_run,
     resolve_tracking_uri,
-    set_tags,
 )
-from adre_ray.training.certified_validation import metric_names
 
-TRIAL_ID_TAG = "adre_ray.trial_id"
 SEARCH_TAG = "adre_ray.search"
-BEST_CONFIG_FILENAME = "best_config.yaml"
-TRIALS_FILENAME = "trials.csv"
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 TUNE_DIRNAME = "tune"
 """Tune's experiment folder under the search's storage; ``Tuner.restore`` resumes from it."""
 """The trial function only waits on its Ray Train run: no CPU (Tune rejects an empty request)."""
-
-
-# -- search space -> Tune ------------------------------------------------------------------------------
-
-
-def tune_domain(dist: Distribution) -> Any:
-    """The Ray Tune object of one distribution (grid_search, choice, uniform, loguniform, randint)."""
-    from ray import tune
-
-    if dist.kind == "grid":
-        return tune.grid_search(list(dist.values))
-    if dist.kind == "choice":
-        return tune.choice(list(dist.values))
-    lo, hi = dist.bounds
-    if dist.kind == "uniform":
-        return tune.uniform(float(lo), float(hi))
-    if dist.kind == "loguniform":
-        return tune.loguniform(float(lo), float(hi))
-    return tune.randint(int(lo), int(hi))
-
-
-def param_space(space: TuneSpace) -> dict[str, Any]:
-    """``{dotted key: Tune domain}``: a trial's config holds the drawn value of every searched key."""
-    return {dist.key: tune_domain(dist) for dist in space.distributions()}
-
-
-def _plain(value: Any) -> Any:
-    """NumPy scalars (Tune samples them) as Python numbers, so configs validate and YAML stays plain."""
-    return value.item() if hasattr(value, "item") and getattr(value, "shape", None) == () else value
-
-
-def trial_overrides(sampled: Mapping[str, Any], dists: Sequence[Distribution], base: TrainConfig
-                    ) -> dict[str, Any]:
-    """The dotted overrides of one trial: drawn values, scaled by their ``scale_by`` key's trial value
-    (searched, else the base config's)."""
-    flat = base.flat_dict()
-    values = {d.key: _plain(sampled[d.key]) for d in dists}
-    out: dict[str, Any] = {}
-    for d in dists:
-        value = values[d.key]
-        if d.scale_by is not None:
-            value = float(value) * float(values.get(d.scale_by, flat[d.scale_by]))
-        out[d.key] = value
-    return out
-
-
-def check_space_against(space: TuneSpace, base: TrainConfig) -> None:
-    """Validate every grid / choice value and range end of the space on ``base`` (ValueError naming
-    ``search.<key>`` and the offending value), and the objective and ASHA settings."""
-    dists = space.distributions()
-    flat = base.flat_dict()
-    for d in dists:
-        scales = [1.0]
-        if d.scale_by is not None:
-            scaler = next((s for s in dists if s.key == d.scale_by), None)
-            scales = [float(v) for v in (scaler.endpoints if scaler else (flat[d.scale_by],))]
-        for value in d.endpoints:
-            for scale in scales:
-                effective = value if d.scale_by is None else float(value) * scale
-                try:
-                    base.replace(**{d.key: effective})
-                except ValueError as err:
-                    raise ValueError(f"search.{d.key}: value {effective!r} is invalid ({err})") from None
-    known = set(EPOCH_METRICS) | set(metric_names(space.validation.radius))
-    if space.metric not in known:
-        raise ValueError(f"metric={space.metric!r}: not a reported metric (known with validation.radius="
-                         f"{list(space.validation.radius)}: {', '.join(sorted(known))})")
-    if space.scheduler.name == "asha" and space.scheduler.metric not in EPOCH_METRICS:
-        raise ValueError(f"scheduler.metric={space.scheduler.metric!r}: ASHA needs a metric reported every "
-                         f"epoch ({', '.join(EPOCH_METRICS)})")
-    epochs = max_epochs(space, base)
-    if space.scheduler.max_t is not None and space.scheduler.max_t < epochs:
-        raise ValueError(f"scheduler.max_t={space.scheduler.max_t}: must be >= schedule.epochs={epochs}, "
-                         f"else ASHA stops every trial before its final epoch and none reports "
-                         f"{space.metric!r}")
-
-
-def max_epochs(space: TuneSpace, base: TrainConfig) -> int:
-    """The largest ``schedule.epochs`` any trial can have (searched or the base config's)."""
-    for d in space.distributions():
-        if d.key == "schedule.epochs":
-            return int(max(d.endpoints))
-    return base.schedule.epochs
-
-
-def trial_base_config(train: TrainConfig, space: TuneSpace, cli_overrides: Mapping[str, Any] | None = None
-                      ) -> TrainConfig:
-    """The config every trial starts from: ``train`` + space ``overrides`` + ``resources`` + ``validation``
-    (enabled as in the space) + command-line ``--set`` values (last, so they win). Local paths are made
-    absolute (trials run in other working directories)."""
-    cli = dict(cli_overrides or {})
-    searched = [key for key in cli if key in space.search]
-    if searched:
-        raise ValueError(f"--set {searched[0]}={cli[searched[0]]!r}: this key is searched by the space")
-    validation = {f"validation.{k}": v for k, v in dataclasses.asdict(space.validation).items()}
-    # one replace, validated once: later sources win, checks see the combination
-    cfg = train.replace(**{**space.overrides, **space.resources.overrides(), **validation, **cli})
-    data_dir = Path(cfg.data.data_dir).expanduser()
-    if data_dir.exists():
-        cfg = cfg.replace(**{"data.data_dir": str(data_dir.resolve())})
-    return cfg
 
 
 # -- the trial -----------------------------------------------------------------------------------------
@@ -234,18 +129,6 @@ def _earlier_run(experiment: str, tracking_uri: str, tags: Mapping[str, str]) ->
 # -- the search ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SearchOutcome:
-    """What a search produced: the output folder, the trials' table, the best trial (None if no trial
-    finished with the objective) and the MLflow parent run id ("" with tracking off)."""
-
-    output_dir: Path
-    rows: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    best_config: TrainConfig | None
-    parent_run_id: str
-
-
 def auto_max_concurrent(cfg: TrainConfig) -> int:
     """Trials the cluster holds at once: min(CPUs / CPUs per trial, GPUs / GPUs per trial), at least 1,
     counting what the autoscaler can add (its node types' maximum): pending trials' placement groups are
@@ -273,105 +156,6 @@ def _scheduler(space: TuneSpace, base: TrainConfig) -> Any:
     return ASHAScheduler(time_attr="training_iteration", metric=s.metric, mode=s.mode,
                          max_t=s.max_t or max_epochs(space, base), grace_period=s.grace_period,
                          reduction_factor=s.reduction_factor, brackets=s.brackets)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _trial_rows(results: Any, space: TuneSpace, base: TrainConfig) -> list[dict[str, Any]]:
-    """One row per trial: id, status, epochs run, searched values (effective), metrics of its last report."""
-    dists = space.distributions()
-    approx = metric_names(space.validation.radius)
-    rows = []
-    for result in results:
-        metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or Path(str(result.path)).name
-        overrides = trial_overrides(result.config, dists, base)
-        epochs_total = int(overrides.get("schedule.epochs", base.schedule.epochs))
-        done = int(metrics.get("training_iteration", 0) or 0)
-        if result.error is not None:
-            status = "ERROR"
-        elif done >= epochs_total:
-            status = "COMPLETED"
-        else:
-            status = "STOPPED"  # ASHA stopped it at a rung
-        row: dict[str, Any] = {"trial_id": trial_id, "status": status, "epochs": done}
-        row.update(overrides)
-        row[space.metric] = metrics.get(space.metric, math.nan)
-        for key in (*EPOCH_METRICS, *approx):
-            if key not in row and key != "epoch":
-                row[key] = metrics.get(key, math.nan)
-        row["time_total_s"] = metrics.get("time_total_s", math.nan)  # trial function start -> last report
-        row["finished_at"] = metrics.get("timestamp", math.nan)  # unix time of the last report
-        row["error"] = "" if result.error is None else f"{type(result.error).__name__}: {result.error}"[:500]
-        rows.append(row)
-    return rows
-
-
-def _best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The COMPLETED trial with the best finite ``metric`` (ties: the first trial)."""
-    candidates = [r for r in rows if r["status"] == "COMPLETED" and _finite(r.get(metric))]
-    if not candidates:
-        return None
-    sign = 1.0 if mode == "max" else -1.0
-    return max(candidates, key=lambda r: sign * float(r[metric]))
-
-
-def _yaml_plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _yaml_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_yaml_plain(v) for v in value]
-    return _plain(value)
-
-
-def write_best_config(path: Path, cfg: TrainConfig, best: Mapping[str, Any], metric: str) -> None:
-    """The best trial's TrainConfig as YAML (``adre-ray train --config`` reads it), with a header."""
-    header = (f"# Best trial {best['trial_id']} of an adre-ray tune search: {metric} = {best[metric]!r}\n"
-              f"# (approx_* = certified-validation ESTIMATE with small n; certify the final model for real\n"
-              f"# figures). Retrain with: adre-ray train --config {path.name}\n")
-    path.write_text(header + yaml.safe_dump(_yaml_plain(cfg.to_dict()), sort_keys=False))
-
-
-def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [key for key in row if key not in columns]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _close_child_runs(rows: list[dict[str, Any]], parent_run_id: str, experiment: str, tracking_uri: str
-                      ) -> dict[str, str]:
-    """Set each trial's MLflow run status from its Tune outcome (FINISHED, KILLED when stopped by ASHA,
-    FAILED on error): Tune stops a trial right after its last report, before it can end its run itself.
-    Returns {trial_id: run_id}."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return {}
-    runs = client.search_runs([found.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              max_results=10_000)
-    by_trial = {run.data.tags.get(TRIAL_ID_TAG, ""): run  # the newest run of a trial wins
-                for run in sorted(runs, key=lambda r: r.info.start_time or 0)}
-    final_status = {"COMPLETED": "FINISHED", "STOPPED": "KILLED", "ERROR": "FAILED"}
-    for row in rows:
-        run = by_trial.get(str(row["trial_id"]))
-        if run is None:
-            continue
-        row["mlflow_run_id"] = run.info.run_id
-        set_tags({"adre_ray.trial_status": row["status"]}, run_id=run.info.run_id, tracking_uri=tracking_uri)
-        # the trial process may have been stopped mid-way (ASHA, or the end of its last epoch): RUNNING, or
-        # FAILED from the stop signal; the trial's outcome in Tune decides
-        if run.info.status != final_status[row["status"]]:
-            client.set_terminated(run.info.run_id, status=final_status[row["status"]])
-    return {str(t): r.info.run_id for t, r in by_trial.items()}
 
 
 @contextlib.contextmanager
@@ -452,32 +236,7 @@ def run_search(train: TrainConfig, space: TuneSpace, *, cli_overrides: Mapping[s
               f"trial(s) at once; outputs in {out_dir}", flush=True)
         with _no_keys_to_trials():
             results = tuner.fit()
-        rows = _trial_rows(results, space, base)
-        if tracking_uri != DISABLED and parent_id:
-            _close_child_runs(rows, parent_id, space.experiment, tracking_uri)
-        best = _best_row(rows, space.metric, space.mode)
-        best_cfg = None
-        table = out_dir / TRIALS_FILENAME
-        write_table(table, rows)
-        summary = {"trials": len(rows), "trials_completed": sum(r["status"] == "COMPLETED" for r in rows),
-                   "trials_stopped": sum(r["status"] == "STOPPED" for r in rows),
-                   "trials_failed": sum(r["status"] == "ERROR" for r in rows)}
-        if best is not None:
-            overrides = {d.key: best[d.key] for d in dists}
-            best_cfg = base.replace(**overrides,
-                                    **{"run.name": None, "run.storage_path": base.run.storage_path})
-            write_best_config(out_dir / BEST_CONFIG_FILENAME, best_cfg, best, space.metric)
-            summary.update({f"best_{k}": v for k, v in best.items()
-                            if k.startswith("approx_") or k in EPOCH_METRICS})
-            summary[f"best_{space.metric}"] = best[space.metric]
-            set_tags({"best_trial_id": best["trial_id"], **{f"best.{k}": v for k, v in overrides.items()}},
-                     run_id=parent_id or None, tracking_uri=tracking_uri)
-        log_metrics(summary, run_id=parent_id or None, tracking_uri=tracking_uri)
-        log_artifact(table, run_id=parent_id or None, tracking_uri=tracking_uri)
-        if best_cfg is not None:
-            log_artifact(out_dir / BEST_CONFIG_FILENAME, run_id=parent_id or None, tracking_uri=tracking_uri)
-    return SearchOutcome(output_dir=out_dir, rows=rows, best=best, best_config=best_cfg,
-                         parent_run_id=parent_id)
+        return record_search(results, space, base, out_dir, parent_id=parent_id, tracking_uri=tracking_uri)
 
 
 # -- command line --------------------------------------------------------------------------------------
@@ -534,6 +293,13 @@ def _print_summary(outcome: SearchOutcome, space: TuneSpace) -> None:
     print(f"all trials:  {outcome.output_dir / TRIALS_FILENAME}")
     if outcome.parent_run_id:
         print(f"MLflow parent run: {outcome.parent_run_id}")
+
+
+__all__ = [  # the search driver, and the names users and tests import from here
+    "BEST_CONFIG_FILENAME", "SEARCH_TAG", "TRIALS_FILENAME", "TRIAL_ID_TAG", "SearchOutcome",
+    "auto_max_concurrent", "build_parser", "check_space_against", "main", "param_space", "run_search",
+    "trial_base_config", "trial_overrides",
+]
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ from adre_ray.training.losses import (
     GaussianLoss,
     LossFn,
     LossOutput,
+    LossParams,
     SmoothAdvLoss,
     build_loss,
+    loss_from_config,
+    loss_names,
+    register_loss,
     warmup_epsilon,
 )
 from adre_ray.training.schedules import SCHEDULES, build_optimizer, build_scheduler, lr_factor
@@ -19,7 +23,8 @@ from adre_ray.training.smoothed_score import draw_noise, log_smoothed_score, noi
 
 __all__ = [
     "LOSS_REGISTRY", "SCHEDULES", "AdreAdvLoss", "AdreRegLoss", "GaussianLoss", "LossFn", "LossOutput",
-    "SmoothAdvLoss", "build_loss", "build_optimizer", "build_scheduler", "draw_noise", "evaluate_under_noise",
-    "log_smoothed_score", "lr_factor", "noisy_logits", "pgd_l2_smoothed", "project_l2", "runner_up",
-    "smoothed_objective", "train_one_epoch", "unpack_batch", "warmup_epsilon",
+    "LossParams", "SmoothAdvLoss", "build_loss", "build_optimizer", "build_scheduler", "draw_noise",
+    "evaluate_under_noise", "log_smoothed_score", "loss_from_config", "loss_names", "lr_factor",
+    "noisy_logits", "pgd_l2_smoothed", "project_l2", "register_loss", "runner_up", "smoothed_objective",
+    "train_one_epoch", "unpack_batch", "warmup_epsilon",
 ]

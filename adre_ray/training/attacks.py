@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from adre_ray.config.base import check_int_at_least, check_nonnegative
+from adre_ray.training.checks import AtLeastOne, NonNegativeFloat, checked
 from adre_ray.training.compiled import local_module
 from adre_ray.training.modes import eval_mode
 from adre_ray.training.smoothed_score import log_smoothed_score, noisy_logits, runner_up
@@ -63,9 +63,9 @@ def pgd_l2_smoothed(
     so parameters' ``.grad`` are untouched. A DDP-wrapped model (compiled or not) is attacked through its
     local module (``adre_ray.training.compiled.local_module``: no gradient synchronisation in an attack).
     """
-    check_nonnegative("epsilon", epsilon)
-    check_int_at_least("steps", steps, 1)
-    check_nonnegative("lam", lam)
+    checked("epsilon", epsilon, NonNegativeFloat)
+    checked("steps", steps, AtLeastOne)
+    checked("lam", lam, NonNegativeFloat)
     x = x.detach()
     if epsilon == 0:
         return x.clone()

@@ -59,7 +59,7 @@ def _check_max_batches(max_batches: int | None) -> None:
         raise ValueError(f"max_batches={max_batches!r}: must be None or an integer >= 1")
 
 
-def train_one_epoch(
+def train_one_epoch(  # ~70 lines: 11 parameters one a line and the returned metrics documented
     model: torch.nn.Module,
     loader: Iterable,
     loss_fn: LossFn,
@@ -135,7 +135,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate_under_noise(
+def evaluate_under_noise(  # ~60 lines: 10 parameters one a line and the noise-seeding contract
     model: torch.nn.Module,
     loader: Iterable,
     sigma: float,

@@ -7,14 +7,20 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from adre_ray.config.base import (
-    SCHEDULES,
-    check,
-    check_choice,
-    check_int_at_least,
-    check_nonnegative,
-    check_positive,
+from adre_ray.training.checks import (
+    AtLeastOne,
+    AtLeastZero,
+    DecayFactor,
+    Momentum,
+    NonNegativeFloat,
+    PositiveFloat,
+    checked,
+    one_of,
+    require,
 )
+
+SCHEDULES = ("step", "cosine")
+"""Learning-rate schedules by name (``schedule.name``)."""
 
 
 def lr_factor(
@@ -49,13 +55,13 @@ def build_scheduler(
     gamma: float = 0.1,
 ) -> LambdaLR:
     """A ``LambdaLR`` with factor ``lr_factor(i, ...)``, to be stepped once per optimizer step."""
-    check_choice("schedule", name, SCHEDULES)
-    check_int_at_least("epochs", epochs, 1)
-    check_int_at_least("steps_per_epoch", steps_per_epoch, 1)
-    check_int_at_least("warmup_epochs", warmup_epochs, 0)
-    check(warmup_epochs < epochs, "warmup_epochs", warmup_epochs, f"must be < epochs={epochs}")
-    check_int_at_least("step_size", step_size, 1)
-    check(isinstance(gamma, (int, float)) and 0 < gamma <= 1, "gamma", gamma, "must lie in (0, 1]")
+    checked("schedule", name, one_of(SCHEDULES))
+    checked("epochs", epochs, AtLeastOne)
+    checked("steps_per_epoch", steps_per_epoch, AtLeastOne)
+    checked("warmup_epochs", warmup_epochs, AtLeastZero)
+    require(warmup_epochs < epochs, "warmup_epochs", warmup_epochs, f"must be < epochs={epochs}")
+    checked("step_size", step_size, AtLeastOne)
+    checked("gamma", gamma, DecayFactor)
     kwargs = dict(epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs,
                   step_size=step_size, gamma=gamma)
     return LambdaLR(optimizer, lambda iteration: lr_factor(iteration, name, **kwargs))
@@ -75,11 +81,10 @@ def build_optimizer(
     Biases and normalisation parameters (ndim <= 1) get no weight decay unless ``decay_norm_and_bias``
     (the original papers decay every parameter; set it to reproduce them exactly).
     """
-    check_positive("lr", lr)
-    check(isinstance(momentum, (int, float)) and 0 <= momentum < 1, "momentum", momentum,
-          "must lie in [0, 1)")
-    check_nonnegative("weight_decay", weight_decay)
-    check(not nesterov or momentum > 0, "nesterov", nesterov, "needs momentum > 0")
+    checked("lr", lr, PositiveFloat)
+    checked("momentum", momentum, Momentum)
+    checked("weight_decay", weight_decay, NonNegativeFloat)
+    require(not nesterov or momentum > 0, "nesterov", nesterov, "needs momentum > 0")
     params = [p for p in model.parameters() if p.requires_grad]
     if decay_norm_and_bias:
         groups = [{"params": params, "weight_decay": weight_decay}]

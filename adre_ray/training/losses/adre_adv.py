@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from adre_ray.config.base import check_choice, check_int_at_least, check_nonnegative
 from adre_ray.training.attacks import pgd_l2_smoothed
-from adre_ray.training.losses.adre_reg import PER_LOSSES
+from adre_ray.training.losses.adre_reg import AdreRegParams
 from adre_ray.training.losses.base import (
     LossFn,
     LossOutput,
     adre_reg_loss,
     first_draw_correct,
     noisy_logits,
-    warmup_epsilon,
+    register_loss,
 )
+from adre_ray.training.losses.smoothadv import PgdParams, SmoothAdvLoss
 
 
+class AdreAdvParams(AdreRegParams, PgdParams):
+    """ADRE_REG's parameters (lam, per_loss) and the attack's (epsilon, steps, warmup_epochs)."""
+
+
+@register_loss
 class AdreAdvLoss(LossFn):
     """ADRE_ADV: x~ from l2 PGD on CE(G(x'), y) - lam * CE(G(x'), yhat(x')), then ADRE_REG at x~.
 
@@ -26,26 +33,16 @@ class AdreAdvLoss(LossFn):
     """
 
     name = "adre_adv"
+    Params = AdreAdvParams
+    params: AdreAdvParams
+    lam: float
+    per_loss: str
+    steps: int
+    epsilon_at = SmoothAdvLoss.epsilon_at
 
-    def __init__(self, *, sigma: float, k: int = 1, lam: float = 0.0, per_loss: str = "mean",
-                 epsilon: float = 0.0, steps: int = 1, warmup_epochs: int = 0, label_smoothing: float = 0.0,
-                 fresh_noise: bool = False) -> None:
-        super().__init__(sigma=sigma, k=k, label_smoothing=label_smoothing)
-        check_nonnegative("lam", lam)
-        check_choice("per_loss", per_loss, PER_LOSSES)
-        check_nonnegative("epsilon", epsilon)
-        check_int_at_least("steps", steps, 1)
-        check_int_at_least("warmup_epochs", warmup_epochs, 0)
-        self.lam = float(lam)
-        self.per_loss = per_loss
-        self.epsilon = float(epsilon)
-        self.steps = int(steps)
-        self.warmup_epochs = int(warmup_epochs)
+    def __init__(self, *, fresh_noise: bool = False, **params: Any) -> None:
+        super().__init__(**params)
         self.fresh_noise = bool(fresh_noise)
-
-    def epsilon_at(self, epoch: int) -> float:
-        """Attack radius in ``epoch`` (0-based): ``epsilon * min(1, (epoch + 1) / warmup_epochs)``."""
-        return warmup_epsilon(self.epsilon, epoch, self.warmup_epochs)
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> LossOutput:
         noise = self.draw_noise(x)

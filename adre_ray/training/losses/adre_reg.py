@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from adre_ray.config.base import (
-    PER_LOSSES,
-    check_choice,
-    check_nonnegative,
+from adre_ray.training.checks import NonNegativeFloat, one_of
+from adre_ray.training.losses.base import (
+    LossFn,
+    LossOutput,
+    LossParams,
+    adre_reg_loss,
+    first_draw_correct,
+    noisy_logits,
+    register_loss,
 )
-from adre_ray.training.losses.base import LossFn, LossOutput, adre_reg_loss, first_draw_correct, noisy_logits
+
+PER_LOSSES = ("mean", "single")
+"""How l_per_i averages the k draws: mean (all of them) | single (one random j, the paper's Table 1)."""
 
 
+class AdreRegParams(LossParams):
+    """ADRE_REG's own parameters: ``lam`` >= 0, the ADRE term's weight; ``per_loss`` (:data:`PER_LOSSES`)."""
+
+    lam: NonNegativeFloat = 0.0
+    per_loss: one_of(PER_LOSSES) = "mean"  # type: ignore[valid-type]
+
+
+@register_loss
 class AdreRegLoss(LossFn):
     """ADRE_REG on one forward pass over the B*k noisy inputs.
 
@@ -22,14 +39,9 @@ class AdreRegLoss(LossFn):
     """
 
     name = "adre_reg"
-
-    def __init__(self, *, sigma: float, k: int = 1, lam: float = 0.0, per_loss: str = "mean",
-                 label_smoothing: float = 0.0) -> None:
-        super().__init__(sigma=sigma, k=k, label_smoothing=label_smoothing)
-        check_nonnegative("lam", lam)
-        check_choice("per_loss", per_loss, PER_LOSSES)
-        self.lam = float(lam)
-        self.per_loss = per_loss
+    Params = AdreRegParams
+    lam: float
+    per_loss: Literal["mean", "single"]
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> LossOutput:
         logits = noisy_logits(model, x, self.draw_noise(x))

@@ -1,14 +1,46 @@
-"""Common interface of the training losses: ``loss_fn(model, x, y, epoch) -> LossOutput``."""
+"""The one interface of a training loss, and the registry that finds a loss by name.
+
+A loss is one module: a :class:`LossParams` subclass declaring its parameters (pydantic fields with the
+rules of ``adre_ray.training.checks``) and a :class:`LossFn` subclass, decorated with
+:func:`register_loss`, whose ``__call__(model, x, y, epoch) -> LossOutput`` is what the trainer calls.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
+import pydantic
 import torch
 from torch.nn.functional import cross_entropy
 
-from adre_ray.config.base import check, check_int_at_least, check_nonnegative, check_positive
+from adre_ray.training.checks import AtLeastOne, AtLeastZero, Sigma, UnitFraction, checked, error_message
 from adre_ray.training.smoothed_score import draw_noise, log_smoothed_score, noisy_logits, runner_up
+
+
+class LossParams(pydantic.BaseModel):
+    """Parameters every loss takes: noise std ``sigma`` in (0, 100], ``k`` >= 1 noise draws per example,
+    ``label_smoothing`` in [0, 1) of the per-draw cross-entropy. A loss adds its own by subclassing."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+
+    sigma: Sigma
+    k: AtLeastOne = 1
+    label_smoothing: UnitFraction = 0.0
+
+    def check_training_use(self, name: str, prefix: str) -> None:
+        """Rules a training run needs beyond the value rules (none here; an attack needs epsilon > 0)."""
+
+
+P = TypeVar("P", bound=LossParams)
+
+
+def parse_loss_params(cls: type[P], values: dict[str, Any], prefix: str = "") -> P:
+    """``cls(**values)``, or ``ValueError("<prefix><field>=<value!r>: <requirement>")``."""
+    try:
+        return cls.model_validate(values)
+    except pydantic.ValidationError as error:
+        raise ValueError(error_message(error, prefix)) from None
 
 
 @dataclass
@@ -31,24 +63,22 @@ class LossOutput:
 
 
 class LossFn:
-    """Base class: holds sigma, k and label smoothing; draws noise and runs the one noisy forward."""
+    """Base class: ``Params`` declares the parameters (each one an attribute after construction); the
+    noise draws and the per-draw cross-entropy every loss uses live here."""
 
-    name = "base"
+    name: ClassVar[str] = "base"
+    Params: ClassVar[type[LossParams]] = LossParams
 
-    def __init__(self, *, sigma: float, k: int = 1, label_smoothing: float = 0.0) -> None:
-        check_positive("sigma", sigma)
-        check_int_at_least("k", k, 1)
-        check_nonnegative("label_smoothing", label_smoothing)
-        check(label_smoothing < 1, "label_smoothing", label_smoothing, "must be < 1")
-        self.sigma = float(sigma)
-        self.k = int(k)
-        self.label_smoothing = float(label_smoothing)
+    def __init__(self, **params: Any) -> None:
+        self.params = parse_loss_params(type(self).Params, params)
+        for key, value in self.params:
+            setattr(self, key, value)
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> LossOutput:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if key != "params")
         return f"{type(self).__name__}({fields})"
 
     def draw_noise(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,17 +120,36 @@ def adre_reg_loss(
     return loss, l_per.detach().mean(), l_adre.detach().mean()
 
 
-
-
 def warmup_epsilon(epsilon: float, epoch: int, warmup_epochs: int) -> float:
     """SmoothAdv's attack-radius warm-up: ``epsilon * min(1, (epoch + 1) / warmup_epochs)`` (0-based epoch).
 
     ``warmup_epochs = 0`` means no warm-up (the full epsilon from epoch 0).
     """
-    check_int_at_least("epoch", epoch, 0)
+    checked("epoch", epoch, AtLeastZero)
     if warmup_epochs <= 0:
         return float(epsilon)
     return float(epsilon) * min(1.0, (epoch + 1) / warmup_epochs)
 
 
-__all__ = ["LossFn", "LossOutput", "adre_reg_loss", "first_draw_correct", "noisy_logits", "warmup_epsilon"]
+L = TypeVar("L", bound=type[LossFn])
+
+LOSS_REGISTRY: dict[str, type[LossFn]] = {}
+"""Loss classes by name (``loss.name`` of a training config), in registration order."""
+
+
+def register_loss(cls: L) -> L:
+    """Class decorator: make the loss ``cls`` buildable by ``cls.name`` (``build_loss``, ``loss.name``).
+
+    Registering another class under a taken name is refused (re-registering the same class, e.g. after
+    a module reload, replaces it)."""
+    if not (isinstance(cls, type) and issubclass(cls, LossFn)) or cls.name == LossFn.name:
+        raise TypeError(f"register_loss({cls!r}): needs a LossFn subclass with its own name")
+    taken = LOSS_REGISTRY.get(cls.name)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"loss name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}")
+    LOSS_REGISTRY[cls.name] = cls
+    return cls
+
+
+__all__ = ["LOSS_REGISTRY", "LossFn", "LossOutput", "LossParams", "adre_reg_loss", "first_draw_correct",
+           "noisy_logits", "parse_loss_params", "register_loss", "warmup_epsilon"]

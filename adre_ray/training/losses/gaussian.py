@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from adre_ray.training.losses.base import LossFn, LossOutput, first_draw_correct, noisy_logits
+from adre_ray.training.losses.base import LossFn, LossOutput, first_draw_correct, noisy_logits, register_loss
 
 
+@register_loss
 class GaussianLoss(LossFn):
-    """loss = mean_i mean_j CE(f(x_i + d_ij), y_i) over k draws (k = 1: the paper's Basic training)."""
+    """loss = mean_i mean_j CE(f(x_i + d_ij), y_i) over k draws (k = 1: the paper's Basic training).
+
+    Parameters: sigma, k, label_smoothing (:class:`LossParams`)."""
 
     name = "gaussian"
 

@@ -4,11 +4,38 @@ from __future__ import annotations
 
 import torch
 
-from adre_ray.config.base import check_int_at_least, check_nonnegative
 from adre_ray.training.attacks import pgd_l2_smoothed
-from adre_ray.training.losses.base import LossFn, LossOutput, first_draw_correct, noisy_logits, warmup_epsilon
+from adre_ray.training.checks import AtLeastOne, AtLeastZero, NonNegativeFloat
+from adre_ray.training.losses.base import (
+    LossFn,
+    LossOutput,
+    LossParams,
+    first_draw_correct,
+    noisy_logits,
+    register_loss,
+    warmup_epsilon,
+)
 
 
+class PgdParams(LossParams):
+    """The l2 PGD attack's parameters: radius ``epsilon`` >= 0, ``steps`` M >= 1, and ``warmup_epochs``
+    over which the radius ramps up (0 = none)."""
+
+    epsilon: NonNegativeFloat = 0.0
+    steps: AtLeastOne = 1
+    warmup_epochs: AtLeastZero = 0
+
+    def epsilon_at(self, epoch: int) -> float:
+        """Attack radius in ``epoch`` (0-based): ``epsilon * min(1, (epoch + 1) / warmup_epochs)``."""
+        return warmup_epsilon(self.epsilon, epoch, self.warmup_epochs)
+
+    def check_training_use(self, name: str, prefix: str) -> None:
+        """A training run of an attack loss needs a radius: epsilon > 0."""
+        if not self.epsilon > 0:
+            raise ValueError(f"{prefix}epsilon={self.epsilon!r}: must be > 0 for {prefix}name={name!r}")
+
+
+@register_loss
 class SmoothAdvLoss(LossFn):
     """SmoothAdv's "PGD_k" training with k noise draws (Salman et al.'s multi-noise variant).
 
@@ -18,20 +45,15 @@ class SmoothAdvLoss(LossFn):
     """
 
     name = "smoothadv"
-
-    def __init__(self, *, sigma: float, k: int = 1, epsilon: float = 0.0, steps: int = 1,
-                 warmup_epochs: int = 0, label_smoothing: float = 0.0) -> None:
-        super().__init__(sigma=sigma, k=k, label_smoothing=label_smoothing)
-        check_nonnegative("epsilon", epsilon)
-        check_int_at_least("steps", steps, 1)
-        check_int_at_least("warmup_epochs", warmup_epochs, 0)
-        self.epsilon = float(epsilon)
-        self.steps = int(steps)
-        self.warmup_epochs = int(warmup_epochs)
+    Params = PgdParams
+    params: PgdParams
+    epsilon: float
+    steps: int
+    warmup_epochs: int
 
     def epsilon_at(self, epoch: int) -> float:
         """Attack radius in ``epoch`` (0-based): ``epsilon * min(1, (epoch + 1) / warmup_epochs)``."""
-        return warmup_epsilon(self.epsilon, epoch, self.warmup_epochs)
+        return self.params.epsilon_at(epoch)
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: int) -> LossOutput:
         noise = self.draw_noise(x)
