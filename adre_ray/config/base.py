@@ -18,36 +18,36 @@ import json
 import math
 import types
 import typing
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from adre_ray.checks import (  # noqa: F401  (the core's checks, re-exported for the configs)
+    MAX_INT,
+    check,
+    check_choice,
+    check_finite,
+    check_int_at_least,
+    check_nonnegative,
+    check_open_unit,
+    check_positive,
+)
+from adre_ray.data.info import DATASETS  # noqa: F401
+from adre_ray.models.formats import IMPORT_FORMATS  # noqa: F401
+from adre_ray.precision import PRECISIONS, check_precision, effective_precision  # noqa: F401
+from adre_ray.smoothing import params as smoothing_params
+from adre_ray.smoothing.params import DEFAULT_GRID, MAX_SIGMA, TCERTIFY_MODES  # noqa: F401
+
 if typing.TYPE_CHECKING:
     import pydantic
 
 C = TypeVar("C", bound="JobConfig")
 
-DATASETS = ("cifar10", "imagenet", "arrays")
-"""``arrays``: any fixed-shape samples given as .npz / Parquet arrays (adre_ray.data.arrays)."""
-IMPORT_FORMATS = ("smoothing", "torchvision")
-"""Checkpoint formats ``adre-ray import-checkpoint`` reads (``adre_ray.models.importers``)."""
 LOSSES = ("gaussian", "adre_reg", "smoothadv", "adre_adv")
-TCERTIFY_MODES = ("paper", "bonferroni", "pilot")
 PER_LOSSES = ("mean", "single")
 SCHEDULES = ("step", "cosine")
-DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-MAX_SIGMA = 100.0
-"""Largest noise std accepted. Images live in [0, 1], so at sigma = 100 the noise is 100 times the whole
-pixel range: the smoothed classifier's vote is that of pure noise (the literature's sigmas are 0.12 to
-1.0). Anything above is a typo, and values near float32's limit (sigma * N(0, 1) noise of ~3e38) would
-overflow to inf inside an actor, after Ray started."""
-
-MAX_INT = 2**63 - 1
-"""Largest integer a field takes (torch and numpy count and seed with int64)."""
 
 
 def config_field(default: Any, help: str) -> Any:
@@ -69,81 +69,8 @@ def field_help(cls: type, name: str) -> str:
     raise KeyError(name)
 
 
-def check(condition: bool, field: str, value: Any, requirement: str) -> None:
-    """Raise ``ValueError("<field>=<value!r>: <requirement>")`` unless ``condition``."""
-    if not condition:
-        raise ValueError(f"{field}={value!r}: {requirement}")
-
-
-def check_finite(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), field,
-          value, "must be a finite number")
-
-
-def check_positive(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, field, value,
-          "must be a finite number > 0")
-
-
-def check_nonnegative(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, field, value,
-          "must be a finite number >= 0")
-
-
-def check_int_at_least(field: str, value: int, low: int) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_INT, field, value,
-          f"must be an integer >= {low} (at most 2**63 - 1)")
-
-
-def check_sigma(field: str, value: float) -> None:
-    """A usable noise std: finite, > 0 and <= ``MAX_SIGMA``."""
-    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and 0 < value <= MAX_SIGMA, field, value, f"must be a finite number in (0, {MAX_SIGMA:g}]")
-
-
-def check_open_unit(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and 0 < value < 1, field, value,
-          "must lie in the open interval (0, 1)")
-
-
-def check_choice(field: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    check(value in choices, field, value, f"must be one of {', '.join(choices)}")
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-"""adre_ray.precision.PRECISIONS: auto = bf16 autocast on GPU, fp32 on CPU."""
-
-
-def check_precision(prefix: str, precision: str, amp: bool | None) -> str:
-    """The precision setting of a job, after checking it with the deprecated ``amp`` (None = not given).
-
-    ``amp`` (before ``precision`` existed: bf16 autocast on GPU, CPU always fp32) maps to ``auto`` (true)
-    or ``fp32`` (false), with a ``FutureWarning``; ``amp`` and a non-auto ``precision`` together are
-    refused, naming both.
-    """
-    check_choice(f"{prefix}precision", precision, PRECISIONS)
-    if amp is None:
-        return precision
-    check(isinstance(amp, bool), f"{prefix}amp", amp, "must be true or false (deprecated: use precision)")
-    if precision != "auto":
-        raise ValueError(f"{prefix}amp={amp!r} and {prefix}precision={precision!r}: both given; {prefix}amp "
-                         f"is deprecated, set only {prefix}precision (auto | fp32 | bf16)")
-    warnings.warn(f"{prefix}amp={amp!r} is deprecated: read as {prefix}precision="
-                  f"{effective_precision(precision, amp)!r}; set {prefix}precision (auto | fp32 | bf16) "
-                  "instead", FutureWarning, stacklevel=3)
-    return effective_precision(precision, amp)
-
-
-def effective_precision(precision: str, amp: bool | None) -> str:
-    """``precision``, or what the deprecated ``amp`` meant: true = auto, false = fp32."""
-    return precision if amp is None else ("auto" if amp else "fp32")
-
-
 def check_grid(field: str, grid: Sequence[float]) -> None:
-    check(len(grid) > 0, field, grid, "must hold at least one value")
-    for t in grid:
-        check(isinstance(t, (int, float)) and 0 < t <= 1, field, grid, f"value {t!r} lies outside (0, 1]")
+    smoothing_params.check_grid(grid, field)
 
 
 class JobConfig:

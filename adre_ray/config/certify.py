@@ -14,18 +14,17 @@ from dataclasses import dataclass
 from adre_ray.config.base import (
     DATASETS,
     DEFAULT_GRID,
-    MAX_SIGMA,
     TCERTIFY_MODES,
     JobConfig,
     check,
     check_choice,
     check_grid,
     check_int_at_least,
-    check_open_unit,
     check_precision,
     config_field,
     effective_precision,
 )
+from adre_ray.smoothing.params import check_alpha, check_draws, check_sigma
 
 SPLITS = ("train", "test")
 PB_BOUNDS = ("sum", "max")
@@ -171,12 +170,13 @@ class CertifyConfig(JobConfig):
         if self.num_classes is not None:
             check_int_at_least("num_classes", self.num_classes, 2)
         if self.sigma is not None:
-            check(isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
-                  and math.isfinite(self.sigma) and 0 < self.sigma <= MAX_SIGMA, "sigma", self.sigma,
-                  f"must be a finite number in (0, {MAX_SIGMA:g}] (or null to take it from the checkpoint)")
-        check_int_at_least("n0", self.n0, 1)
-        check_int_at_least("n", self.n, 1)
-        check_open_unit("alpha", self.alpha)
+            try:
+                check_sigma(self.sigma)
+            except ValueError as err:
+                raise ValueError(f"{err} (or null to take it from the checkpoint)") from None
+        check_draws(self.n0, "n0")
+        check_draws(self.n, "n")
+        check_alpha(self.alpha)
         check_int_at_least("start", self.start, 0)
         check_int_at_least("skip", self.skip, 1)
         if self.max_images is not None:

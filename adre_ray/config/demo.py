@@ -11,11 +11,10 @@ from adre_ray.config.base import (
     check_choice,
     check_int_at_least,
     check_nonnegative,
-    check_open_unit,
     check_positive,
-    check_sigma,
     config_field,
 )
+from adre_ray.smoothing.params import check_alpha, check_sigma
 
 
 @dataclass
@@ -55,9 +54,9 @@ class DemoConfig(JobConfig):
             check_int_at_least(name, getattr(self, name), 1)
         check_int_at_least("seed", self.seed, 0)
         check_positive("lr", self.lr)
-        check_sigma("sigma", self.sigma)
+        check_sigma(self.sigma, "sigma")
         check_nonnegative("lam", self.lam)
-        check_open_unit("alpha", self.alpha)
+        check_alpha(self.alpha)
         check_choice("tcertify_mode", self.tcertify_mode, TCERTIFY_MODES)
         check(self.batch_size % self.num_workers == 0, "batch_size", self.batch_size,
               f"must be divisible by num_workers={self.num_workers}")

@@ -24,11 +24,11 @@ from adre_ray.config.base import (
     check_nonnegative,
     check_positive,
     check_precision,
-    check_sigma,
     config_field,
     effective_precision,
 )
-from adre_ray.config.tune import ValidationSection
+from adre_ray.config.validation import ValidationSection
+from adre_ray.smoothing.params import check_sigma
 
 DATA_SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
 DATA_LOADERS = ("auto", "ray_data", "torch")
@@ -280,7 +280,7 @@ class TrainConfig(JobConfig):
     def _validate_loss(self) -> None:
         loss = self.loss
         check_choice("loss.name", loss.name, LOSSES)
-        check_sigma("loss.sigma", loss.sigma)
+        check_sigma(loss.sigma, "loss.sigma")
         check_int_at_least("loss.k", loss.k, 1)
         check_nonnegative("loss.lam", loss.lam)
         check_choice("loss.per_loss", loss.per_loss, PER_LOSSES)
