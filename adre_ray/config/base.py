@@ -76,7 +76,14 @@ def check_grid(field: str, grid: Sequence[float]) -> None:
 class JobConfig:
     """Mixin for job dataclasses: YAML/CLI loading, dict round trip, validation hook."""
 
-    def validate(self) -> None:  # overridden by subclasses
+    def validate(self) -> None:
+        """Check a config built in Python (``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) as
+        ``from_dict`` checks a loaded one: every declared field constraint, then ``check_together``."""
+        _build(type(self), self.to_dict(), parse_text=False)
+        self.check_together()
+
+    def check_together(self) -> None:  # overridden by configs whose fields constrain each other
+        """Rules that involve several fields; ``ValueError("<field>=<value>: <why>")``."""
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,7 +96,7 @@ class JobConfig:
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
         obj = _build(cls, data)
-        obj.validate()
+        obj.check_together()
         return obj
 
     def replace(self: C, **changes: Any) -> C:
@@ -301,15 +308,45 @@ def _section_fields(cls: type, path: Sequence[Any]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _build(cls: type, data: Mapping[str, Any]) -> Any:
+def _declared(cls: type, loc: Sequence[str]) -> Any:
+    """The declared type (``Annotated`` metadata kept) of the field at ``loc``, None if there is none."""
+    tp: Any = cls
+    for part in loc:
+        nested = [b for b in _base_types(tp) if dataclasses.is_dataclass(b)]
+        if not nested:
+            return None
+        tp = typing.get_type_hints(nested[0], include_extras=True).get(part)
+    return tp
+
+
+def _requirement(cls: type, loc: Sequence[str], error: Mapping[str, Any]) -> tuple[str, Any]:
+    """``(why, value)`` for a value the declared constraint of field ``loc`` refused: the field's
+    ``Rule``, or a ``Literal``'s choices; a float field's value shown as a float."""
+    tp = _declared(cls, loc)
+    value = error["input"]
+    for arg in _base_types(tp):
+        if typing.get_origin(arg) is typing.Literal:
+            return f"must be one of {', '.join(map(str, typing.get_args(arg)))}", value
+        if typing.get_origin(arg) is typing.Annotated:
+            base, *metadata = typing.get_args(arg)
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            for item in metadata:
+                if type(item).__name__ == "Rule":
+                    return item.why, value
+    return str(error["msg"]), value
+
+
+def _build(cls: type, data: Mapping[str, Any], parse_text: bool = True) -> Any:
     """``cls`` built from ``data`` by pydantic in strict mode (JSON semantics: a number is never taken
     from a bool, an integer never from a fraction, a string never from a number) after the text of
-    numeric, bool and null fields was parsed. Raises ``ValueError("<dotted.field>=<value!r>: ...")``."""
+    numeric, bool and null fields was parsed; every declared field constraint is checked here.
+    Raises ``ValueError("<dotted.field>=<value!r>: <why>")`` naming the first refused field."""
     if not isinstance(data, Mapping):
         raise ValueError(f"config={data!r}: must be a mapping")
     import pydantic
 
-    prepared = _parse_text_values(cls, data)
+    prepared = _parse_text_values(cls, data) if parse_text else dict(data)
     try:
         encoded = json.dumps(prepared, allow_nan=True)
     except (TypeError, ValueError) as err:
@@ -318,16 +355,25 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
     try:
         return _adapter(cls).validate_json(encoded, strict=True)
     except pydantic.ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        loc = [str(part) for part in first["loc"] if not isinstance(part, int)]
-        name = ".".join(loc) or "config"
-        if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            known = _section_fields(cls, loc[:-1])
-            raise ValueError(f"{name}={first['input']!r}: unknown config key "
-                             f"(known in this section: {', '.join(sorted(known))})") from None
-        requirement = _TYPE_REQUIREMENTS.get(first["type"], first["msg"])
-        raise ValueError(f"{name}={_error_value(data, first['loc'], first['input'])!r}: "
-                         f"{requirement}") from None
+        raise _named_error(cls, data, err.errors(include_url=False)[0]) from None
+
+
+def _named_error(cls: type, data: Mapping[str, Any], error: Mapping[str, Any]) -> ValueError:
+    """pydantic's first error as ``ValueError("<dotted.field>=<value!r>: <why>")``."""
+    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
+    name = ".".join(loc) or "config"
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = _section_fields(cls, loc[:-1])
+        return ValueError(f"{name}={error['input']!r}: unknown config key "
+                          f"(known in this section: {', '.join(sorted(known))})")
+    if error["type"] == "value_error":  # a core check: it named the field (its last part) and the value
+        section = "".join(f"{part}." for part in loc[:-1])
+        return ValueError(f"{section}{error['ctx']['error']}")
+    if error["type"] in _TYPE_REQUIREMENTS:
+        return ValueError(f"{name}={_error_value(data, error['loc'], error['input'])!r}: "
+                          f"{_TYPE_REQUIREMENTS[error['type']]}")
+    why, value = _requirement(cls, loc, error)
+    return ValueError(f"{name}={value!r}: {why}")
 
 
 def _error_value(data: Any, loc: Sequence[Any], fallback: Any) -> Any:

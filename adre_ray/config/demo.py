@@ -47,7 +47,7 @@ class DemoConfig(JobConfig):
     seed: int = config_field(0, "seed of training and noise")
     experiment: str = config_field("adre-demo", "MLflow experiment")
 
-    def validate(self) -> None:
+    def check_together(self) -> None:
         check(bool(self.output_dir), "output_dir", self.output_dir, "must be a folder path")
         for name in ("train_subset", "test_subset", "epochs", "batch_size", "k", "num_workers", "num_images",
                      "skip", "n0", "n", "num_actors", "cert_batch_size"):

@@ -200,7 +200,7 @@ class TrainConfig(JobConfig):
         """batch_size / num_workers (validate() guarantees it divides)."""
         return self.batch_size // self.scaling.num_workers
 
-    def validate(self) -> None:
+    def check_together(self) -> None:
         """Raise ``ValueError("<section.field>=<value>: <requirement>")`` for the first bad field."""
         from adre_ray.models import check_model_name  # the registry (imports torch), lazily
         from adre_ray.models.model_fn import check_model_fn_spec

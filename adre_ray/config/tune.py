@@ -200,7 +200,7 @@ class TuneSpace(JobConfig):
     def distributions(self) -> list[Distribution]:
         return [parse_distribution(str(key), spec) for key, spec in self.search.items()]
 
-    def validate(self) -> None:
+    def check_together(self) -> None:
         """Raise ``ValueError("<field>=<value>: <requirement>")`` for the first bad field or search key."""
         if self.name is not None:
             check(isinstance(self.name, str) and self.name.strip() != "" and "/" not in self.name, "name",
