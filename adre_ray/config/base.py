@@ -242,7 +242,7 @@ def _parse_value(tp: Any, value: Any) -> Any:
         if isinstance(value, str):
             return parse_number(value, base)
         return _integral_float(value) if base is int else value
-    if base is str:
+    if base is str or typing.get_origin(base) is typing.Literal:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         return value
