@@ -57,6 +57,7 @@ def _check_radii(value: tuple[float, ...], field: str) -> None:
 
 SigmaOrCheckpoint = Annotated[float, core_check(_check_sigma_or_checkpoint)]
 Radii = Annotated[tuple[float, ...], core_check(_check_radii)]
+ClassCount = int_at_least(2)
 Radius = finite("must be a finite radius >= 0 (or null)", ge=0)
 PositiveSeconds = finite("must be a finite number of seconds > 0", gt=0)
 DataFolder = named("must name the dataset folder")
@@ -84,7 +85,7 @@ class CertifyConfig(JobConfig):
     data_dir: DataFolder = config_field(
         "data/cifar10", "dataset folder (adre_ray.data.load_images); for arrays the "
                         ".npz / .parquet file or its folder")
-    num_classes: int_at_least(2) | None = config_field(
+    num_classes: ClassCount | None = config_field(
         None, "class count; null = the dataset's, else the checkpoint's, else the model's output size "
               "(read on the first batch)")
     split: Literal[SPLITS] = config_field("test", "split to certify: train | test")

@@ -61,7 +61,8 @@ Alpha = Annotated[float, core_check(params.check_alpha)]
 Draws = Annotated[int, core_check(params.check_draws)]
 Grid = Annotated[tuple[float, ...], core_check(params.check_grid)]
 Count = int_at_least(1)
-Seed = int_at_least(0)
+NonNegativeInt = int_at_least(0)
+Seed = NonNegativeInt
 PositiveNumber = finite("must be a finite number > 0", gt=0)
 NonNegativeNumber = finite("must be a finite number >= 0", ge=0)
 Seconds = finite("must be a finite number of seconds >= 0", ge=0)
