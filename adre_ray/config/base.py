@@ -78,9 +78,14 @@ class JobConfig:
 
     def validate(self) -> None:
         """Check a config built in Python (``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) as
-        ``from_dict`` checks a loaded one: every declared field constraint, then ``check_together``."""
-        _build(type(self), self.to_dict(), parse_text=False)
+        ``from_dict`` checks a loaded one: every declared field constraint, then ``check_together``. A
+        config checked at the edge (``load_config``, ``from_dict``) and unchanged since is not re-checked."""
+        values = self.to_dict()
+        if getattr(self, "_validated_as", None) == values:
+            return
+        _build(type(self), values, parse_text=False)
         self.check_together()
+        self._validated_as = values
 
     def check_together(self) -> None:  # overridden by configs whose fields constrain each other
         """Rules that involve several fields; ``ValueError("<field>=<value>: <why>")``."""
@@ -97,6 +102,7 @@ class JobConfig:
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
         obj = _build(cls, data)
         obj.check_together()
+        obj._validated_as = obj.to_dict()
         return obj
 
     def replace(self: C, **changes: Any) -> C:

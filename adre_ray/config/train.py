@@ -37,10 +37,6 @@ DATA_LOADERS = ("auto", "ray_data", "torch")
 ADVERSARIAL_LOSSES = ("smoothadv", "adre_adv")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_run_name(value: str, field: str) -> None:
     check("/" not in value and "\\" not in value, field, value, "must not contain a slash")
 

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field
 
-from adre_ray.checks import check
+from adre_ray.checks import check, is_number
 from adre_ray.config.base import JobConfig, _field_paths, config_field, parse_number
 from adre_ray.config.fields import Count, PositiveNumber, Rule, Seed, named, non_empty
 from adre_ray.config.train import TrainConfig
@@ -116,7 +116,7 @@ class Distribution:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def parse_distribution(key: str, spec: Any) -> Distribution:
