@@ -5,7 +5,11 @@ Every tunable of a job is a field here and nowhere else. ``load_config(TrainConf
 applies ``key=value`` overrides (values parsed as YAML scalars/lists) and per-job flag values (text),
 builds the dataclass with pydantic (strict types; text given to a numeric, bool or null field is parsed
 first, so ``1e-5``, ``1E-5``, ``0.00001`` and ``100_000`` all work although YAML 1.1 reads ``1e-5`` as
-a string) and runs its ``validate()``, which raises ``ValueError("<dotted.field>=<value!r>: <why>")``.
+a string). pydantic checks the constraint declared on each field (``adre_ray.config.fields``), then the
+config's ``check_together`` the rules between fields; the first refusal is raised as
+``ValueError("<dotted.field>=<value!r>: <why>")``. The generic checks and the vocabulary imported below
+belong to the core (``adre_ray.checks``, ``adre_ray.smoothing.params``, ...); they are re-exported here
+for the modules that still import them from the config package.
 """
 
 from __future__ import annotations
