@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adre_ray.config import load_config
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.config.demo import DemoConfig
-from adre_ray.config.flags import SuggestingParser, add_field_flags, flag_values
+from adre_ray.config.flags import SuggestingParser, add_field_flags, load_from_args
 from adre_ray.config.train import TrainConfig
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -214,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        cfg = load_config(DemoConfig, args.config, list(args.set), values=flag_values(args, DemoConfig))
+        cfg = load_from_args(DemoConfig, args)
         result = run_demo(cfg)
     except ValueError as err:
         print(f"adre-ray demo: error: {err}", file=sys.stderr)

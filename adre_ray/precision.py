@@ -9,14 +9,43 @@ and the bounds are always computed in fp32 (adre_ray.training.losses cast the lo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+from adre_ray.checks import check, check_choice
 
 if TYPE_CHECKING:  # torch is imported where a dtype is needed: the Ray driver resolves without it
     import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
+"""auto = bf16 autocast on GPU, fp32 on CPU."""
 RESOLVED = ("fp32", "bf16")
+
+
+def effective_precision(precision: str, amp: bool | None) -> str:
+    """``precision``, or what the deprecated ``amp`` meant: true = auto, false = fp32."""
+    return precision if amp is None else ("auto" if amp else "fp32")
+
+
+def check_precision(prefix: str, precision: str, amp: bool | None) -> str:
+    """The precision setting of a job, after checking it with the deprecated ``amp`` (None = not given).
+
+    ``amp`` (before ``precision`` existed: bf16 autocast on GPU, CPU always fp32) maps to ``auto`` (true)
+    or ``fp32`` (false), with a ``FutureWarning``; ``amp`` and a non-auto ``precision`` together are
+    refused, naming both.
+    """
+    check_choice(f"{prefix}precision", precision, PRECISIONS)
+    if amp is None:
+        return precision
+    check(isinstance(amp, bool), f"{prefix}amp", amp, "must be true or false (deprecated: use precision)")
+    if precision != "auto":
+        raise ValueError(f"{prefix}amp={amp!r} and {prefix}precision={precision!r}: both given; {prefix}amp "
+                         f"is deprecated, set only {prefix}precision (auto | fp32 | bf16)")
+    warnings.warn(f"{prefix}amp={amp!r} is deprecated: read as {prefix}precision="
+                  f"{effective_precision(precision, amp)!r}; set {prefix}precision (auto | fp32 | bf16) "
+                  "instead", FutureWarning, stacklevel=3)
+    return effective_precision(precision, amp)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

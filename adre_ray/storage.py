@@ -119,6 +119,23 @@ def list_files(folder: str | os.PathLike[str]) -> list[str]:
     return sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
 
 
+def walk_files(folder: str | os.PathLike[str]) -> tuple[str, list[pafs.FileInfo]]:
+    """``(root, infos)``: every file below ``folder`` at any depth ([] when it does not exist), as
+    pyarrow ``FileInfo`` whose ``path`` is inside the filesystem of ``resolve(folder)`` (``root``: the
+    folder's own path there, no trailing slash). ``OSError`` when the store refuses the listing."""
+    fs, inner = resolve(folder)
+    root = inner.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return root, [info for info in infos if info.type == pafs.FileType.File]
+
+
+def as_uri_of(folder: str | os.PathLike[str], inner_path: str) -> str:
+    """``inner_path`` (a path inside ``resolve(folder)``'s filesystem) written the way ``folder`` is: with
+    the folder's scheme for a URI (``s3://bucket/key``), as it is for a local path."""
+    text = str(folder)
+    return f"{urlsplit(text).scheme}://{inner_path}" if is_remote(text) else inner_path
+
+
 def read_bytes(path: str | os.PathLike[str]) -> bytes:
     fs, inner = resolve(path)
     with fs.open_input_stream(inner) as stream:

@@ -5,7 +5,11 @@ Every tunable of a job is a field here and nowhere else. ``load_config(TrainConf
 applies ``key=value`` overrides (values parsed as YAML scalars/lists) and per-job flag values (text),
 builds the dataclass with pydantic (strict types; text given to a numeric, bool or null field is parsed
 first, so ``1e-5``, ``1E-5``, ``0.00001`` and ``100_000`` all work although YAML 1.1 reads ``1e-5`` as
-a string) and runs its ``validate()``, which raises ``ValueError("<dotted.field>=<value!r>: <why>")``.
+a string). pydantic checks the constraint declared on each field (``adre_ray.config.fields``), then the
+config's ``check_together`` the rules between fields; the first refusal is raised as
+``ValueError("<dotted.field>=<value!r>: <why>")``. The generic checks and the vocabulary imported below
+belong to the core (``adre_ray.checks``, ``adre_ray.smoothing.params``, ...); they are re-exported here
+for the modules that still import them from the config package.
 """
 
 from __future__ import annotations
@@ -18,36 +22,35 @@ import json
 import math
 import types
 import typing
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from adre_ray.checks import (  # noqa: F401  (the core's checks, re-exported for the configs)
+    MAX_INT,
+    check,
+    check_choice,
+    check_finite,
+    check_int_at_least,
+    check_nonnegative,
+    check_open_unit,
+    check_positive,
+)
+from adre_ray.data.info import DATASETS  # noqa: F401
+from adre_ray.models.formats import IMPORT_FORMATS  # noqa: F401
+from adre_ray.precision import PRECISIONS, check_precision, effective_precision  # noqa: F401
+from adre_ray.smoothing import params as smoothing_params
+from adre_ray.smoothing.params import DEFAULT_GRID, MAX_SIGMA, TCERTIFY_MODES  # noqa: F401
+from adre_ray.training.names import BUILT_IN_LOSSES as LOSSES  # noqa: F401
+from adre_ray.training.names import PER_LOSSES, SCHEDULES  # noqa: F401
+
 if typing.TYPE_CHECKING:
     import pydantic
 
 C = TypeVar("C", bound="JobConfig")
 
-DATASETS = ("cifar10", "imagenet", "arrays")
-"""``arrays``: any fixed-shape samples given as .npz / Parquet arrays (adre_ray.data.arrays)."""
-IMPORT_FORMATS = ("smoothing", "torchvision")
-"""Checkpoint formats ``adre-ray import-checkpoint`` reads (``adre_ray.models.importers``)."""
-LOSSES = ("gaussian", "adre_reg", "smoothadv", "adre_adv")
-TCERTIFY_MODES = ("paper", "bonferroni", "pilot")
-PER_LOSSES = ("mean", "single")
-SCHEDULES = ("step", "cosine")
-DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-MAX_SIGMA = 100.0
-"""Largest noise std accepted. Images live in [0, 1], so at sigma = 100 the noise is 100 times the whole
-pixel range: the smoothed classifier's vote is that of pure noise (the literature's sigmas are 0.12 to
-1.0). Anything above is a typo, and values near float32's limit (sigma * N(0, 1) noise of ~3e38) would
-overflow to inf inside an actor, after Ray started."""
-
-MAX_INT = 2**63 - 1
-"""Largest integer a field takes (torch and numpy count and seed with int64)."""
 
 
 def config_field(default: Any, help: str) -> Any:
@@ -69,87 +72,26 @@ def field_help(cls: type, name: str) -> str:
     raise KeyError(name)
 
 
-def check(condition: bool, field: str, value: Any, requirement: str) -> None:
-    """Raise ``ValueError("<field>=<value!r>: <requirement>")`` unless ``condition``."""
-    if not condition:
-        raise ValueError(f"{field}={value!r}: {requirement}")
-
-
-def check_finite(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), field,
-          value, "must be a finite number")
-
-
-def check_positive(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, field, value,
-          "must be a finite number > 0")
-
-
-def check_nonnegative(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, field, value,
-          "must be a finite number >= 0")
-
-
-def check_int_at_least(field: str, value: int, low: int) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_INT, field, value,
-          f"must be an integer >= {low} (at most 2**63 - 1)")
-
-
-def check_sigma(field: str, value: float) -> None:
-    """A usable noise std: finite, > 0 and <= ``MAX_SIGMA``."""
-    check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and 0 < value <= MAX_SIGMA, field, value, f"must be a finite number in (0, {MAX_SIGMA:g}]")
-
-
-def check_open_unit(field: str, value: float) -> None:
-    check(isinstance(value, (int, float)) and 0 < value < 1, field, value,
-          "must lie in the open interval (0, 1)")
-
-
-def check_choice(field: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    check(value in choices, field, value, f"must be one of {', '.join(choices)}")
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-"""adre_ray.precision.PRECISIONS: auto = bf16 autocast on GPU, fp32 on CPU."""
-
-
-def check_precision(prefix: str, precision: str, amp: bool | None) -> str:
-    """The precision setting of a job, after checking it with the deprecated ``amp`` (None = not given).
-
-    ``amp`` (before ``precision`` existed: bf16 autocast on GPU, CPU always fp32) maps to ``auto`` (true)
-    or ``fp32`` (false), with a ``FutureWarning``; ``amp`` and a non-auto ``precision`` together are
-    refused, naming both.
-    """
-    check_choice(f"{prefix}precision", precision, PRECISIONS)
-    if amp is None:
-        return precision
-    check(isinstance(amp, bool), f"{prefix}amp", amp, "must be true or false (deprecated: use precision)")
-    if precision != "auto":
-        raise ValueError(f"{prefix}amp={amp!r} and {prefix}precision={precision!r}: both given; {prefix}amp "
-                         f"is deprecated, set only {prefix}precision (auto | fp32 | bf16)")
-    warnings.warn(f"{prefix}amp={amp!r} is deprecated: read as {prefix}precision="
-                  f"{effective_precision(precision, amp)!r}; set {prefix}precision (auto | fp32 | bf16) "
-                  "instead", FutureWarning, stacklevel=3)
-    return effective_precision(precision, amp)
-
-
-def effective_precision(precision: str, amp: bool | None) -> str:
-    """``precision``, or what the deprecated ``amp`` meant: true = auto, false = fp32."""
-    return precision if amp is None else ("auto" if amp else "fp32")
-
-
 def check_grid(field: str, grid: Sequence[float]) -> None:
-    check(len(grid) > 0, field, grid, "must hold at least one value")
-    for t in grid:
-        check(isinstance(t, (int, float)) and 0 < t <= 1, field, grid, f"value {t!r} lies outside (0, 1]")
+    smoothing_params.check_grid(grid, field)
 
 
 class JobConfig:
     """Mixin for job dataclasses: YAML/CLI loading, dict round trip, validation hook."""
 
-    def validate(self) -> None:  # overridden by subclasses
+    def validate(self) -> None:
+        """Check a config built in Python (``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) as
+        ``from_dict`` checks a loaded one: every declared field constraint, then ``check_together``. A
+        config checked at the edge (``load_config``, ``from_dict``) and unchanged since is not re-checked."""
+        values = self.to_dict()
+        if getattr(self, "_validated_as", None) == values:
+            return
+        _build(type(self), values, parse_text=False)
+        self.check_together()
+        self._validated_as = values
+
+    def check_together(self) -> None:  # overridden by configs whose fields constrain each other
+        """Rules that involve several fields; ``ValueError("<field>=<value>: <why>")``."""
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,7 +104,8 @@ class JobConfig:
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
         obj = _build(cls, data)
-        obj.validate()
+        obj.check_together()
+        obj._validated_as = obj.to_dict()
         return obj
 
     def replace(self: C, **changes: Any) -> C:
@@ -308,7 +251,7 @@ def _parse_value(tp: Any, value: Any) -> Any:
         if isinstance(value, str):
             return parse_number(value, base)
         return _integral_float(value) if base is int else value
-    if base is str:
+    if base is str or typing.get_origin(base) is typing.Literal:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         return value
@@ -374,15 +317,45 @@ def _section_fields(cls: type, path: Sequence[Any]) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _build(cls: type, data: Mapping[str, Any]) -> Any:
+def _declared(cls: type, loc: Sequence[str]) -> Any:
+    """The declared type (``Annotated`` metadata kept) of the field at ``loc``, None if there is none."""
+    tp: Any = cls
+    for part in loc:
+        nested = [b for b in _base_types(tp) if dataclasses.is_dataclass(b)]
+        if not nested:
+            return None
+        tp = typing.get_type_hints(nested[0], include_extras=True).get(part)
+    return tp
+
+
+def _requirement(cls: type, loc: Sequence[str], error: Mapping[str, Any]) -> tuple[str, Any]:
+    """``(why, value)`` for a value the declared constraint of field ``loc`` refused: the field's
+    ``Rule``, or a ``Literal``'s choices; a float field's value shown as a float."""
+    tp = _declared(cls, loc)
+    value = error["input"]
+    for arg in _base_types(tp):
+        if typing.get_origin(arg) is typing.Literal:
+            return f"must be one of {', '.join(map(str, typing.get_args(arg)))}", value
+        if typing.get_origin(arg) is typing.Annotated:
+            base, *metadata = typing.get_args(arg)
+            if base is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            for item in metadata:
+                if type(item).__name__ == "Rule":
+                    return item.why, value
+    return str(error["msg"]), value
+
+
+def _build(cls: type, data: Mapping[str, Any], parse_text: bool = True) -> Any:
     """``cls`` built from ``data`` by pydantic in strict mode (JSON semantics: a number is never taken
     from a bool, an integer never from a fraction, a string never from a number) after the text of
-    numeric, bool and null fields was parsed. Raises ``ValueError("<dotted.field>=<value!r>: ...")``."""
+    numeric, bool and null fields was parsed; every declared field constraint is checked here.
+    Raises ``ValueError("<dotted.field>=<value!r>: <why>")`` naming the first refused field."""
     if not isinstance(data, Mapping):
         raise ValueError(f"config={data!r}: must be a mapping")
     import pydantic
 
-    prepared = _parse_text_values(cls, data)
+    prepared = _parse_text_values(cls, data) if parse_text else dict(data)
     try:
         encoded = json.dumps(prepared, allow_nan=True)
     except (TypeError, ValueError) as err:
@@ -391,16 +364,25 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
     try:
         return _adapter(cls).validate_json(encoded, strict=True)
     except pydantic.ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        loc = [str(part) for part in first["loc"] if not isinstance(part, int)]
-        name = ".".join(loc) or "config"
-        if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            known = _section_fields(cls, loc[:-1])
-            raise ValueError(f"{name}={first['input']!r}: unknown config key "
-                             f"(known in this section: {', '.join(sorted(known))})") from None
-        requirement = _TYPE_REQUIREMENTS.get(first["type"], first["msg"])
-        raise ValueError(f"{name}={_error_value(data, first['loc'], first['input'])!r}: "
-                         f"{requirement}") from None
+        raise _named_error(cls, data, err.errors(include_url=False)[0]) from None
+
+
+def _named_error(cls: type, data: Mapping[str, Any], error: Mapping[str, Any]) -> ValueError:
+    """pydantic's first error as ``ValueError("<dotted.field>=<value!r>: <why>")``."""
+    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
+    name = ".".join(loc) or "config"
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = _section_fields(cls, loc[:-1])
+        return ValueError(f"{name}={error['input']!r}: unknown config key "
+                          f"(known in this section: {', '.join(sorted(known))})")
+    if error["type"] == "value_error":  # a core check: it named the field (its last part) and the value
+        section = "".join(f"{part}." for part in loc[:-1])
+        return ValueError(f"{section}{error['ctx']['error']}")
+    if error["type"] in _TYPE_REQUIREMENTS:
+        return ValueError(f"{name}={_error_value(data, error['loc'], error['input'])!r}: "
+                          f"{_TYPE_REQUIREMENTS[error['type']]}")
+    why, value = _requirement(cls, loc, error)
+    return ValueError(f"{name}={value!r}: {why}")
 
 
 def _error_value(data: Any, loc: Sequence[Any], fallback: Any) -> Any:

@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from adre_ray.config.base import (
-    DATASETS,
-    DEFAULT_GRID,
-    MAX_SIGMA,
-    TCERTIFY_MODES,
-    JobConfig,
-    check,
-    check_choice,
-    check_grid,
-    check_int_at_least,
-    check_open_unit,
-    check_precision,
-    config_field,
-    effective_precision,
+from adre_ray.checks import check, is_number
+from adre_ray.config.base import JobConfig, config_field
+from adre_ray.config.fields import (
+    Alpha,
+    Count,
+    Draws,
+    Grid,
+    NonNegativeNumber,
+    Probability,
+    Seconds,
+    Seed,
+    core_check,
+    finite,
+    int_at_least,
+    named,
 )
+from adre_ray.data.info import DATASETS, SPLITS
+from adre_ray.precision import PRECISIONS, check_precision, effective_precision
+from adre_ray.smoothing.bounds import PB_BOUNDS
+from adre_ray.smoothing.params import DEFAULT_GRID, TCERTIFY_MODES, check_sigma
 
-SPLITS = ("train", "test")
-PB_BOUNDS = ("sum", "max")
-"""T-CERTIFY runner-up bounds (adre_ray.smoothing.bounds): sum = eq. 14, max = CP bound of the top other."""
 N_POLICIES = ("fixed", "iss")
 """Per-image sample size (adre_ray.smoothing.shortcuts): fixed = n for all, iss = chosen from the pilot."""
 SHORTCUTS = ("none", "skipped_misclassified", "early_abstain", "iss", "decided", "target_radius")
@@ -38,6 +41,28 @@ ABSTAINING_SHORTCUTS = ("skipped_misclassified", "early_abstain")
 """Shortcuts whose rows are abstentions by construction (never certified-correct)."""
 EARLY_ABSTAIN_RULES = ("product", "cp")
 """Early-abstain tests (adre_ray.smoothing.shortcuts): product = the tighter rule, cp = schema 3's."""
+
+
+def _check_sigma_or_checkpoint(value: float, field: str) -> None:
+    try:
+        check_sigma(value, field)
+    except ValueError as err:
+        raise ValueError(f"{err} (or null to take it from the checkpoint)") from None
+
+
+def _check_radii(value: tuple[float, ...], field: str) -> None:
+    check(all(is_number(g) and math.isfinite(g) and g >= 0 for g in value), field, value,
+          "must be finite radii >= 0 (or null for the default grid)")
+
+
+SigmaOrCheckpoint = Annotated[float, core_check(_check_sigma_or_checkpoint)]
+Radii = Annotated[tuple[float, ...], core_check(_check_radii)]
+ClassCount = int_at_least(2)
+Radius = finite("must be a finite radius >= 0 (or null)", ge=0)
+PositiveSeconds = finite("must be a finite number of seconds > 0", gt=0)
+DataFolder = named("must name the dataset folder")
+ResultFolder = named("must name the result folder")
+ExperimentName = named("must be a non-empty MLflow experiment name")
 
 
 @dataclass
@@ -53,54 +78,58 @@ class CertifyConfig(JobConfig):
     model_fn: str | None = config_field(
         None, "instead of checkpoint: 'package.module:function' returning an nn.Module that takes [0, 1] "
               "images (e.g. denoiser + classifier); importable on every actor; needs sigma")
-    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet | arrays (any sample shape: a .npz "
-                                           "with x, y or Parquet with a fixed_shape_tensor x; see "
-                                           "adre_ray.data.arrays)")
-    data_dir: str = config_field("data/cifar10", "dataset folder (adre_ray.data.load_images); for arrays the "
-                                                 ".npz / .parquet file or its folder")
-    num_classes: int | None = config_field(
+    dataset: Literal[DATASETS] = config_field(
+        "cifar10", "dataset: cifar10 | imagenet | arrays (any sample shape: a .npz "
+                   "with x, y or Parquet with a fixed_shape_tensor x; see "
+                   "adre_ray.data.arrays)")
+    data_dir: DataFolder = config_field(
+        "data/cifar10", "dataset folder (adre_ray.data.load_images); for arrays the "
+                        ".npz / .parquet file or its folder")
+    num_classes: ClassCount | None = config_field(
         None, "class count; null = the dataset's, else the checkpoint's, else the model's output size "
               "(read on the first batch)")
-    split: str = config_field("test", "split to certify: train | test")
-    sigma: float | None = config_field(None, "noise std; null = the checkpoint's training sigma")
-    n0: int = config_field(100, "pilot draws per image (choose the class cA)")
-    n: int = config_field(100_000, "estimation draws per image (the bound)")
-    alpha: float = config_field(0.001, "failure probability of each certificate, in (0, 1)")
-    start: int = config_field(0, "first image index")
-    skip: int = config_field(20, "certify images start, start + skip, ...")
-    max_images: int | None = config_field(None, "at most this many images; null = to the end of the split")
-    tcertify_mode: str = config_field("pilot", "T-CERTIFY's choice of the alpha split t: pilot | bonferroni "
-                                               "| paper")
-    grid: tuple[float, ...] = config_field(DEFAULT_GRID, "T-CERTIFY's grid of t values in (0, 1], "
-                                                         "comma-separated")
-    num_actors: int | None = config_field(None, "certification actors; null = one per GPU (use_gpu) or per "
-                                                "CPU of the cluster")
+    split: Literal[SPLITS] = config_field("test", "split to certify: train | test")
+    sigma: SigmaOrCheckpoint | None = config_field(None, "noise std; null = the checkpoint's training sigma")
+    n0: Draws = config_field(100, "pilot draws per image (choose the class cA)")
+    n: Draws = config_field(100_000, "estimation draws per image (the bound)")
+    alpha: Alpha = config_field(0.001, "failure probability of each certificate, in (0, 1)")
+    start: Seed = config_field(0, "first image index")
+    skip: Count = config_field(20, "certify images start, start + skip, ...")
+    max_images: Count | None = config_field(None, "at most this many images; null = to the end of the split")
+    tcertify_mode: Literal[TCERTIFY_MODES] = config_field(
+        "pilot", "T-CERTIFY's choice of the alpha split t: pilot | bonferroni "
+                 "| paper")
+    grid: Grid = config_field(DEFAULT_GRID, "T-CERTIFY's grid of t values in (0, 1], comma-separated")
+    num_actors: Count | None = config_field(None, "certification actors; null = one per GPU (use_gpu) or per "
+                                                  "CPU of the cluster")
     use_gpu: bool | None = config_field(None, "run actors on GPUs; null = when the cluster has any")
-    batch_size: int | None = config_field(None, "noisy images per forward pass (rounded to the noise "
-                                                "blocks: adre_ray.smoothing.effective_batch_size); null = "
-                                                "1000 on GPU actors, 128 on CPU actors (cache-sized: faster "
-                                                "on CPU)")
-    shard_size: int = config_field(10_000, "draws per task: n0 and n are cut into shards of this size")
-    seed: int = config_field(0, "noise seed")
-    precision: str = config_field("auto", "base classifier precision: auto (bf16 on GPU, fp32 on CPU) | "
-                                          "fp32 | bf16 (also on CPU; a different, deterministic classifier: "
-                                          "recorded in every row and the manifest, never mixed on resume)")
+    batch_size: Count | None = config_field(None, "noisy images per forward pass (rounded to the noise "
+                                                  "blocks: adre_ray.smoothing.effective_batch_size); null = "
+                                                  "1000 on GPU actors, 128 on CPU actors (cache-sized: "
+                                                  "faster on CPU)")
+    shard_size: Count = config_field(10_000, "draws per task: n0 and n are cut into shards of this size")
+    seed: Seed = config_field(0, "noise seed")
+    precision: Literal[PRECISIONS] = config_field(
+        "auto", "base classifier precision: auto (bf16 on GPU, fp32 on CPU) | "
+                "fp32 | bf16 (also on CPU; a different, deterministic classifier: "
+                "recorded in every row and the manifest, never mixed on resume)")
     amp: bool | None = config_field(None, "deprecated: true = precision auto, false = precision fp32")
     channels_last: bool = config_field(True, "channels_last memory format (GPU and CPU actors; on CPU the "
                                              "counts equal the default layout's)")
     compile: bool = config_field(False, "torch.compile (inductor) each actor's model; speed only (one "
-                                 "compilation per actor: batches are padded to one shape)")
+                                        "compilation per actor: batches are padded to one shape)")
     cuda_graphs: bool = config_field(False, "GPU actors replay the compiled model as CUDA graphs "
-                                     "(small models; implies compile; ignored on CPU)")
-    images_in_flight: int | None = config_field(None, "images sampled concurrently; null = enough to keep ~2 "
-                                                      "tasks queued per actor")
-    flush_images: int = config_field(10, "write a Parquet part every this many finished images")
-    flush_seconds: float = config_field(30.0, "... or every this many seconds")
-    actor_restarts: int = config_field(3, "times a lost actor is replaced; its shards are re-run either way")
-    resource_wait_s: float = config_field(
+                                            "(small models; implies compile; ignored on CPU)")
+    images_in_flight: Count | None = config_field(
+        None, "images sampled concurrently; null = enough to keep ~2 "
+              "tasks queued per actor")
+    flush_images: Count = config_field(10, "write a Parquet part every this many finished images")
+    flush_seconds: NonNegativeNumber = config_field(30.0, "... or every this many seconds")
+    actor_restarts: Seed = config_field(3, "times a lost actor is replaced; its shards are re-run either way")
+    resource_wait_s: Seconds = config_field(
         20.0, "seconds to wait for the CPUs / GPUs of num_actors actors (busy, or not yet added by an "
               "autoscaler) before refusing them")
-    stall_timeout_s: float = config_field(
+    stall_timeout_s: PositiveSeconds = config_field(
         1800.0, "seconds without any finished shard (actors lost, a node gone, nothing schedulable) before "
                 "the job stops with exit 2, finished images kept; a line on stderr every minute meanwhile")
     deterministic: bool = config_field(
@@ -109,52 +138,55 @@ class CertifyConfig(JobConfig):
     allow_mixed_devices: bool = config_field(
         False, "let a result folder hold rows from another device model or numeric setting (recorded in "
                "_run.json); by default resuming on other devices is refused")
-    autoscale_wait_s: float = config_field(
+    autoscale_wait_s: Seconds = config_field(
         900.0, "seconds to wait for nodes an autoscaler is adding (a line on stderr each minute) before "
                "refusing; used only when the cluster's autoscaler can add the actors' CPUs / GPUs")
     shared_filesystem: bool = config_field(
         False, "local paths (checkpoint) are the same on every node (NFS, FSx); else refused when the "
                "cluster spans nodes")
-    output_dir: str = config_field("results/certify", "result folder (Parquet parts + _run.json), local or "
-                                                      "s3:// gs:// file://; a re-run with equal settings "
-                                                      "resumes")
-    experiment: str = config_field("certify", "MLflow experiment")
+    output_dir: ResultFolder = config_field(
+        "results/certify", "result folder (Parquet parts + _run.json), local or "
+                           "s3:// gs:// file://; a re-run with equal settings "
+                           "resumes")
+    experiment: ExperimentName = config_field("certify", "MLflow experiment")
     tracking_uri: str | None = config_field(None, "MLflow store; null = $MLFLOW_TRACKING_URI; none = off")
     progress: bool = config_field(True, "progress bar")
-    pb_bound: str = config_field(
+    pb_bound: Literal[PB_BOUNDS] = config_field(
         "max", "T-CERTIFY runner-up bound: sum (eq. 14) or max (CP bound of the largest other count); "
                "paper mode always uses sum")
     skip_misclassified: bool = config_field(
         False, "skip the n main draws of an image whose pilot class is not its label (table unchanged)")
     early_abstain: bool = config_field(
         False, "stop an image's main draws (in waves of shards) once a test shows it will abstain")
-    early_abstain_delta: float = config_field(
+    early_abstain_delta: Probability = config_field(
         1e-4, "per-image probability that early abstain changes the outcome (0: only certain stops)")
-    early_abstain_wave: int = config_field(1, "main shards per early-abstain wave (a check after each)")
-    early_abstain_rule: str = config_field(
+    early_abstain_wave: Count = config_field(1, "main shards per early-abstain wave (a check after each)")
+    early_abstain_rule: Literal[EARLY_ABSTAIN_RULES] = config_field(
         "product", "early-abstain test: product (tighter, same delta) or cp (the rule of schema-3 runs)")
     stop_when_decided: bool = config_field(
         False, "stop an image's main draws (looks after 1, 2, 4, ... shards) once its bucket of decide_grid "
                "is decided; table changed with probability <= decide_delta per image, certificates valid at "
                "alpha")
-    decide_grid: tuple[float, ...] | None = config_field(
+    decide_grid: Radii | None = config_field(
         None, "radii of the table stop_when_decided keeps (comma-separated, 0 added); null = 0, 0.25, ... up "
               "to the largest radius certifiable at n")
-    decide_delta: float = config_field(1e-4, "stop_when_decided: per-image probability that the table "
-                                             "bucket differs from the full run's")
-    target_radius: float | None = config_field(
+    decide_delta: Probability = config_field(1e-4, "stop_when_decided: per-image probability that the table "
+                                                   "bucket differs from the full run's")
+    target_radius: Radius | None = config_field(
         None, "certify at this radius only: stop each image once a sequential test decides (rows get "
               "decision certified | not_certified | abstain; wrong accept <= alpha)")
-    n_policy: str = config_field("fixed", "per-image n: fixed (n) or iss (chosen from the pilot counts)")
-    iss_max_radius_loss: float = config_field(
+    n_policy: Literal[N_POLICIES] = config_field(
+        "fixed", "per-image n: fixed (n) or iss (chosen from the pilot counts)")
+    iss_max_radius_loss: NonNegativeNumber = config_field(
         0.05, "ISS: largest tolerated loss of the plug-in CERTIFY radius (l2 units, like the radii)")
 
-    def validate(self) -> None:
+    def check_together(self) -> None:
+        """The rules between fields (each field's own constraint is declared on it)."""
         if self.model_fn is None:
-            check(isinstance(self.checkpoint, str) and self.checkpoint != "", "checkpoint", self.checkpoint,
+            check(self.checkpoint != "", "checkpoint", self.checkpoint,
                   "must name a model checkpoint file or folder (or set model_fn)")
         else:
-            from adre_ray.models.model_fn import check_model_fn_spec  # lazily: the package imports torch
+            from adre_ray.models.model_fn import check_model_fn_spec  # lazily: it imports torch
 
             try:
                 check_model_fn_spec(self.model_fn)
@@ -164,105 +196,20 @@ class CertifyConfig(JobConfig):
                   f"give checkpoint or model_fn={self.model_fn!r}, not both")
             check(self.sigma is not None, "sigma", self.sigma,
                   "must be set with model_fn (a callable records no training sigma)")
-        check_choice("dataset", self.dataset, DATASETS)
-        check(isinstance(self.data_dir, str) and self.data_dir != "", "data_dir", self.data_dir,
-              "must name the dataset folder")
-        check_choice("split", self.split, SPLITS)
-        if self.num_classes is not None:
-            check_int_at_least("num_classes", self.num_classes, 2)
-        if self.sigma is not None:
-            check(isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool)
-                  and math.isfinite(self.sigma) and 0 < self.sigma <= MAX_SIGMA, "sigma", self.sigma,
-                  f"must be a finite number in (0, {MAX_SIGMA:g}] (or null to take it from the checkpoint)")
-        check_int_at_least("n0", self.n0, 1)
-        check_int_at_least("n", self.n, 1)
-        check_open_unit("alpha", self.alpha)
-        check_int_at_least("start", self.start, 0)
-        check_int_at_least("skip", self.skip, 1)
-        if self.max_images is not None:
-            check_int_at_least("max_images", self.max_images, 1)
-        check_choice("tcertify_mode", self.tcertify_mode, TCERTIFY_MODES)
-        check_grid("grid", self.grid)
-        if self.num_actors is not None:
-            check_int_at_least("num_actors", self.num_actors, 1)
-        check(self.use_gpu is None or isinstance(self.use_gpu, bool), "use_gpu", self.use_gpu,
-              "must be true, false or null (auto)")
-        if self.batch_size is not None:
-            check_int_at_least("batch_size", self.batch_size, 1)
-        check_int_at_least("shard_size", self.shard_size, 1)
-        check_int_at_least("seed", self.seed, 0)
         check_precision("", self.precision, self.amp)
-        check(isinstance(self.channels_last, bool), "channels_last", self.channels_last,
-              "must be true or false")
-        check(isinstance(self.compile, bool), "compile", self.compile, "must be true or false")
-        check(isinstance(self.cuda_graphs, bool), "cuda_graphs", self.cuda_graphs, "must be true or false")
-        if self.images_in_flight is not None:
-            check_int_at_least("images_in_flight", self.images_in_flight, 1)
-        check_int_at_least("flush_images", self.flush_images, 1)
-        check(isinstance(self.flush_seconds, (int, float)) and not isinstance(self.flush_seconds, bool)
-              and math.isfinite(self.flush_seconds) and self.flush_seconds >= 0, "flush_seconds",
-              self.flush_seconds, "must be a finite number >= 0")
-        check_int_at_least("actor_restarts", self.actor_restarts, 0)
-        check(isinstance(self.resource_wait_s, (int, float)) and not isinstance(self.resource_wait_s, bool)
-              and math.isfinite(self.resource_wait_s) and self.resource_wait_s >= 0, "resource_wait_s",
-              self.resource_wait_s, "must be a finite number of seconds >= 0")
-        check(isinstance(self.stall_timeout_s, (int, float)) and not isinstance(self.stall_timeout_s, bool)
-              and math.isfinite(self.stall_timeout_s) and self.stall_timeout_s > 0, "stall_timeout_s",
-              self.stall_timeout_s, "must be a finite number of seconds > 0")
-        check(isinstance(self.autoscale_wait_s, (int, float)) and not isinstance(self.autoscale_wait_s, bool)
-              and math.isfinite(self.autoscale_wait_s) and self.autoscale_wait_s >= 0, "autoscale_wait_s",
-              self.autoscale_wait_s, "must be a finite number of seconds >= 0")
-        check(isinstance(self.shared_filesystem, bool), "shared_filesystem", self.shared_filesystem,
-              "must be true or false")
-        check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir,
-              "must name the result folder")
-        check(isinstance(self.experiment, str) and self.experiment != "", "experiment", self.experiment,
-              "must be a non-empty MLflow experiment name")
-        check(isinstance(self.progress, bool), "progress", self.progress, "must be true or false")
-        for name in ("deterministic", "allow_mixed_devices"):
-            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
-        self._validate_shortcuts()
-
-    def _validate_shortcuts(self) -> None:
-        check_choice("pb_bound", self.pb_bound, PB_BOUNDS)
-        for name in ("skip_misclassified", "early_abstain"):
-            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be true or false")
-        delta = self.early_abstain_delta
-        check(isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 <= delta < 1,
-              "early_abstain_delta", delta, "must be a number in [0, 1)")
-        check_int_at_least("early_abstain_wave", self.early_abstain_wave, 1)
-        self._validate_sequential()
-        check_choice("n_policy", self.n_policy, N_POLICIES)
-        loss = self.iss_max_radius_loss
-        check(isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
-              and loss >= 0, "iss_max_radius_loss", loss, "must be a finite number >= 0")
-
-    @property
-    def precision_setting(self) -> str:
-        """``precision``, or what the deprecated ``amp`` meant (auto | fp32 | bf16; resolve per device)."""
-        return effective_precision(self.precision, self.amp)
-
-    def _validate_sequential(self) -> None:
-        check_choice("early_abstain_rule", self.early_abstain_rule, EARLY_ABSTAIN_RULES)
-        check(isinstance(self.stop_when_decided, bool), "stop_when_decided", self.stop_when_decided,
-              "must be true or false")
-        if self.decide_grid is not None:
-            check(all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0
-                      for g in self.decide_grid), "decide_grid", self.decide_grid,
-                  "must be finite radii >= 0 (or null for the default grid)")
-        delta = self.decide_delta
-        check(isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 <= delta < 1,
-              "decide_delta", delta, "must be a number in [0, 1)")
         radius = self.target_radius
         if radius is not None:
-            check(isinstance(radius, (int, float)) and not isinstance(radius, bool) and math.isfinite(radius)
-                  and radius >= 0, "target_radius", radius, "must be a finite radius >= 0 (or null)")
             check(not self.stop_when_decided, "target_radius", radius,
                   "answers one radius; do not combine it with stop_when_decided")
         if self.stop_when_decided or radius is not None:
             check(not self.early_abstain, "early_abstain", self.early_abstain,
                   "is part of stop_when_decided / target_radius (they stop abstaining images themselves); "
                   "drop early_abstain")
+
+    @property
+    def precision_setting(self) -> str:
+        """``precision``, or what the deprecated ``amp`` meant (auto | fp32 | bf16; resolve per device)."""
+        return effective_precision(self.precision, self.amp)
 
     def sequential(self) -> bool:
         """True when main draws are released look by look (stop_when_decided or target_radius)."""

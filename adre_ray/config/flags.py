@@ -20,7 +20,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from adre_ray.config.base import _base_types, field_help
+from adre_ray.config.base import C, _base_types, field_help
 
 FlagNames = Mapping[str, str | tuple[str, ...]]
 
@@ -104,6 +104,15 @@ def flag_values(args: argparse.Namespace, cls: type, exclude: Iterable[str] = ()
     """The field flags given on the command line: field name -> value (text, or a bool)."""
     return {f.name: getattr(args, f.name) for f in scalar_fields(cls, exclude)
             if getattr(args, f.name, None) is not None}
+
+
+def load_from_args(cls: type[C], args: argparse.Namespace, exclude: Iterable[str] = ()) -> C:
+    """The one path of a command line into a config: ``--config`` YAML, then ``--set`` overrides, then
+    the field flags (the last word wins), validated once by ``load_config``."""
+    from adre_ray.config.base import load_config
+
+    return load_config(cls, getattr(args, "config", None), list(getattr(args, "set", None) or ()),
+                       values=flag_values(args, cls, exclude))
 
 
 def config_reference(cls: type, prefix: str = "") -> str:

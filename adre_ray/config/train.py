@@ -8,69 +8,82 @@ epochs, batch 400, SGD lr 0.1 / 10 every 50 epochs, sigma 0.25, k 8, lambda 0.2.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from adre_ray import storage
-from adre_ray.config.base import (
-    DATASETS,
-    SCHEDULES,
-    JobConfig,
-    check,
-    check_choice,
-    check_int_at_least,
-    check_nonnegative,
-    check_positive,
-    check_precision,
-    config_field,
-    effective_precision,
+from adre_ray.checks import MAX_INT, check
+from adre_ray.config.base import JobConfig, config_field
+from adre_ray.config.fields import (
+    Count,
+    NonNegativeInt,
+    NonNegativeNumber,
+    PositiveNumber,
+    Rule,
+    Seconds,
+    Seed,
+    core_check,
+    non_empty,
 )
-from adre_ray.config.tune import ValidationSection
+from adre_ray.config.validation import ValidationSection
+from adre_ray.data.info import DATASETS, SOURCES
+from adre_ray.precision import PRECISIONS, check_precision, effective_precision
+from adre_ray.training.names import SCHEDULES
 
-DATA_SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
+DATA_SOURCES = SOURCES
 DATA_LOADERS = ("auto", "ray_data", "torch")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _check_run_name(value: str, field: str) -> None:
+    check("/" not in value and "\\" not in value, field, value, "must not contain a slash")
 
 
-def _check_bool(name: str, value: Any) -> None:
-    check(isinstance(value, bool), name, value, "must be true or false")
-
-
-def _check_name(name: str, value: Any, what: str) -> None:
-    check(isinstance(value, str) and value.strip() != "", name, value, f"must be a non-empty {what}")
+FolderPath = non_empty("folder path")
+ExperimentName = non_empty("MLflow experiment name")
+StorageLocation = non_empty("folder or URI")
+TrackingUri = non_empty("MLflow tracking URI (or 'none')")
+RunName = Annotated[non_empty("run name"), core_check(_check_run_name)]
+Momentum = Annotated[float, Field(ge=0, lt=1), Rule("must lie in [0, 1)")]
+DecayFactor = Annotated[float, Field(gt=0, le=1), Rule("must lie in (0, 1]")]
+CpuShare = Annotated[float, Field(ge=0), Rule("must be a number >= 0")]
+Restarts = Annotated[int, Field(ge=-1, le=MAX_INT), Rule("must be an integer >= -1")]
 
 
 @dataclass
 class DataSection:
     """Where the images come from and which of them are used."""
 
-    dataset: str = config_field("cifar10", "dataset: cifar10 | imagenet | arrays (train.npz / test.npz or "
-                                           "train/ test/ Parquet in data_dir; no augmentation)")
-    data_dir: str = config_field("data/cifar10", "dataset folder (Parquet, torchvision or image-folder "
-                                                 "layout; arrays: train.npz and test.npz)")
-    source: str = config_field("auto", "layout of data_dir: auto | parquet | torchvision | imagefolder")
+    dataset: Literal[DATASETS] = config_field(
+        "cifar10", "dataset: cifar10 | imagenet | arrays (train.npz / test.npz or train/ test/ Parquet in "
+                   "data_dir; no augmentation)")
+    data_dir: FolderPath = config_field(
+        "data/cifar10", "dataset folder (Parquet, torchvision or image-folder layout; arrays: train.npz and "
+                        "test.npz)")
+    source: Literal[SOURCES] = config_field(
+        "auto", "layout of data_dir: auto | parquet | torchvision | imagefolder")
     download: bool = config_field(False, "let torchvision download CIFAR-10 into data_dir (needs internet)")
-    train_subset: int | None = config_field(None, "train on a seeded class-balanced subset of this many "
-                                                  "images (null = all)")
-    test_subset: int | None = config_field(None, "evaluate each epoch on a seeded subset of this many test "
-                                                 "images (null = all)")
-    subset_seed: int = config_field(0, "seed of both subsets")
+    train_subset: Count | None = config_field(None, "train on a seeded class-balanced subset of this many "
+                                                    "images (null = all)")
+    test_subset: Count | None = config_field(None, "evaluate each epoch on a seeded subset of this many test "
+                                                   "images (null = all)")
+    subset_seed: Seed = config_field(0, "seed of both subsets")
     augment: bool = config_field(True, "random crop + flip on the training images")
-    loader_workers: int = config_field(4, "DataLoader worker processes per training worker (0 = in-process)")
-    loader: str = config_field("auto", "training input: ray_data (Ray Data streaming from Parquet, local "
-                               "or URI) | torch (DataLoader) | auto (ray_data for ImageNet Parquet and URIs)")
-    shuffle_buffer: int = config_field(2000, "ray_data: rows in each worker's seeded local shuffle buffer "
-                                       "(0 = none; the file order is shuffled every epoch regardless)")
-    prefetch_batches: int = config_field(2, "ray_data: batches each worker prefetches")
-    decode_cpus: float = config_field(1.0, "ray_data: CPUs reserved per read / decode task (0 = share "
-                                      "the training workers' CPUs)")
-    decode_batch_size: int = config_field(64, "ray_data: images per decode task batch")
+    loader_workers: NonNegativeInt = config_field(
+        4, "DataLoader worker processes per training worker (0 = in-process)")
+    loader: Literal[DATA_LOADERS] = config_field(
+        "auto", "training input: ray_data (Ray Data streaming from Parquet, local or URI) | torch "
+                "(DataLoader) | auto (ray_data for ImageNet Parquet and URIs)")
+    shuffle_buffer: NonNegativeInt = config_field(
+        2000, "ray_data: rows in each worker's seeded local shuffle buffer (0 = none; the file order is "
+              "shuffled every epoch regardless)")
+    prefetch_batches: NonNegativeInt = config_field(2, "ray_data: batches each worker prefetches")
+    decode_cpus: CpuShare = config_field(1.0, "ray_data: CPUs reserved per read / decode task (0 = share "
+                                              "the training workers' CPUs)")
+    decode_batch_size: Count = config_field(64, "ray_data: images per decode task batch")
     deterministic: bool = config_field(False, "ray_data: keep Ray Data's block order (preserve_order); "
-                                       "slower; augmentation draws stay unseeded")
+                                              "slower; augmentation draws stay unseeded")
 
 
 @dataclass
@@ -95,9 +108,9 @@ class LossSection:
 class OptimSection:
     """SGD."""
 
-    lr: float = config_field(0.1, "SGD learning rate at the global batch size")
-    momentum: float = config_field(0.9, "SGD momentum, in [0, 1)")
-    weight_decay: float = config_field(1e-4, "weight decay")
+    lr: PositiveNumber = config_field(0.1, "SGD learning rate at the global batch size")
+    momentum: Momentum = config_field(0.9, "SGD momentum, in [0, 1)")
+    weight_decay: NonNegativeNumber = config_field(1e-4, "weight decay")
     nesterov: bool = config_field(False, "Nesterov momentum")
     decay_norm_and_bias: bool = config_field(False, "apply weight decay to biases and norm parameters too "
                                                     "(the original papers do)")
@@ -107,11 +120,11 @@ class OptimSection:
 class ScheduleSection:
     """Learning-rate schedule, applied per iteration (adre_ray.training.build_scheduler)."""
 
-    name: str = config_field("step", "step (lr * gamma every step_size epochs) | cosine")
-    epochs: int = config_field(150, "training epochs")
-    warmup_epochs: int = config_field(0, "linear learning-rate warm-up epochs")
-    step_size: int = config_field(50, "epochs between decays (step)")
-    gamma: float = config_field(0.1, "decay factor (step), in (0, 1]")
+    name: Literal[SCHEDULES] = config_field("step", "step (lr * gamma every step_size epochs) | cosine")
+    epochs: Count = config_field(150, "training epochs")
+    warmup_epochs: NonNegativeInt = config_field(0, "linear learning-rate warm-up epochs")
+    step_size: Count = config_field(50, "epochs between decays (step)")
+    gamma: DecayFactor = config_field(0.1, "decay factor (step), in (0, 1]")
 
 
 MIN_WORKER_BATCH = 16
@@ -123,49 +136,51 @@ MIN_WORKER_BATCH = 16
 class ScalingSection:
     """Ray Train workers and their resources."""
 
-    num_workers: int = config_field(1, "Ray Train workers (DDP processes); the global batch is split evenly")
+    num_workers: Count = config_field(
+        1, "Ray Train workers (DDP processes); the global batch is split evenly")
     use_gpu: bool = config_field(False, "one GPU per worker (nccl, bf16 autocast, channels_last); else CPU "
                                         "(gloo)")
-    cpus_per_worker: int = config_field(1, "CPUs reserved per worker")
-    gpus_per_worker: float = config_field(1.0, "GPUs per worker when use_gpu: must be 1 (one DDP rank per "
-                                               "GPU)")
+    cpus_per_worker: Count = config_field(1, "CPUs reserved per worker")
+    gpus_per_worker: PositiveNumber = config_field(
+        1.0, "GPUs per worker when use_gpu: must be 1 (one DDP rank per GPU)")
     sync_batchnorm: bool = config_field(False, "SyncBatchNorm: BatchNorm statistics over the global batch "
                                                "(one all-reduce per BN layer per step); lifts "
                                                "min_worker_batch")
-    min_worker_batch: int = config_field(MIN_WORKER_BATCH, "smallest per-GPU-worker batch (images) accepted "
-                                                           "without sync_batchnorm")
+    min_worker_batch: Count = config_field(
+        MIN_WORKER_BATCH, "smallest per-GPU-worker batch (images) accepted without sync_batchnorm")
 
 
 @dataclass
 class RunSection:
     """Run identity, storage, tracking, fault tolerance and speed switches."""
 
-    name: str | None = config_field(None, "Ray Train run name; the same name and storage_path resume it "
-                                          "(null = <model>_<loss>_<timestamp>, a new run)")
-    experiment: str = config_field("adre-train", "MLflow experiment")
-    storage_path: str = config_field("runs", "where Ray Train writes checkpoints: a local folder or a URI "
-                                             "(s3://, gs://, file://)")
-    tracking_uri: str | None = config_field(None, "MLflow store; null = $MLFLOW_TRACKING_URI, else "
-                                          "sqlite:///<cwd>/mlflow.db; none = off")
+    name: RunName | None = config_field(None, "Ray Train run name; the same name and storage_path resume it "
+                                              "(null = <model>_<loss>_<timestamp>, a new run)")
+    experiment: ExperimentName = config_field("adre-train", "MLflow experiment")
+    storage_path: StorageLocation = config_field(
+        "runs", "where Ray Train writes checkpoints: a local folder or a URI (s3://, gs://, file://)")
+    tracking_uri: TrackingUri | None = config_field(
+        None, "MLflow store; null = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; none = off")
     shared_filesystem: bool = config_field(False, "local paths (storage_path, data.data_dir, a SQLite store) "
                                                   "are the same on every node (NFS, FSx); else refused when "
                                                   "the cluster spans nodes")
-    resource_wait_s: float = config_field(
+    resource_wait_s: Seconds = config_field(
         120.0, "seconds training waits while the cluster (and its autoscaler) cannot hold the worker group, "
                "e.g. after a node died, before stopping with a message (a re-run resumes)")
-    max_failures: int = config_field(0, "restarts of the worker group after a failure, from the latest "
-                                        "checkpoint (-1 = unlimited)")
-    checkpoints_to_keep: int = config_field(2, "newest checkpoints kept in storage")
-    seed: int = config_field(0, "model init, data order and noise are functions of (seed, epoch, rank)")
-    precision: str = config_field("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (also "
-                                          "on CPU); the loss and ADRE terms stay fp32")
+    max_failures: Restarts = config_field(0, "restarts of the worker group after a failure, from the latest "
+                                             "checkpoint (-1 = unlimited)")
+    checkpoints_to_keep: Count = config_field(2, "newest checkpoints kept in storage")
+    seed: Seed = config_field(0, "model init, data order and noise are functions of (seed, epoch, rank)")
+    precision: Literal[PRECISIONS] = config_field(
+        "auto", "auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 (also on CPU); the loss and ADRE "
+                "terms stay fp32")
     amp: bool | None = config_field(None, "deprecated: true = precision auto, false = precision fp32")
     channels_last: bool = config_field(True, "channels_last memory format (GPU and CPU)")
     compile: bool = config_field(False, "torch.compile the model")
-    eval_max_batches: int | None = config_field(None, "cap on test batches per epoch (null = the whole test "
-                                                      "subset)")
-    train_max_batches: int | None = config_field(None, "cap on training batches per epoch (null = full "
-                                                       "epochs)")
+    eval_max_batches: Count | None = config_field(
+        None, "cap on test batches per epoch (null = the whole test subset)")
+    train_max_batches: Count | None = config_field(None, "cap on training batches per epoch (null = full "
+                                                         "epochs)")
     progress: bool = config_field(False, "per-batch progress bar on rank 0")
     verbose: bool = config_field(False, "Ray Train's own INFO logging")
     deterministic: bool = config_field(False, "deterministic algorithms, no cuDNN autotuning, no TF32 "
@@ -185,7 +200,7 @@ class TrainConfig(JobConfig):
     model_fn: str | None = config_field(
         None, "instead of model: 'package.module:function' returning the whole nn.Module (normalization "
               "included) on inputs in the data's space; required for data.dataset=arrays")
-    batch_size: int = config_field(400, "global batch per optimizer step, split over scaling.num_workers")
+    batch_size: Count = config_field(400, "global batch per optimizer step, split over scaling.num_workers")
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -199,8 +214,9 @@ class TrainConfig(JobConfig):
         """batch_size / num_workers (validate() guarantees it divides)."""
         return self.batch_size // self.scaling.num_workers
 
-    def validate(self) -> None:
-        """Raise ``ValueError("<section.field>=<value>: <requirement>")`` for the first bad field."""
+    def check_together(self) -> None:
+        """The rules between fields, ``ValueError("<section.field>=<value>: <why>")`` for the first broken
+        one (each field's own constraint is declared on it and checked before)."""
         from adre_ray.models import check_model_name  # the registry (imports torch), lazily
         from adre_ray.models.model_fn import check_model_fn_spec
 
@@ -213,13 +229,17 @@ class TrainConfig(JobConfig):
             raise ValueError(str(err)) from None
         check(self.model_fn is not None or self.data.dataset != "arrays", "model_fn", self.model_fn,
               "must be set for data.dataset='arrays' (the registered models take cifar10 / imagenet images)")
-        check_int_at_least("batch_size", self.batch_size, 1)
         self._validate_data()
         self._validate_loss()
-        self._validate_optim()
-        self._validate_schedule()
-        self._validate_scaling()
-        self._validate_run()
+        o, s = self.optim, self.schedule
+        check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "needs optim.momentum > 0")
+        check(s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
+              f"must be < schedule.epochs={s.epochs}")
+        gpus = self.scaling.gpus_per_worker
+        check(not self.scaling.use_gpu or gpus == 1, "scaling.gpus_per_worker", gpus,
+              "must be 1 with scaling.use_gpu (below 1 puts two DDP ranks on one GPU, which NCCL refuses; "
+              "above 1 leaves GPUs idle): one worker per GPU")
+        check_precision("run.", self.run.precision, self.run.amp)
         self.validation.validate(data=self.data)
         workers = self.scaling.num_workers
         check(self.batch_size % workers == 0, "batch_size", self.batch_size,
@@ -246,20 +266,8 @@ class TrainConfig(JobConfig):
 
     def _validate_data(self) -> None:
         d = self.data
-        check_choice("data.dataset", d.dataset, DATASETS)
-        _check_name("data.data_dir", d.data_dir, "folder path")
-        check_choice("data.source", d.source, DATA_SOURCES)
         check(d.source != "torchvision" or d.dataset == "cifar10", "data.source", d.source,
               "torchvision's layout is supported for cifar10 only")
-        _check_bool("data.download", d.download)
-        for name in ("train_subset", "test_subset"):
-            value = getattr(d, name)
-            if value is not None:
-                check_int_at_least(f"data.{name}", value, 1)
-        check_int_at_least("data.subset_seed", d.subset_seed, 0)
-        _check_bool("data.augment", d.augment)
-        check_int_at_least("data.loader_workers", d.loader_workers, 0)
-        check_choice("data.loader", d.loader, DATA_LOADERS)
         check(d.dataset != "arrays" or d.loader != "ray_data", "data.loader", d.loader,
               "arrays datasets are read by the torch DataLoader (use auto or torch)")
         check(d.loader != "ray_data" or d.train_subset is None, "data.loader", d.loader,
@@ -269,71 +277,9 @@ class TrainConfig(JobConfig):
               f"cannot read data.data_dir={d.data_dir!r} (a URI: use ray_data)")
         check(not is_uri or d.train_subset is None, "data.train_subset", d.train_subset,
               f"not supported for a URI data.data_dir={d.data_dir!r} (Ray Data input)")
-        check_int_at_least("data.shuffle_buffer", d.shuffle_buffer, 0)
-        check_int_at_least("data.prefetch_batches", d.prefetch_batches, 0)
-        check(_is_number(d.decode_cpus) and d.decode_cpus >= 0, "data.decode_cpus", d.decode_cpus,
-              "must be a number >= 0")
-        check_int_at_least("data.decode_batch_size", d.decode_batch_size, 1)
-        _check_bool("data.deterministic", d.deterministic)
 
     def _validate_loss(self) -> None:
         """The loss registry's rules (adre_ray.training.losses.check_loss_config; imports torch, lazily)."""
         from adre_ray.training.losses import check_loss_config
 
         check_loss_config(dataclasses.asdict(self.loss))
-
-    def _validate_optim(self) -> None:
-        o = self.optim
-        check_positive("optim.lr", o.lr)
-        check(_is_number(o.momentum) and 0 <= o.momentum < 1, "optim.momentum", o.momentum,
-              "must lie in [0, 1)")
-        check_nonnegative("optim.weight_decay", o.weight_decay)
-        _check_bool("optim.nesterov", o.nesterov)
-        check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "needs optim.momentum > 0")
-        _check_bool("optim.decay_norm_and_bias", o.decay_norm_and_bias)
-
-    def _validate_schedule(self) -> None:
-        s = self.schedule
-        check_choice("schedule.name", s.name, SCHEDULES)
-        check_int_at_least("schedule.epochs", s.epochs, 1)
-        check_int_at_least("schedule.warmup_epochs", s.warmup_epochs, 0)
-        check(s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
-              f"must be < schedule.epochs={s.epochs}")
-        check_int_at_least("schedule.step_size", s.step_size, 1)
-        check(_is_number(s.gamma) and 0 < s.gamma <= 1, "schedule.gamma", s.gamma, "must lie in (0, 1]")
-
-    def _validate_scaling(self) -> None:
-        s = self.scaling
-        check_int_at_least("scaling.num_workers", s.num_workers, 1)
-        _check_bool("scaling.use_gpu", s.use_gpu)
-        check_int_at_least("scaling.cpus_per_worker", s.cpus_per_worker, 1)
-        check_positive("scaling.gpus_per_worker", s.gpus_per_worker)
-        check(not s.use_gpu or s.gpus_per_worker == 1, "scaling.gpus_per_worker", s.gpus_per_worker,
-              "must be 1 with scaling.use_gpu (below 1 puts two DDP ranks on one GPU, which NCCL refuses; "
-              "above 1 leaves GPUs idle): one worker per GPU")
-        _check_bool("scaling.sync_batchnorm", s.sync_batchnorm)
-        check_int_at_least("scaling.min_worker_batch", s.min_worker_batch, 1)
-
-    def _validate_run(self) -> None:
-        r = self.run
-        if r.name is not None:
-            _check_name("run.name", r.name, "run name")
-            check("/" not in r.name and "\\" not in r.name, "run.name", r.name, "must not contain a slash")
-        _check_name("run.experiment", r.experiment, "MLflow experiment name")
-        _check_name("run.storage_path", r.storage_path, "folder or URI")
-        if r.tracking_uri is not None:
-            _check_name("run.tracking_uri", r.tracking_uri, "MLflow tracking URI (or 'none')")
-        check(isinstance(r.max_failures, int) and not isinstance(r.max_failures, bool)
-              and r.max_failures >= -1, "run.max_failures", r.max_failures, "must be an integer >= -1")
-        check_int_at_least("run.checkpoints_to_keep", r.checkpoints_to_keep, 1)
-        check(_is_number(r.resource_wait_s) and math.isfinite(r.resource_wait_s) and r.resource_wait_s >= 0,
-              "run.resource_wait_s", r.resource_wait_s, "must be a finite number of seconds >= 0")
-        check_int_at_least("run.seed", r.seed, 0)
-        check_precision("run.", r.precision, r.amp)
-        for name in ("channels_last", "compile", "progress", "verbose", "deterministic", "shared_filesystem"):
-            _check_bool(f"run.{name}", getattr(r, name))
-        for name in ("eval_max_batches", "train_max_batches"):
-            value = getattr(r, name)
-            if value is not None:
-                check_int_at_least(f"run.{name}", value, 1)
-

@@ -15,7 +15,7 @@ optionally with ``scale_by: other.key``: the trial's value is the drawn value ti
 ``other.key`` (e.g. SmoothAdv-style epsilon = factor * sigma). Unknown keys, malformed distributions and
 keys that are not ``TrainConfig`` fields raise ``ValueError`` naming them.
 
-Pure Python: ``TrainConfig`` is imported lazily (it imports the model registry).
+Pure Python (``TrainConfig`` asks the model registry only when it validates).
 """
 
 from __future__ import annotations
@@ -25,67 +25,29 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field
 
-from adre_ray.config.base import (
-    TCERTIFY_MODES,
-    JobConfig,
-    check,
-    check_choice,
-    check_int_at_least,
-    check_open_unit,
-    check_positive,
-    config_field,
-    parse_number,
-)
+from adre_ray.checks import check, is_number
+from adre_ray.config.base import JobConfig, _field_paths, config_field, parse_number
+from adre_ray.config.fields import Count, PositiveNumber, Rule, Seed, named, non_empty
+from adre_ray.config.train import TrainConfig
+from adre_ray.config.validation import ValidationSection
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
 MODES = ("min", "max")
-VALIDATION_SPLITS = ("holdout", "test")
 SCALE_BY = "scale_by"
 
-
-@dataclass
-class ValidationSection:
-    """Approximate certified accuracy at the end of training (adre_ray.training.certified_validation)."""
-
-    enabled: bool = config_field(False, "run it after the final epoch and report approx_* metrics")
-    split: str = config_field("holdout", "holdout (train images outside data.train_subset) | test (then the "
-                                         "search has seen the test set)")
-    size: int = config_field(500, "validation images (class-balanced, seeded by seed)")
-    n0: int = config_field(100, "pilot draws per image")
-    n: int = config_field(1000, "estimation draws per image (small n => conservative, lower estimate)")
-    alpha: float = config_field(0.001, "failure probability of each certificate")
-    radius: tuple[float, ...] = config_field((0.25, 0.5), "radii r of approx_cert_acc_at_<r> / "
-                                                  "approx_tcert_acc_at_<r>")
-    seed: int = config_field(0, "choice of the images and the noise")
-    batch_size: int = config_field(1000, "noisy images per forward pass")
-    mode: str = config_field("pilot", "T-CERTIFY's choice of the alpha split: pilot | bonferroni | paper")
-
-
-    def validate(self, prefix: str = "validation.", data: Any = None) -> None:
-        """Field checks; with ``data`` (the train config's data section) also that ``holdout`` has images
-        to hold out (``data.train_subset`` set)."""
-        check(isinstance(self.enabled, bool), f"{prefix}enabled", self.enabled, "must be true or false")
-        check_choice(f"{prefix}split", self.split, VALIDATION_SPLITS)
-        if data is not None and self.enabled and self.split == "holdout":
-            check(data.train_subset is not None, f"{prefix}split", self.split,
-                  "holds out the train images outside data.train_subset, but data.train_subset is null "
-                  "(all images are trained on): set data.train_subset or validation.split=test")
-        check_int_at_least(f"{prefix}size", self.size, 1)
-        check_int_at_least(f"{prefix}n0", self.n0, 1)
-        check_int_at_least(f"{prefix}n", self.n, 1)
-        check_open_unit(f"{prefix}alpha", self.alpha)
-        check(len(self.radius) > 0, f"{prefix}radius", self.radius, "must hold at least one radius")
-        for r in self.radius:
-            check(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0,
-                  f"{prefix}radius", self.radius, f"value {r!r} is not a finite number >= 0")
-        check_int_at_least(f"{prefix}seed", self.seed, 0)
-        check_int_at_least(f"{prefix}batch_size", self.batch_size, 1)
-        check_choice(f"{prefix}mode", self.mode, TCERTIFY_MODES)
+SearchName = Annotated[str, Field(pattern=r"^[^/]*\S[^/]*$"),
+                      Rule("must be a non-empty name without a slash")]
+RankMetric = named("must name the reported metric to rank trials by")
+EpochMetric = named("must name a metric reported every epoch (e.g. test_acc_noise)")
+ReductionFactor = Annotated[float, Field(gt=1, allow_inf_nan=False), Rule("must be a number > 1")]
+NonEmptyText = non_empty("string")
+MlflowUri = named("must be an MLflow URI or 'none'")
 
 
 @dataclass
@@ -106,13 +68,14 @@ class SchedulerSection:
     brackets         ASHA brackets
     """
 
-    name: str = config_field("asha", "asha (stop the worse trials at rungs) | fifo (every trial to the end)")
-    metric: str = config_field("test_acc_noise", "per-epoch metric ASHA compares at each rung")
-    mode: str = config_field("max", "min | max")
-    max_t: int | None = config_field(None, "last rung in epochs; null = the trials' schedule.epochs")
-    grace_period: int = config_field(1, "epochs every trial runs before it can be stopped")
-    reduction_factor: float = config_field(3.0, "keep the best 1 / reduction_factor at each rung")
-    brackets: int = config_field(1, "ASHA brackets")
+    name: Literal[SCHEDULERS] = config_field(
+        "asha", "asha (stop the worse trials at rungs) | fifo (every trial to the end)")
+    metric: EpochMetric = config_field("test_acc_noise", "per-epoch metric ASHA compares at each rung")
+    mode: Literal[MODES] = config_field("max", "min | max")
+    max_t: Count | None = config_field(None, "last rung in epochs; null = the trials' schedule.epochs")
+    grace_period: Count = config_field(1, "epochs every trial runs before it can be stopped")
+    reduction_factor: ReductionFactor = config_field(3.0, "keep the best 1 / reduction_factor at each rung")
+    brackets: Count = config_field(1, "ASHA brackets")
 
 
 @dataclass
@@ -120,10 +83,11 @@ class ResourcesSection:
     """Resources of ONE trial (its Ray Train workers); null keeps the train config's ``scaling.*`` value.
     Trials run concurrently as far as the cluster holds them (or ``max_concurrent``)."""
 
-    num_workers: int | None = config_field(None, "Ray Train workers per trial (null = scaling.num_workers)")
+    num_workers: Count | None = config_field(None, "Ray Train workers per trial (null = scaling.num_workers)")
     use_gpu: bool | None = config_field(None, "GPUs for the trial's workers (null = scaling.use_gpu)")
-    cpus_per_worker: int | None = config_field(None, "CPUs per worker (null = scaling.cpus_per_worker)")
-    gpus_per_worker: float | None = config_field(None, "GPUs per worker (null = scaling.gpus_per_worker)")
+    cpus_per_worker: Count | None = config_field(None, "CPUs per worker (null = scaling.cpus_per_worker)")
+    gpus_per_worker: PositiveNumber | None = config_field(
+        None, "GPUs per worker (null = scaling.gpus_per_worker)")
 
     def overrides(self) -> dict[str, Any]:
         """The non-null fields as dotted ``scaling.*`` overrides of the train config."""
@@ -152,7 +116,7 @@ class Distribution:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def parse_distribution(key: str, spec: Any) -> Distribution:
@@ -199,9 +163,6 @@ def parse_distribution(key: str, spec: Any) -> Distribution:
 
 def train_config_keys() -> list[str]:
     """Every dotted ``TrainConfig`` field (the keys a search may vary)."""
-    from adre_ray.config.base import _field_paths
-    from adre_ray.config.train import TrainConfig
-
     return _field_paths(TrainConfig)
 
 
@@ -224,30 +185,29 @@ class TuneSpace(JobConfig):
     tracking_uri    MLflow store; null = the train config's run.tracking_uri / $MLFLOW_TRACKING_URI
     """
 
-    name: str | None = config_field(None, "search name (MLflow parent run, output subfolder); null = "
-                                  "tune_<timestamp>")
+    name: SearchName | None = config_field(None, "search name (MLflow parent run, output subfolder); null = "
+                                                 "tune_<timestamp>")
     search: dict[str, Any] = config_field({}, "dotted TrainConfig key -> distribution")
-    num_samples: int = config_field(1, "samples drawn from the space (grids crossed, then repeated)")
-    metric: str = config_field("approx_acr", "objective each finished trial is ranked by")
-    mode: str = config_field("max", "min | max")
-    max_concurrent: int | None = config_field(None, "trials at once; null = as many as the cluster holds")
-    seed: int | None = config_field(0, "seed of Tune's sampler (null = unseeded)")
+    num_samples: Count = config_field(1, "samples drawn from the space (grids crossed, then repeated)")
+    metric: RankMetric = config_field("approx_acr", "objective each finished trial is ranked by")
+    mode: Literal[MODES] = config_field("max", "min | max")
+    max_concurrent: Count | None = config_field(None, "trials at once; null = as many as the cluster holds")
+    seed: Seed | None = config_field(0, "seed of Tune's sampler (null = unseeded)")
     overrides: dict[str, Any] = config_field({}, "dotted TrainConfig keys applied to every trial")
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     resources: ResourcesSection = field(default_factory=ResourcesSection)
     validation: SearchValidationSection = field(default_factory=SearchValidationSection)
-    output_dir: str = config_field("results/tune", "outputs go to <output_dir>/<name>/")
-    experiment: str = config_field("adre-tune", "MLflow experiment of the parent run and its trial runs")
-    tracking_uri: str | None = config_field(None, "MLflow store; null = the train config's run.tracking_uri")
+    output_dir: NonEmptyText = config_field("results/tune", "outputs go to <output_dir>/<name>/")
+    experiment: NonEmptyText = config_field(
+        "adre-tune", "MLflow experiment of the parent run and its trial runs")
+    tracking_uri: MlflowUri | None = config_field(
+        None, "MLflow store; null = the train config's run.tracking_uri")
 
     def distributions(self) -> list[Distribution]:
         return [parse_distribution(str(key), spec) for key, spec in self.search.items()]
 
-    def validate(self) -> None:
-        """Raise ``ValueError("<field>=<value>: <requirement>")`` for the first bad field or search key."""
-        if self.name is not None:
-            check(isinstance(self.name, str) and self.name.strip() != "" and "/" not in self.name, "name",
-                  self.name, "must be a non-empty name without a slash")
+    def check_together(self) -> None:
+        """The search keys and the rules between fields (each field's own constraint is declared on it)."""
         check(isinstance(self.search, Mapping) and len(self.search) > 0, "search", self.search,
               "must map at least one dotted config key to a distribution")
         known = set(train_config_keys())
@@ -265,53 +225,13 @@ class TuneSpace(JobConfig):
         for key in self.overrides:
             check(key in known, f"overrides.{key}", self.overrides[key], "not a TrainConfig field")
             check(key not in self.search, f"overrides.{key}", self.overrides[key], "is also searched")
-        check_int_at_least("num_samples", self.num_samples, 1)
-        check(isinstance(self.metric, str) and self.metric != "", "metric", self.metric,
-              "must name the reported metric to rank trials by")
-        check_choice("mode", self.mode, MODES)
-        if self.max_concurrent is not None:
-            check_int_at_least("max_concurrent", self.max_concurrent, 1)
-        if self.seed is not None:
-            check_int_at_least("seed", self.seed, 0)
-        self._validate_scheduler()
-        self._validate_resources()
-        self.validation.validate()
-        check(not self.metric.startswith("approx_") or self.validation.enabled, "metric", self.metric,
-              "is a certified-validation metric: needs validation.enabled=true")
-        for name in ("output_dir", "experiment"):
-            value = getattr(self, name)
-            check(isinstance(value, str) and value.strip() != "", name, value, "must be a non-empty string")
-        if self.tracking_uri is not None:
-            check(isinstance(self.tracking_uri, str) and self.tracking_uri != "", "tracking_uri",
-                  self.tracking_uri, "must be an MLflow URI or 'none'")
-
-    def _validate_scheduler(self) -> None:
         s = self.scheduler
-        check_choice("scheduler.name", s.name, SCHEDULERS)
-        check(isinstance(s.metric, str) and s.metric != "", "scheduler.metric", s.metric,
-              "must name a metric reported every epoch (e.g. test_acc_noise)")
-        check_choice("scheduler.mode", s.mode, MODES)
-        if s.max_t is not None:
-            check_int_at_least("scheduler.max_t", s.max_t, 1)
-        check_int_at_least("scheduler.grace_period", s.grace_period, 1)
         if s.max_t is not None:
             check(s.grace_period <= s.max_t, "scheduler.grace_period", s.grace_period,
                   f"must be <= scheduler.max_t={s.max_t}")
-        check(_is_number(s.reduction_factor) and s.reduction_factor > 1, "scheduler.reduction_factor",
-              s.reduction_factor, "must be a number > 1")
-        check_int_at_least("scheduler.brackets", s.brackets, 1)
-
-    def _validate_resources(self) -> None:
-        r = self.resources
-        if r.num_workers is not None:
-            check_int_at_least("resources.num_workers", r.num_workers, 1)
-        if r.use_gpu is not None:
-            check(isinstance(r.use_gpu, bool), "resources.use_gpu", r.use_gpu, "must be true, false or null")
-        if r.cpus_per_worker is not None:
-            check_int_at_least("resources.cpus_per_worker", r.cpus_per_worker, 1)
-        if r.gpus_per_worker is not None:
-            check_positive("resources.gpus_per_worker", r.gpus_per_worker)
-
+        self.validation.validate()
+        check(not self.metric.startswith("approx_") or self.validation.enabled, "metric", self.metric,
+              "is a certified-validation metric: needs validation.enabled=true")
 
 def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TuneSpace:
     """Read and validate a space file; ``overrides`` replace top-level fields (e.g. ``num_samples``)."""

@@ -1,41 +1,19 @@
 """Datasets (pure PyTorch, no Ray): CIFAR-10 and ImageNet from Parquet, torchvision or image folders.
 
 Images come out as float32 [0, 1] tensors, un-normalized (the model normalizes), so Gaussian noise and
-certified radii are in pixel space.
+certified radii are in pixel space. Names are imported on first use (``adre_ray.lazy``):
+``adre_ray.data.info`` (dataset names, splits, layouts) imports without torch.
 """
 
-from adre_ray.data.datasets import (
-    SOURCES,
-    SPLITS,
-    LabeledSubset,
-    build_dataset,
-    dataset_labels,
-    load_images,
-    parquet_files,
-    resolve_source,
-    seeded_subset,
-    stratified_subset_indices,
-)
-from adre_ray.data.info import DATASET_INFOS, DatasetInfo, dataset_info
-from adre_ray.data.parquet import DEFAULT_CACHE_BYTES, ParquetImageDataset, decode_image_bytes
-from adre_ray.data.transforms import image_transform
+from adre_ray.lazy import lazy_exports
 
-__all__ = [
-    "DATASET_INFOS",
-    "DEFAULT_CACHE_BYTES",
-    "SOURCES",
-    "SPLITS",
-    "DatasetInfo",
-    "LabeledSubset",
-    "ParquetImageDataset",
-    "build_dataset",
-    "dataset_info",
-    "dataset_labels",
-    "decode_image_bytes",
-    "image_transform",
-    "load_images",
-    "parquet_files",
-    "resolve_source",
-    "seeded_subset",
-    "stratified_subset_indices",
-]
+_EXPORTS = {
+    **dict.fromkeys(("LabeledSubset", "build_dataset", "dataset_labels", "load_images", "parquet_files",
+                     "resolve_source", "seeded_subset", "stratified_subset_indices"), "datasets"),
+    **dict.fromkeys(("DATASETS", "DATASET_INFOS", "SOURCES", "SPLITS", "DatasetInfo", "dataset_info"),
+                    "info"),
+    **dict.fromkeys(("DEFAULT_CACHE_BYTES", "ParquetImageDataset", "decode_image_bytes"), "parquet"),
+    "image_transform": "transforms",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -24,12 +24,10 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from adre_ray.data.arrays import ArraysDataset, arrays_file
-from adre_ray.data.info import DATASET_INFOS, dataset_info
+from adre_ray.data.info import DATASET_INFOS, SOURCES, SPLITS, dataset_info
 from adre_ray.data.parquet import ParquetImageDataset
 from adre_ray.data.transforms import image_transform
 
-SPLITS = ("train", "test")
-SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
 CIFAR10_TORCHVISION_DIR = "cifar-10-batches-py"
 
 _SPLIT_DIRS: dict[tuple[str, str], tuple[str, ...]] = {

@@ -1,8 +1,15 @@
-"""Static facts about the supported datasets: class count, per-channel pixel statistics, input size."""
+"""Static facts about the supported datasets: their names, class count, per-channel pixel statistics, input
+size, and the splits and folder layouts they are read from (plain Python: the configs import them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+DATASETS = ("cifar10", "imagenet", "arrays")
+"""``arrays``: any fixed-shape samples given as .npz / Parquet arrays (adre_ray.data.arrays)."""
+SPLITS = ("train", "test")
+SOURCES = ("auto", "parquet", "torchvision", "imagefolder")
+"""Folder layouts of a dataset (``adre_ray.data.resolve_source``); auto = detected."""
 
 
 @dataclass(frozen=True)

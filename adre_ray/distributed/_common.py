@@ -8,7 +8,9 @@ from pathlib import Path
 
 def resolve_storage_path(path: str) -> str:
     """A local folder made absolute (Ray Train needs that); a URI with a scheme (s3://, gs://) unchanged."""
-    if "://" in path:
+    from adre_ray import storage
+
+    if storage.is_uri(path):
         return path
     return str(Path(path).expanduser().resolve())
 

@@ -49,9 +49,8 @@ from adre_ray.analysis.results import (
     side_file,
     write_part,
 )
-from adre_ray.config.base import load_config
 from adre_ray.config.certify import ABSTAINING_SHORTCUTS, CertifyConfig
-from adre_ray.config.flags import flag_values
+from adre_ray.config.flags import load_from_args
 from adre_ray.data import build_dataset, dataset_info, load_images
 from adre_ray.data.datasets import arrays_dataset
 from adre_ray.distributed._common import connect_ray, interrupted, os_error_message
@@ -1157,8 +1156,7 @@ def config_from_args(argv: Sequence[str]) -> CertifyConfig:
     Flag values are text parsed by the field's type (``1e-5``, ``100_000``, ``null``, ``0.5,1.0``), never
     as YAML, so a path is never re-interpreted.
     """
-    args = build_parser().parse_args(list(argv))
-    return load_config(CertifyConfig, args.config, list(args.set), values=flag_values(args, CertifyConfig))
+    return load_from_args(CertifyConfig, build_parser().parse_args(list(argv)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1167,12 +1165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     started = False
     try:
-        cfg = config_from_args(argv)
+        args = build_parser().parse_args(argv)  # parsed once: the config and --address
+        cfg = load_from_args(CertifyConfig, args)
         check_output_dir(cfg.output_dir)  # a file in the way, a read-only folder: before Ray starts
         check_arrays_input(cfg)  # bad arrays: refused before the lock makes the output folder
         check_resume(cfg)  # a bad checkpoint or a folder of other settings: refused before anything is made
         with output_folder_lock(output_location(cfg.output_dir)):  # held on (re-entered) by the run
-            started = connect_ray(build_parser().parse_args(argv).address)
+            started = connect_ray(args.address)
             result = run_certification(cfg)
     except ValueError as err:
         print(f"adre-ray certify: error: {err}", file=sys.stderr)

@@ -67,18 +67,12 @@ def parquet_split_files(data_dir: str, dataset: str, split: str) -> list[str]:
         local = Path(data_dir.removeprefix("file://")).expanduser()
         files = [str(p.resolve()) for p in parquet_files(local, names)] if local.is_dir() else []
     else:
-        import pyarrow.fs as pafs
-
-        fs, root = storage.resolve(data_dir)
-        root = root.rstrip("/")
         try:
-            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+            root, infos = storage.walk_files(data_dir)
         except OSError as err:
             raise ValueError(f"data.data_dir={data_dir!r}: cannot list it ({err})") from err
-        paths = sorted(info.path for info in infos
-                       if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
-        scheme = data_dir.split("://", 1)[0]
-        files = [f"{scheme}://{p}" for p in _pick_split(paths, root, names)]
+        paths = sorted(info.path for info in infos if info.path.endswith(".parquet"))
+        files = [storage.as_uri_of(data_dir, p) for p in _pick_split(paths, root, names)]
     if not files:
         raise ValueError(f"data.data_dir={data_dir!r}: no Parquet files of the {split!r} split "
                          f"(expected {' or '.join(f'{n}.parquet / {n}/*.parquet' for n in names)})")

@@ -2,44 +2,33 @@
 
 ``build_model(name, num_classes, dataset)`` returns ``nn.Sequential(NormalizeLayer(mean, std), net)``;
 ``save_model_checkpoint`` / ``load_model_checkpoint`` store and restore it (weights-only files).
+``MODEL_NAMES`` is asked of the registry each time it is read (models registered later included).
+Names are imported on first use (``adre_ray.lazy``): ``adre_ray.models.formats`` imports without torch.
 """
 
-from adre_ray.models import cifar_resnet, small_cnn, torchvision_models  # noqa: F401  (register models)
-from adre_ray.models.checkpoint import (
-    CHECKPOINT_FILENAME,
-    FORMAT,
-    checkpoint_file,
-    load_model_checkpoint,
-    read_checkpoint,
-    save_model_checkpoint,
-    strip_wrapper_prefixes,
-    unwrap_model,
-)
-from adre_ray.models.cifar_resnet import CifarResNet
-from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
-from adre_ray.models.registry import available_models, build_model, check_model_name, register_model
-from adre_ray.models.small_cnn import SmallCNN
+from typing import Any
 
-MODEL_NAMES: tuple[str, ...] = available_models()
-"""The built-in models: cifar_resnet20, cifar_resnet110, resnet50, small_cnn."""
+from adre_ray.lazy import lazy_exports
 
-__all__ = [
-    "CHECKPOINT_FILENAME",
-    "FORMAT",
-    "MODEL_NAMES",
-    "CifarResNet",
-    "NormalizeLayer",
-    "NormalizedModel",
-    "SmallCNN",
-    "available_models",
-    "build_model",
-    "check_model_name",
-    "checkpoint_file",
-    "load_model_checkpoint",
-    "read_checkpoint",
-    "register_model",
-    "save_model_checkpoint",
-    "small_cnn",
-    "strip_wrapper_prefixes",
-    "unwrap_model",
-]
+_EXPORTS = {
+    **dict.fromkeys(("CHECKPOINT_FILENAME", "FORMAT", "checkpoint_file", "load_model_checkpoint",
+                     "read_checkpoint", "save_model_checkpoint", "strip_wrapper_prefixes", "unwrap_model"),
+                    "checkpoint"),
+    "CifarResNet": "cifar_resnet",
+    "IMPORT_FORMATS": "formats",
+    **dict.fromkeys(("NormalizeLayer", "NormalizedModel"), "normalize"),
+    **dict.fromkeys(("available_models", "build_model", "check_model_name", "register_model"), "registry"),
+    "SmallCNN": "small_cnn",
+}
+_lazy_getattr, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MODEL_NAMES":  # live, never cached: the registered names now
+        from adre_ray.models.registry import available_models
+
+        return available_models()
+    return _lazy_getattr(name)
+
+
+__all__ = sorted([*_EXPORTS, "MODEL_NAMES", "small_cnn"])

@@ -17,9 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from adre_ray.config.base import check_sigma
 from adre_ray.models.importers import import_checkpoint
 from adre_ray.parsers import import_checkpoint_parser
+from adre_ray.smoothing.params import check_sigma
 
 build_parser = import_checkpoint_parser
 
@@ -29,7 +29,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     in (0, MAX_SIGMA] (inf and nan included), or an ``--output`` below a regular file (no folder can be
     made there)."""
     if args.sigma is not None:
-        check_sigma("--sigma", args.sigma)
+        check_sigma(args.sigma, "--sigma")
     existing = Path(args.output).expanduser().parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -27,14 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from adre_ray.config.base import IMPORT_FORMATS
 from adre_ray.data.info import dataset_info
 from adre_ray.models.checkpoint import save_model_checkpoint, save_model_fn_checkpoint, strip_wrapper_prefixes
+from adre_ray.models.formats import IMPORT_FORMATS
 from adre_ray.models.model_fn import build_model_fn, check_model_fn_spec
 from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
 from adre_ray.models.registry import build_model
-
-"""Values of ``--format``."""
 
 SMOOTHING_ARCHS = ("cifar_resnet20", "cifar_resnet110", "resnet50")
 """``arch`` values of the randomized-smoothing code; each is the adre-ray model of the same name."""

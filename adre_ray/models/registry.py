@@ -7,6 +7,7 @@ with the dataset's channel statistics, so every built model takes [0, 1] pixels.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from torch import nn
@@ -35,15 +36,27 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return decorator
 
 
+BUILTIN_MODEL_MODULES = ("cifar_resnet", "small_cnn", "torchvision_models")
+"""Modules whose import registers the built-in models (cifar_resnet20/110, small_cnn, resnet50)."""
+
+
+def _registry() -> dict[str, ModelFactory]:
+    """The registry, the built-in models registered first (their modules are imported on first use)."""
+    for module in BUILTIN_MODEL_MODULES:
+        importlib.import_module(f"adre_ray.models.{module}")
+    return _REGISTRY
+
+
 def available_models() -> tuple[str, ...]:
-    """Every registered name, including models registered after import."""
-    return tuple(_REGISTRY)
+    """Every registered name, now: the built-ins and any model registered since."""
+    return tuple(_registry())
 
 
 def check_model_name(name: str) -> None:
     """``ValueError`` naming ``name`` and listing the known models unless it is registered."""
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"model={name!r}: unknown model (known: {', '.join(_REGISTRY)})")
+    registry = _registry()
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"model={name!r}: unknown model (known: {', '.join(registry)})")
 
 
 def build_model(name: str, num_classes: int, dataset: str) -> NormalizedModel:

@@ -27,15 +27,15 @@ the pilot; cA = argmax pilot; N_A = counts[cA]; N_j the other classes' counts; P
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import special, stats
 
-from adre_ray.config.base import DEFAULT_GRID, TCERTIFY_MODES
+from adre_ray.checks import check_choice
 from adre_ray.smoothing.bounds import PB_BOUNDS, _short, as_count_array, pA_lower, runner_up_upper
+from adre_ray.smoothing.params import DEFAULT_GRID, TCERTIFY_MODES, check_alpha, check_grid, check_sigma
 
 ABSTAIN = -1
 
@@ -88,34 +88,8 @@ class SmoothingResult:
 # ----------------------------------------------------------------------------------------------- checks
 
 
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0 < alpha < 1):
-        raise ValueError(f"alpha={alpha!r}: must lie in the open interval (0, 1)")
-    return float(alpha)
-
-
-def _check_sigma(sigma: float) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (0 < sigma < math.inf):
-        raise ValueError(f"sigma={sigma!r}: must be a finite number > 0")
-    return float(sigma)
-
-
-def _check_grid(grid: Sequence[float]) -> tuple[float, ...]:
-    try:
-        values = tuple(grid)
-    except TypeError:
-        raise ValueError(f"grid={grid!r}: must be a sequence of numbers in (0, 1]") from None
-    if not values:
-        raise ValueError(f"grid={grid!r}: must hold at least one value")
-    for t in values:
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (0 < t <= 1):
-            raise ValueError(f"grid={grid!r}: value {t!r} lies outside (0, 1]")
-    return tuple(float(t) for t in values)
-
-
 def _check_mode(mode: str) -> str:
-    if mode not in TCERTIFY_MODES:
-        raise ValueError(f"mode={mode!r}: must be one of {', '.join(TCERTIFY_MODES)}")
+    check_choice("mode", mode, TCERTIFY_MODES)
     return mode
 
 
@@ -149,7 +123,7 @@ def predict_counts(counts: Sequence[int] | np.ndarray, alpha: float) -> Smoothin
     Ties go to the lowest class index (and then the test cannot reject).
     """
     arr = _check_counts("counts", counts)
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     top = int(np.argmax(arr))
     nA = int(arr[top])
     nB = int(np.delete(arr, top).max()) if arr.size > 1 else 0
@@ -172,7 +146,7 @@ def certify_counts(pilot_counts: Sequence[int] | np.ndarray, counts: Sequence[in
     over the estimation draws, a non-abstaining answer is g(x) and g is constant on the l2 ball.
     """
     pilot, main, n = _check_pair(pilot_counts, counts)
-    sigma, alpha = _check_sigma(sigma), _check_alpha(alpha)
+    sigma, alpha = check_sigma(sigma), check_alpha(alpha)
     cA = int(np.argmax(pilot))
     nA = int(main[cA])
     pa = pA_lower(nA, n, alpha)
@@ -281,8 +255,8 @@ def tcertify_counts(pilot_counts: Sequence[int] | np.ndarray, counts: Sequence[i
     With ``grid=(1.0,)`` every mode returns CERTIFY's class and radius exactly.
     """
     pilot, main, n = _check_pair(pilot_counts, counts)
-    sigma, alpha = _check_sigma(sigma), _check_alpha(alpha)
-    mode, grid = _check_mode(mode), _check_grid(grid)
+    sigma, alpha = check_sigma(sigma), check_alpha(alpha)
+    mode, grid = _check_mode(mode), check_grid(grid)
     pb_bound = effective_pb_bound(mode, pb_bound)
     if main.size < 2:
         raise ValueError(f"counts={_short(counts)}: T-CERTIFY needs at least 2 classes")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from adre_ray.smoothing.noise import philox_normal_
+from adre_ray.smoothing.params import check_draws, check_sigma
 
 NOISE_BLOCK_ELEMENTS = 2**23
 """Target values per noise draw: a block holds the largest power of two of samples within it (at least 1)."""
@@ -275,10 +276,8 @@ def sample_counts(
     one batch per shard). None of these options changes the noise. ``noise``: the generator, "philox" or
     "torch" (module docstring); None = ``default_noise(device)``.
     """
-    if not (isinstance(sigma, (int, float)) and sigma > 0):
-        raise ValueError(f"sigma={sigma!r}: must be > 0")
-    if isinstance(num, bool) or not isinstance(num, int) or num < 0:
-        raise ValueError(f"num={num!r}: must be an integer >= 0")
+    sigma = check_sigma(sigma)
+    check_draws(num, "num", low=0)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")
     if x.dim() < 1:

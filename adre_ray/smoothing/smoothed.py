@@ -16,14 +16,12 @@ import torch
 from adre_ray.smoothing.certify import (
     DEFAULT_GRID,
     SmoothingResult,
-    _check_alpha,
-    _check_grid,
     _check_mode,
-    _check_sigma,
     certify_counts,
     predict_counts,
     tcertify_counts,
 )
+from adre_ray.smoothing.params import check_alpha, check_grid, check_sigma
 from adre_ray.smoothing.sampler import MAIN_STREAM, PILOT_STREAM, effective_batch_size, sample_counts
 
 
@@ -52,7 +50,7 @@ class SmoothedClassifier:
         effective_batch_size(batch_size)  # validates
         self.model = model
         self.num_classes = num_classes
-        self.sigma = _check_sigma(sigma)
+        self.sigma = check_sigma(sigma)
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
@@ -71,7 +69,7 @@ class SmoothedClassifier:
     def predict(self, x: torch.Tensor, n: int, alpha: float, *, seed: int = 0, idx: int = 0
                 ) -> SmoothingResult:
         """Cohen's PREDICT on ``n`` draws: g(x) or abstain; wrong (and not abstaining) w.p. <= alpha."""
-        _check_alpha(alpha)
+        check_alpha(alpha)
         return predict_counts(self.counts(x, n, seed=seed, idx=idx, stream=MAIN_STREAM), alpha)
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, *, seed: int = 0, idx: int = 0,
@@ -84,9 +82,9 @@ class SmoothedClassifier:
         ``bonferroni`` modes; ``paper`` only guarantees 1 - alpha (t_max + 1 - t_min). ``pb_bound``: the
         runner-up bound of T-CERTIFY, ``sum`` (eq. 14) or ``max`` (ignored in ``paper`` mode).
         """
-        _check_alpha(alpha)
+        check_alpha(alpha)
         _check_mode(mode)
-        _check_grid(grid)
+        check_grid(grid)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n={n!r}: must be an integer >= 1")
         pilot = self.counts(x, n0, seed=seed, idx=idx, stream=PILOT_STREAM)

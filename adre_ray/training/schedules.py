@@ -18,8 +18,8 @@ from adre_ray.training.checks import (
     one_of,
     require,
 )
+from adre_ray.training.names import SCHEDULES
 
-SCHEDULES = ("step", "cosine")
 """Learning-rate schedules by name (``schedule.name``)."""
 
 

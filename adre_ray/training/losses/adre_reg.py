@@ -16,8 +16,8 @@ from adre_ray.training.losses.base import (
     noisy_logits,
     register_loss,
 )
+from adre_ray.training.names import PER_LOSSES  # noqa: F401 - re-exported
 
-PER_LOSSES = ("mean", "single")
 """How l_per_i averages the k draws: mean (all of them) | single (one random j, the paper's Table 1)."""
 
 
