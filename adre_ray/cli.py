@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("adre_ray.distributed.convert", "ImageFolder tree -> Parquet shards, in parallel Ray tasks"),
     "analyze": ("adre_ray.analysis.report", "certified-accuracy tables and plots from results"),
     "demo": ("adre_ray.demo", "the end-to-end demo on one machine"),
-    "import-checkpoint": ("adre_ray.models.import_cli",
+    "import-checkpoint": ("adre_ray.import_cli",
                           "convert a randomized-smoothing / torchvision checkpoint (same logits)"),
 }
 

@@ -4,6 +4,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir's adre_ray first
 
-from adre_ray.models.import_cli import main  # noqa: E402
+from adre_ray.import_cli import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))
