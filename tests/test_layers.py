@@ -12,7 +12,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "adre_ray"
 CORE = ("smoothing", "training", "models", "data")
-CORE_MAY_USE = ("adre_ray.lazy", "adre_ray.checks", "adre_ray.storage", "adre_ray.precision", "adre_ray.device")
+CORE_MAY_USE = ("adre_ray.lazy", "adre_ray.checks", "adre_ray.storage", "adre_ray.precision",
+                "adre_ray.device")
 """Plain helpers below the core: lazy package exports, the field=value checks, paths and URIs, precision,
 the device's facts."""
 RAY_FREE = [*(f"adre_ray.{name}" for name in CORE), "adre_ray.distributed.worker"]
