@@ -238,6 +238,56 @@ def test_capacity_watch_stops_the_call_behind_a_sigint_handler_left_by_an_earlie
         signal.signal(signal.SIGINT, before)
 
 
+def test_a_passive_watch_names_the_lack_when_the_run_stops_itself_and_never_interrupts():
+    """Ray Train V2: its own SIGINT handler runs during ``fit()`` and its abort does not reach a controller
+    retrying a worker-group start (a multi-node run retried for 15 minutes after the watch's interrupt), so
+    the run is bounded by ``controller_failure_limit`` and the watch turns the error it ends with into
+    ``ClusterCapacityError``; an error after the cluster fits again is left as it is."""
+    import signal
+    import time
+
+    from adre_ray.distributed.cluster import CapacityWatch, ClusterCapacityError
+
+    heard: list[int] = []
+    one_cpu = ClusterFacts(nodes=1, total={"CPU": 1}, free={"CPU": 1}, max_resources=None)
+    before = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
+    try:
+        startup_failed = RuntimeError("The worker group startup timed out after 60.0 seconds")
+        named = r"needs 2 \(waited 0.2 s; was a node lost\?\): re-run"
+        with pytest.raises(ClusterCapacityError, match=named) as stopped, CapacityWatch(
+                {"CPU": 2}, 0.2, "re-run", poll_s=0.05, facts=lambda: one_cpu, interrupt=False):
+            time.sleep(1.0)  # stands for fit() retrying the start until its failure limit
+            raise startup_failed
+        assert stopped.value.__cause__ is startup_failed and heard == []
+
+        looks = iter([one_cpu] * 8)
+        with pytest.raises(RuntimeError, match="unrelated"), \
+                CapacityWatch({"CPU": 2}, 0.2, "re-run", poll_s=0.05, facts=lambda: next(looks, ONE_NODE),
+                              interrupt=False):
+            time.sleep(1.5)  # lacked for 0.4 s, then a node came back
+            raise RuntimeError("unrelated")
+        assert heard == []
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_training_start_attempts_are_bounded_by_resource_wait_s(monkeypatch):
+    """Ray Train V2 retries a worker-group start that no node fits forever (``controller_failure_limit``
+    -1); adre-ray bounds it: attempts of 60 s each covering ``run.resource_wait_s``."""
+    from adre_ray.distributed.cluster import controller_failure_limit
+
+    assert [controller_failure_limit(s) for s in (0, 10, 60, 61, 120, 900)] == [0, 0, 0, 1, 1, 14]
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    assert controller_failure_limit(120) == 3
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    cfg = load_config(TrainConfig, None, ["model=small_cnn", "run.resource_wait_s=300",
+                                          "run.tracking_uri=none"])
+    failure = train_job.build_trainer(cfg, run_name="bounded").run_config.failure_config
+    if train_job.train_v2_enabled():
+        assert failure.controller_failure_limit == 4
+    assert failure.max_failures == cfg.run.max_failures
+
+
 def test_capacity_watch_lets_a_call_finish_when_the_cluster_fits_or_can_grow():
     import time
 

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import sys
 import time
@@ -159,14 +161,22 @@ class CapacityWatch:
     The stop is a simulated SIGINT. Inside the block the watch's own handler answers it (a SIGINT the
     watch did not send goes to the handler it replaced); a handler the call installs and leaves behind
     (Ray Train's ``fit()`` registers one that aborts its controller and keeps the controller alive
-    through its closure) is replaced by the one from before the block on exit."""
+    through its closure) is replaced by the one from before the block on exit.
+
+    ``interrupt=False`` (Ray Train V2): the call stops itself, and the watch only names why. V2's
+    ``fit()`` answers SIGINT with its own handler, whose graceful abort does not reach a controller that is
+    retrying a worker group start (seen on a multi-node cluster: retried for 15 minutes after the abort),
+    so the run is bounded by Ray Train's ``FailureConfig(controller_failure_limit)``
+    (:func:`controller_failure_limit`), and an error leaving the block while the cluster has lacked
+    ``needs`` for ``wait_s`` becomes ``ClusterCapacityError``."""
 
     def __init__(self, needs: Mapping[str, float], wait_s: float, what_to_do: str, *, poll_s: float = 2.0,
-                 facts: Callable[[], ClusterFacts] = cluster_facts) -> None:
+                 facts: Callable[[], ClusterFacts] = cluster_facts, interrupt: bool = True) -> None:
         import threading
 
         self.needs = {key: amount for key, amount in needs.items() if amount > 0}
         self.wait_s, self.what_to_do, self.poll_s, self.facts = wait_s, what_to_do, poll_s, facts
+        self.interrupt = interrupt
         self.message: str | None = None
         self._armed = threading.Lock()
         self._stop = threading.Event()
@@ -191,7 +201,7 @@ class CapacityWatch:
             except Exception:  # noqa: BLE001 - a failed look is not a verdict
                 continue
             if lack is None:
-                since = None
+                since = self.message = None
                 continue
             since = time.monotonic() if since is None else since
             if time.monotonic() - since >= self.wait_s:
@@ -199,9 +209,10 @@ class CapacityWatch:
                     if self._stop.is_set():
                         return
                     self.message = f"{lack} (waited {self.wait_s:g} s; was a node lost?): {self.what_to_do}"
-                    self._stop.set()
-                    _thread.interrupt_main()
-                return
+                    if self.interrupt:
+                        self._stop.set()
+                        _thread.interrupt_main()
+                        return
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self.message is not None:
@@ -224,6 +235,20 @@ class CapacityWatch:
             self._stop.set()
         if self._active and self._outer_sigint is not None:  # None: not installed from Python
             signal.signal(signal.SIGINT, self._outer_sigint)
-        if self.message is not None and (kind is None or issubclass(kind, KeyboardInterrupt)):
+        if self.message is None:
+            return False
+        if self.interrupt and (kind is None or issubclass(kind, KeyboardInterrupt)):
             raise ClusterCapacityError(self.message) from None
+        if not self.interrupt and kind is not None and issubclass(kind, Exception):
+            raise ClusterCapacityError(self.message) from error
         return False
+
+
+def controller_failure_limit(wait_s: float) -> int:
+    """Ray Train V2's ``controller_failure_limit`` that ends a run about ``wait_s`` seconds after its worker
+    group stopped fitting the cluster: each start attempt waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``
+    (60 s) for its placement group and then counts as a controller failure; the limit is the number of
+    failures tolerated, so attempts = limit + 1 = ceil(wait_s / timeout), at least one. (Ray's default,
+    -1, retries forever.)"""
+    timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60.0))
+    return max(0, math.ceil(wait_s / timeout) - 1)

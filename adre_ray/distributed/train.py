@@ -46,6 +46,7 @@ from adre_ray.distributed.cluster import (
     ClusterCapacityError,
     check_cluster_paths,
     cluster_facts,
+    controller_failure_limit,
 )
 from adre_ray.distributed.faults import FaultKill, fault_worker_env
 from adre_ray.distributed.train_checkpoint import (
@@ -136,7 +137,7 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
     run_kwargs: dict[str, Any] = dict(
         name=name, storage_path=resolve_storage_path(cfg.run.storage_path),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-        failure_config=FailureConfig(max_failures=cfg.run.max_failures))
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures, **_start_failure_limit(cfg)))
     scaling_kwargs: dict[str, Any] = dict(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                           resources_per_worker=resources)
     fault_env = fault_worker_env(f"{run_kwargs['storage_path'].rstrip('/')}/{name}")
@@ -161,6 +162,19 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
         run_config=RunConfig(**run_kwargs),
         **data_kwargs,
     )
+
+
+def _start_failure_limit(cfg: TrainConfig) -> dict[str, int]:
+    """V2: worker-group start attempts bounded by ``run.resource_wait_s`` (Ray retries them forever by
+    default, so a run whose node died and was not replaced would wait without end)."""
+    import dataclasses
+
+    from ray.train import FailureConfig
+
+    if not train_v2_enabled() or "controller_failure_limit" not in {f.name for f in
+                                                                     dataclasses.fields(FailureConfig)}:
+        return {}
+    return {"controller_failure_limit": controller_failure_limit(cfg.run.resource_wait_s)}
 
 
 def _previous_mlflow_run(experiment: str, run_path: str, tracking_uri: str) -> str | None:
@@ -265,10 +279,11 @@ def run_training(cfg: TrainConfig, *, check_data: bool = True) -> TrainResult:
         started = time.perf_counter()
         with CapacityWatch(worker_group_needs(cfg), cfg.run.resource_wait_s,
                            "add a node (or lower scaling.num_workers) and re-run the same command: it "
-                           f"resumes from the last checkpoint in {run_path}"):
+                           f"resumes from the last checkpoint in {run_path}",
+                           interrupt=not train_v2_enabled()):
             result = trainer.fit()
-        if getattr(result, "error", None) is not None:
-            raise result.error
+            if getattr(result, "error", None) is not None:
+                raise result.error
         checkpoint = result.checkpoint or previous  # nothing left to train: the previous one stands
         if checkpoint is None:
             raise RuntimeError(f"run {name!r} finished without a checkpoint (schedule.epochs="
