@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torchvision.models import resnet50 as tv_resnet50
 
+from adre_ray.import_cli import main as import_main
 from adre_ray.models import load_model_checkpoint
 from adre_ray.models.checkpoint import FORMAT, FORMAT_V1, save_model_checkpoint
-from adre_ray.import_cli import main as import_main
 from adre_ray.models.importers import SMOOTHING_NORMALIZATION, import_checkpoint
 from adre_ray.models.registry import build_model
 
