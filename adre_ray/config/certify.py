@@ -26,18 +26,10 @@ from adre_ray.config.base import (
     config_field,
     effective_precision,
 )
+from adre_ray.smoothing.bounds import PB_BOUNDS
+from adre_ray.smoothing.shortcuts import EARLY_ABSTAIN_RULES, N_POLICIES
 
 SPLITS = ("train", "test")
-PB_BOUNDS = ("sum", "max")
-"""T-CERTIFY runner-up bounds (adre_ray.smoothing.bounds): sum = eq. 14, max = CP bound of the top other."""
-N_POLICIES = ("fixed", "iss")
-"""Per-image sample size (adre_ray.smoothing.shortcuts): fixed = n for all, iss = chosen from the pilot."""
-SHORTCUTS = ("none", "skipped_misclassified", "early_abstain", "iss", "decided", "target_radius")
-"""Values of a result row's ``shortcut`` column (the last shortcut that changed the image's draws)."""
-ABSTAINING_SHORTCUTS = ("skipped_misclassified", "early_abstain")
-"""Shortcuts whose rows are abstentions by construction (never certified-correct)."""
-EARLY_ABSTAIN_RULES = ("product", "cp")
-"""Early-abstain tests (adre_ray.smoothing.shortcuts): product = the tighter rule, cp = schema 3's."""
 
 
 @dataclass

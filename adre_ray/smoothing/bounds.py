@@ -23,8 +23,6 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import optimize, special
 
-from adre_ray.config.certify import PB_BOUNDS
-
 ROOT_XTOL = 1e-15
 """Absolute tolerance of the root finder in ``pB_upper`` (the result is then rounded up to be safe)."""
 
@@ -93,7 +91,8 @@ def cp_upper(N: int, n: int, beta: float) -> float:
     return float(special.betaincinv(N + 1, n - N, 1.0 - beta))
 
 
-# PB_BOUNDS: ``sum`` = eq. 14 (``pB_upper``), ``max`` = CP bound of the largest other count.
+PB_BOUNDS = ("sum", "max")
+"""T-CERTIFY runner-up bounds: sum = eq. 14 (``pB_upper``), max = CP bound of the largest other count."""
 
 
 def _check_runner_up_args(other_counts: Sequence[int] | np.ndarray, n: int,
