@@ -83,7 +83,7 @@ def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table
     Returns its path (a ``Path`` in a local folder, the URI on object storage).
     Raises ``ValueError`` for no rows, a missing or unknown column, or a null ``idx``.
     """
-    table = rows if isinstance(rows, pa.Table) else _rows_to_table(rows)
+    table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
     if table.num_rows == 0:
         raise ValueError("rows=[]: a part must hold at least one row")
     if table.schema.names != RESULT_SCHEMA.names:
@@ -102,7 +102,8 @@ def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table
     return target if storage.is_uri(out_dir) else Path(out_dir) / name
 
 
-def _rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """``rows`` as a ``RESULT_SCHEMA`` table, optional columns filled (``ValueError`` naming a bad row)."""
     names = set(RESULT_SCHEMA.names)
     required = names - _OPTIONAL_ROW_KEYS
     clean = []
@@ -191,24 +192,36 @@ def read_results(path: str | Path, *, strict: bool = True) -> pa.Table:
     duplicated idx the row from the first part (by name) is kept, with a warning.
     An empty folder gives an empty table.
     """
-    tables: list[pa.Table] = []
-    sources: list[Path | str] = []
-    for file in _result_files(path):
+    parts = read_parts(_result_files(path), strict=strict)
+    return merge_results(list(parts.values()), list(parts), strict=strict)
+
+
+def read_parts(files: Sequence[Path | str], *, strict: bool = True) -> dict[Path | str, pa.Table]:
+    """Each of ``files`` read and upgraded (``upgrade_table``), by file; a corrupt one raises ``ValueError``
+    naming it (``strict=False``: skipped with a ``RuntimeWarning``)."""
+    parts: dict[Path | str, pa.Table] = {}
+    for file in files:
         try:
             table = _read_file(file)
         except ValueError as err:
             if strict:
                 raise
-            warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=3)
             continue
         try:
-            tables.append(upgrade_table(table))
+            parts[file] = upgrade_table(table)
         except ValueError as err:
             if strict:
                 raise ValueError(f"result part {str(file)!r}: {err}") from err
-            warnings.warn(f"skipping result part {str(file)!r}: {err}", RuntimeWarning, stacklevel=2)
-            continue
-        sources.append(file)
+            warnings.warn(f"skipping result part {str(file)!r}: {err}", RuntimeWarning, stacklevel=3)
+    return parts
+
+
+def merge_results(tables: Sequence[pa.Table], sources: Sequence[Path | str], *, strict: bool = True
+                  ) -> pa.Table:
+    """``tables`` (read from ``sources``, named in errors) as one table with ``RESULT_SCHEMA``'s columns
+    first and other columns after, sorted by idx; an idx present twice as ``read_results`` says."""
+    tables, sources = list(tables), list(sources)
     if not tables:
         return RESULT_SCHEMA.empty_table()
     extra: dict[str, pa.DataType] = {}
@@ -230,7 +243,7 @@ def read_results(path: str | Path, *, strict: bool = True) -> pa.Table:
 
 
 def _check_duplicates(
-    merged: pa.Table, tables: list[pa.Table], sources: list[Path], strict: bool
+    merged: pa.Table, tables: list[pa.Table], sources: list[Path | str], strict: bool
 ) -> pa.Table:
     idx = merged.column("idx").to_numpy()
     unique, first_pos, counts = np.unique(idx, return_index=True, return_counts=True)
@@ -305,7 +318,18 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
+NOT_READ: Any = object()
+"""Default of the ``existing`` / ``manifest`` arguments: read the folder's manifest now. A caller that has
+read it already passes the dict (or None: no manifest), so one run reads it once."""
+
+
+def manifest_record(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``ensure_manifest`` writes for a new run of ``settings``: defaults filled, JSON-stable values."""
+    wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
+    return {**wanted, "schema_version": SCHEMA_VERSION}
+
+
+def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any], existing: Any = NOT_READ) -> bool:
     """Write ``_run.json`` for a new run, or check that a resumed run has the same settings.
 
     ``settings`` must hold every key of ``MANIFEST_FIELDS`` (other keys are stored, not compared); a key
@@ -313,16 +337,16 @@ def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     Returns True when an existing manifest matched (a resume), False when a new one was written.
     Raises ``ValueError`` as ``check_manifest_settings`` does.
     """
-    if check_manifest_settings(out_dir, settings):
+    if check_manifest_settings(out_dir, settings, existing):
         return True
-    wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
-    record = {**wanted, "schema_version": SCHEMA_VERSION}
+    record = manifest_record(settings)
     storage.write_bytes_atomic(storage.join(out_dir, MANIFEST_NAME),
                                (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return False
 
 
-def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
+def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any], existing: Any = NOT_READ
+                            ) -> bool:
     """Whether ``out_dir`` holds a manifest with these settings (True: a resume; False: a new run), writing
     nothing. Raises ``ValueError`` naming the first differing field, e.g.
     ``output_dir='out': sigma=0.5 differs from the run already there (sigma=0.25); use a new output_dir``.
@@ -332,7 +356,7 @@ def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any]) ->
     if missing:
         raise ValueError(f"settings: missing manifest field(s) {', '.join(missing)}")
     wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
-    existing = read_manifest(out_dir)
+    existing = read_manifest(out_dir) if existing is NOT_READ else existing
     if existing is not None:
         existing = {**MANIFEST_DEFAULTS, **existing}
         for key in MANIFEST_FIELDS:
@@ -349,8 +373,8 @@ def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any]) ->
 
 
 __all__ = [
-    "LEGACY_MANIFEST_NAME", "MANIFEST_DEFAULTS", "MANIFEST_FIELDS", "MANIFEST_NAME", "RESULT_SCHEMA",
-    "SCHEMA_VERSION", "check_manifest_settings", "completed_indices",
-    "ensure_manifest", "side_file", "part_files", "read_manifest", "read_results", "upgrade_table",
-    "write_part",
+    "LEGACY_MANIFEST_NAME", "MANIFEST_DEFAULTS", "MANIFEST_FIELDS", "MANIFEST_NAME", "NOT_READ",
+    "RESULT_SCHEMA", "SCHEMA_VERSION", "check_manifest_settings", "completed_indices", "ensure_manifest",
+    "manifest_record", "merge_results", "part_files", "read_manifest", "read_parts", "read_results",
+    "rows_to_table", "side_file", "upgrade_table", "write_part",
 ]

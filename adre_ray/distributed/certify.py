@@ -14,14 +14,20 @@ Algorithm of the driver (``run_certification``):
 5. a task that fails because its actor died is re-queued and the actor replaced (up to
    ``actor_restarts`` times per slot), so the output equals an undisturbed run;
 6. summarize (certified accuracy at 0, 0.25, ..., 2.0, ACR, abstain rates) and log to MLflow.
+
+The steps live beside this driver: ``certify_settings`` (the run's resolved settings, manifest entries,
+shortcut rules, MLflow run record), ``certify_pool`` (actors and cluster), ``certify_scheduler`` (steps
+2-5: an image moves pilot -> main waves -> row), ``certify_rows`` (the row of step 4). This module keeps
+the driver, the rows' destination (``PartWriter``: Parquet parts and MLflow) and the command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +39,18 @@ from adre_ray import storage
 from adre_ray.analysis.devices import record_devices
 from adre_ray.analysis.metrics import DEFAULT_RADII, mlflow_metrics, summarize
 from adre_ray.analysis.output_folder import check_output_dir, output_folder_lock
-from adre_ray.analysis.results import completed_indices, ensure_manifest, read_results, write_part
+from adre_ray.analysis.results import (
+    NOT_READ,
+    ensure_manifest,
+    manifest_record,
+    merge_results,
+    part_files,
+    read_manifest,
+    read_parts,
+    rows_to_table,
+    upgrade_table,
+    write_part,
+)
 from adre_ray.config.base import load_config
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.config.flags import flag_values
@@ -68,6 +85,7 @@ from adre_ray.distributed.certify_scheduler import (  # noqa: F401  (re-exported
 from adre_ray.distributed.certify_settings import (  # noqa: F401  (re-exported)
     LEGACY_MLFLOW_RUN_FILE,
     MLFLOW_RUN_FILE,
+    ModelFacts,
     _resolve_settings,
     certify_run_name,
     check_arrays_input,
@@ -77,6 +95,7 @@ from adre_ray.distributed.certify_settings import (  # noqa: F401  (re-exported)
     declared_num_classes,
     manifest_settings,
     mixed_device_settings,
+    model_facts,
     model_identity,
     output_location,
     previous_certify_run,
@@ -111,8 +130,8 @@ def select_indices(cfg: CertifyConfig, split_size: int) -> list[int]:
 
 
 def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
-                      pool: CertifyPool | None = None,
-                      shortcuts: Sequence[Shortcut] | None = None) -> CertifyResult:
+                      pool: CertifyPool | None = None, shortcuts: Sequence[Shortcut] | None = None,
+                      facts: ModelFacts | None = None) -> CertifyResult:
     """Certify the selected images of ``cfg`` into ``cfg.output_dir``; resume what is already there.
 
     Every selected image ends up in the folder exactly once, with the values an undisturbed
@@ -120,50 +139,35 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     different run, or a corrupt part. ``pool``: warm actors of the same checkpoint to use (its first
     ``num_actors`` slots, all when null); it is left running. Without it a pool is made and shut down.
     ``shortcuts``: the evaluation shortcut rules to use (adre_ray.smoothing.shortcuts.Shortcut); None =
-    those ``cfg`` asks for (``shortcut_rules``).
-    """  # ~60 lines: the driver's algorithm (steps 1 and 6 of the module docstring) in order
+    those ``cfg`` asks for (``shortcut_rules``). ``facts``: the checkpoint's, when read already
+    (``check_resume``). The checkpoint, the manifest and each part are read once.
+    """
     cfg.validate()
     hooks = hooks or CertifyHooks()
-    completed_indices(output_location(cfg.output_dir))  # a corrupt part is named before Ray is needed
-    check_certify_paths(cfg)
-    cfg, train_run_id, train_sigma = _resolve_settings(cfg)
-    assert cfg.sigma is not None
     out_dir = output_location(cfg.output_dir)
-    num_classes = declared_num_classes(cfg)
-    split_size = len(build_dataset(cfg.dataset, cfg.data_dir, cfg.split, augment=False))  # type: ignore[arg-type]
-    selected = select_indices(cfg, split_size)
-    if not selected:
-        raise ValueError(f"start={cfg.start}: beyond the {split_size} images of the {cfg.split!r} split")
+    parts = read_parts(part_files(out_dir))  # a corrupt part is named before Ray is needed
+    check_certify_paths(cfg)
+    facts = model_facts(cfg) if facts is None else facts
+    cfg, train_run_id, train_sigma = _resolve_settings(cfg, facts)
+    num_classes = declared_num_classes(cfg, facts=facts)
+    selected = _selected_images(cfg)
     cfg = resolve_certify_precision(cfg)  # after the data checks: may need the cluster (auto, use_gpu null)
     with output_folder_lock(out_dir):  # one run at a time per folder (released by the OS if we die)
-        ensure_manifest(out_dir, mixed_device_settings(out_dir, manifest_settings(cfg, resolve_use_gpu(cfg)),
-                                                       cfg.allow_mixed_devices))
-        done_before = completed_indices(out_dir)
+        manifest = _ensure_manifest(cfg, out_dir)
+        parts = {file: parts[file] if file in parts else read_parts([file])[file]  # written since: none
+                 for file in part_files(out_dir)}                                 # unless another run
+        done_before = {idx for table in parts.values() for idx in table.column("idx").to_pylist()}
         todo = [i for i in selected if i not in done_before]
-
-        tags = {"job": "certify", **({"train_run_id": train_run_id} if train_run_id else {})}
-        run_name = certify_run_name(cfg.model_fn or cfg.checkpoint, cfg.sigma)
-        previous_run_id = previous_certify_run(out_dir, cfg.tracking_uri)
-        with mlflow_run(cfg.experiment, run_name=run_name, tracking_uri=cfg.tracking_uri,
-                        run_id=previous_run_id, tags=None if previous_run_id else tags) as run:
-            run_id = run.info.run_id or None
-            if run_id and run_id != previous_run_id:
-                record_certify_run(out_dir, cfg.tracking_uri, run_id)
-            if run_id:
-                params = precision_params(cfg.flat_dict(), cfg.precision)  # resolved, never auto
-                log_config({**params, "num_images_selected": len(selected),
-                            "num_images_resumed": len(selected) - len(todo)}, tracking_uri=cfg.tracking_uri)
+        written: dict[Path | str, Any] = {}  # this run's parts: path -> table
+        with _mlflow_certify_run(cfg, out_dir, train_run_id, len(selected), len(todo)) as run_id:
             rules = shortcut_rules(cfg) if shortcuts is None else list(shortcuts)
             progress = _certify_images_or_job_error(cfg, todo, num_classes, train_run_id, out_dir, hooks,
                                                     run_id, pool, train_sigma, len(selected) - len(todo),
-                                                    rules)
-            table = read_results(out_dir)
+                                                    rules, facts, manifest, written)
+            table = merge_results([*parts.values(), *written.values()], [*parts, *written])
             chosen = set(selected)
-            keep = [i for i, idx in enumerate(table.column("idx").to_pylist()) if idx in chosen]
-            table = table.take(keep)
-            summary = summarize(table, DEFAULT_RADII)
-            summary["samples_per_s"] = progress.samples_per_s()
-            summary["images_certified_this_run"] = float(progress.done)
+            table = table.take([i for i, idx in enumerate(table.column("idx").to_pylist()) if idx in chosen])
+            summary = _summary(table, progress)
             if run_id:
                 log_metrics(mlflow_metrics(summary), step=len(table), tracking_uri=cfg.tracking_uri)
                 set_tags({"output_dir": storage.identity(out_dir)}, tracking_uri=cfg.tracking_uri)
@@ -172,6 +176,52 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     print(format_summary(summary, out_dir))
     return CertifyResult(output_dir=out_dir, summary=summary, mlflow_run_id=run_id,
                          images_certified=progress.done, samples_per_s=summary["samples_per_s"])
+
+
+def _selected_images(cfg: CertifyConfig) -> list[int]:
+    """``select_indices`` over the split; ``ValueError`` when ``start`` is beyond it."""
+    split_size = len(build_dataset(cfg.dataset, cfg.data_dir, cfg.split, augment=False))  # type: ignore[arg-type]
+    selected = select_indices(cfg, split_size)
+    if not selected:
+        raise ValueError(f"start={cfg.start}: beyond the {split_size} images of the {cfg.split!r} split")
+    return selected
+
+
+def _ensure_manifest(cfg: CertifyConfig, out_dir: Path | str) -> dict[str, Any]:
+    """Read the folder's manifest (once), check it against ``cfg`` or write it for a new run; return it."""
+    existing = read_manifest(out_dir)
+    settings = mixed_device_settings(out_dir, manifest_settings(cfg, resolve_use_gpu(cfg)),
+                                     cfg.allow_mixed_devices, existing)
+    ensure_manifest(out_dir, settings, existing)
+    return existing if existing is not None else manifest_record(settings)
+
+
+@contextlib.contextmanager
+def _mlflow_certify_run(cfg: CertifyConfig, out_dir: Path | str, train_run_id: str | None, selected: int,
+                        todo: int) -> Iterator[str | None]:
+    """The MLflow run of this folder (continued on a resume, recorded in ``_mlflow_run.json`` when new),
+    with the run's parameters; yields its id (None when tracking is off)."""
+    tags = {"job": "certify", **({"train_run_id": train_run_id} if train_run_id else {})}
+    run_name = certify_run_name(cfg.model_fn or cfg.checkpoint, cfg.sigma)  # type: ignore[arg-type]
+    previous_run_id = previous_certify_run(out_dir, cfg.tracking_uri)
+    with mlflow_run(cfg.experiment, run_name=run_name, tracking_uri=cfg.tracking_uri,
+                    run_id=previous_run_id, tags=None if previous_run_id else tags) as run:
+        run_id = run.info.run_id or None
+        if run_id and run_id != previous_run_id:
+            record_certify_run(out_dir, cfg.tracking_uri, run_id)
+        if run_id:
+            params = precision_params(cfg.flat_dict(), cfg.precision)  # resolved, never auto
+            log_config({**params, "num_images_selected": selected, "num_images_resumed": selected - todo},
+                       tracking_uri=cfg.tracking_uri)
+        yield run_id
+
+
+def _summary(table: Any, progress: Progress) -> dict[str, float]:
+    """``summarize`` of the selected images' rows, with this run's speed and image count."""
+    summary = summarize(table, DEFAULT_RADII)
+    summary["samples_per_s"] = progress.samples_per_s()
+    summary["images_certified_this_run"] = float(progress.done)
+    return summary
 
 
 def _certify_images_or_job_error(*args: Any) -> Progress:
@@ -192,9 +242,10 @@ class PartWriter:
     run's steps continue where the interrupted one stopped) and the ``on_part_written`` hook."""
 
     def __init__(self, cfg: CertifyConfig, out_dir: Path | str, run_id: str | None, hooks: CertifyHooks,
-                 progress: Progress, done_before: int) -> None:
+                 progress: Progress, done_before: int, written: dict[Path | str, Any]) -> None:
         self.cfg, self.out_dir, self.run_id, self.hooks = cfg, out_dir, run_id, hooks
         self.progress, self.done_before = progress, done_before
+        self.written = written  # path -> table of each part written (the summary reads no part back)
         self.buffer: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
 
@@ -211,7 +262,9 @@ class PartWriter:
         if not self.buffer:
             return
         rows, self.buffer = sorted(self.buffer, key=lambda r: r["idx"]), []
-        path = write_part(self.out_dir, rows)
+        table = rows_to_table(rows)
+        path = write_part(self.out_dir, table)
+        self.written[path] = upgrade_table(table)
         if self.run_id:
             images_done = self.done_before + self.progress.done
             log_metrics({"images_done": images_done, "samples_per_s": self.progress.samples_per_s()},
@@ -223,32 +276,33 @@ class PartWriter:
 def _certify_images(cfg: CertifyConfig, todo: list[int], num_classes: int | None, train_run_id: str | None,
                     out_dir: Path | str, hooks: CertifyHooks, run_id: str | None,
                     given_pool: CertifyPool | None, train_sigma: float | None = None,
-                    done_before: int = 0, rules: Sequence[Shortcut] = ()) -> Progress:
+                    done_before: int = 0, rules: Sequence[Shortcut] = (), facts: ModelFacts | None = None,
+                    manifest: Any = NOT_READ, written: dict[Path | str, Any] | None = None) -> Progress:
     """Steps 2-5 of the module docstring: the pool (made, or ``given_pool`` configured), the class count,
     the devices recorded, then ``Scheduler.run``. Finished rows are written even when the run stops on an
     exception (a hook's, a KeyboardInterrupt), so a re-run only redoes unfinished images."""
     if not todo:
         return Progress()
     _ensure_ray()
-    pool = make_pool(cfg) if given_pool is None else _configured(given_pool, cfg, num_classes)
+    pool = make_pool(cfg, facts) if given_pool is None else _configured(given_pool, cfg, num_classes)
     if num_classes is None:  # read from the model's output on the first image (every actor checks it too)
         first, _ = load_images(cfg.dataset, cfg.data_dir, cfg.split, todo[:1])
         probe = pool.actors[pool.live()[0]].output_classes.remote(first[0])
         num_classes = int(ray.get(probe, timeout=cfg.stall_timeout_s))
     num_actors = cfg.num_actors or max(len(pool), pool.target)  # the pool may grow to this many
-    facts = pool.device_facts(min(len(pool), num_actors), timeout_s=cfg.stall_timeout_s)
-    record_devices(out_dir, facts, allow_mixed=cfg.allow_mixed_devices)
+    devices = pool.device_facts(min(len(pool), num_actors), timeout_s=cfg.stall_timeout_s)
+    record_devices(out_dir, devices, allow_mixed=cfg.allow_mixed_devices, manifest=manifest)
     row_of = functools.partial(result_row, sigma=cfg.sigma, alpha=cfg.alpha, mode=cfg.tcertify_mode,
                                grid=cfg.grid, seed=cfg.seed, checkpoint=model_identity(cfg),
                                train_run_id=train_run_id, pb_bound=cfg.pb_bound, train_sigma=train_sigma,
-                               noise_scheme=facts[0]["noise_scheme"], precision=cfg.precision)
+                               noise_scheme=devices[0]["noise_scheme"], precision=cfg.precision)
 
     def make_row(image: ImageInFlight) -> dict[str, Any]:
         return row_of(image.idx, image.label, image.pilot, image.counts, time_s=image.time_s,
                       shortcut=image.shortcut, **row_fields(rules, image))
 
     progress = progress_bar(cfg, len(todo))
-    sink = PartWriter(cfg, out_dir, run_id, hooks, progress, done_before)
+    sink = PartWriter(cfg, out_dir, run_id, hooks, progress, done_before, {} if written is None else written)
     scheduler = Scheduler(cfg, pool, rules, num_actors=num_actors, num_classes=num_classes, make_row=make_row,
                           sink=sink, hooks=hooks, progress=progress)
     try:
@@ -303,10 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(argv)
         check_output_dir(cfg.output_dir)  # a file in the way, a read-only folder: before Ray starts
         check_arrays_input(cfg)  # bad arrays: refused before the lock makes the output folder
-        check_resume(cfg)  # a bad checkpoint or a folder of other settings: refused before anything is made
+        facts = check_resume(cfg)  # a bad checkpoint or a folder of other settings: refused before anything
         with output_folder_lock(output_location(cfg.output_dir)):  # held on (re-entered) by the run
             started = connect_ray(build_parser().parse_args(argv).address)
-            result = run_certification(cfg)
+            result = run_certification(cfg, facts=facts)
     except ValueError as err:
         print(f"adre-ray certify: error: {err}", file=sys.stderr)
         return 2

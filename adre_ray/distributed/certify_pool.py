@@ -19,7 +19,7 @@ from adre_ray import storage
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.distributed._common import connect_ray
 from adre_ray.distributed.actors import CertifyActor
-from adre_ray.distributed.certify_settings import declared_num_classes, resolve_settings
+from adre_ray.distributed.certify_settings import ModelFacts, declared_num_classes, resolve_settings
 from adre_ray.distributed.cluster import (
     ClusterFacts,
     ask_autoscaler,
@@ -189,17 +189,18 @@ def choose_use_gpu(cfg: CertifyConfig, facts: ClusterFacts) -> bool:
     return facts.total.get("GPU", 0) >= 1 or facts.can_add("GPU")
 
 
-def make_pool(cfg: CertifyConfig) -> CertifyPool:
+def make_pool(cfg: CertifyConfig, model: ModelFacts | None = None) -> CertifyPool:
     """A pool for ``cfg`` (sigma resolved): ``num_actors`` actors, or one per GPU / CPU of the cluster;
-    on an autoscaling cluster, asks for the actors' resources and grows as nodes arrive."""
+    on an autoscaling cluster, asks for the actors' resources and grows as nodes arrive. ``model``: the
+    checkpoint's facts when read already."""
     _ensure_ray()
     if cfg.sigma is None:
-        cfg, _ = resolve_settings(cfg)
+        cfg, _ = resolve_settings(cfg, model)
     facts = cluster_facts()
     use_gpu = choose_use_gpu(cfg, facts)
     now, target = pool_plan(cfg, use_gpu, facts)
     pool = CertifyPool(cfg.checkpoint, num_actors=now, target=target,
-                       num_classes=declared_num_classes(cfg), use_gpu=use_gpu,
+                       num_classes=declared_num_classes(cfg, facts=model), use_gpu=use_gpu,
                        sigma=cfg.sigma, seed=cfg.seed, batch_size=cfg.batch_size,  # type: ignore[arg-type]
                        precision=resolve_precision(cfg.precision_setting, "cuda" if use_gpu else "cpu"),
                        channels_last=cfg.channels_last, max_replacements=cfg.actor_restarts,

@@ -12,13 +12,14 @@ import json
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from adre_ray import storage
-from adre_ray.analysis.results import check_manifest_settings, read_manifest, side_file
+from adre_ray.analysis.results import NOT_READ, check_manifest_settings, read_manifest, side_file
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.data import dataset_info
 from adre_ray.data.datasets import arrays_dataset
@@ -38,12 +39,23 @@ from adre_ray.smoothing.shortcuts import (
 from adre_ray.tracking.runs import DISABLED, resolve_tracking_uri
 
 
-def checkpoint_facts(checkpoint: str, num_classes: int | None) -> tuple[float | None, str | None]:
-    """(training sigma, training MLflow run id) from the checkpoint's ``extra``, each None if absent.
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the model's checkpoint records (each None when absent, all None for a model_fn): the training
+    sigma, the training MLflow run id, the class count. Read once per run (``model_facts``)."""
+
+    sigma: float | None = None
+    run_id: str | None = None
+    num_classes: int | None = None
+
+
+def checkpoint_facts(checkpoint: str, num_classes: int | None) -> ModelFacts:
+    """The ``ModelFacts`` of a checkpoint file (one read; no model is built). ``ValueError`` when it records
+    another class count than ``num_classes`` (the dataset's, when known).
 
     sigma is the shallowest ``sigma`` (or ``<section>.sigma``) key in ``extra`` and its nested dicts
     (e.g. ``extra["sigma"]`` or ``extra["config"]["loss"]["sigma"]``); the run id is
-    ``extra["mlflow_run_id"]``. Reads the file only (no model is built).
+    ``extra["mlflow_run_id"]``.
     """
     record = read_checkpoint(checkpoint)
     if num_classes is not None and record["num_classes"] is not None and record["num_classes"] != num_classes:
@@ -63,7 +75,7 @@ def checkpoint_facts(checkpoint: str, num_classes: int | None) -> tuple[float | 
             if sigma is not None:
                 break
         level = [v for section in level for v in section.values() if isinstance(v, dict)]
-    return sigma, (str(run_id) if run_id else None)
+    return ModelFacts(sigma, str(run_id) if run_id else None, record["num_classes"])
 
 
 def check_arrays_input(cfg: CertifyConfig) -> None:
@@ -81,38 +93,46 @@ def model_identity(cfg: CertifyConfig) -> str:
     return storage.identity(cfg.checkpoint)
 
 
-def model_facts(cfg: CertifyConfig) -> tuple[float | None, str | None]:
-    """(training sigma, training run id) of ``cfg``'s model; (None, None) for a model_fn."""
+def model_facts(cfg: CertifyConfig) -> ModelFacts:
+    """The ``ModelFacts`` of ``cfg``'s model (reads the checkpoint; nothing for a model_fn)."""
     if cfg.model_fn is not None:
-        return None, None
+        return ModelFacts()
     return checkpoint_facts(cfg.checkpoint, declared_num_classes(cfg, read_file=False))
 
 
-def declared_num_classes(cfg: CertifyConfig, read_file: bool = True) -> int | None:
+def declared_num_classes(cfg: CertifyConfig, read_file: bool = True,
+                         facts: ModelFacts | None = None) -> int | None:
     """The class count known before any model runs: ``cfg.num_classes``, else the dataset's (cifar10,
-    imagenet), else (``read_file``) the checkpoint's recorded one; None = read from the model's output."""
+    imagenet), else the checkpoint's recorded one (from ``facts``, or read when ``read_file``); None =
+    read from the model's output."""
     if cfg.num_classes is not None:
         return cfg.num_classes
     if cfg.dataset != "arrays":
         return dataset_info(cfg.dataset).num_classes
+    if facts is not None:
+        return facts.num_classes
     if read_file and cfg.model_fn is None:
         return read_checkpoint(cfg.checkpoint)["num_classes"]
     return None
 
 
-def resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None]:
+def resolve_settings(cfg: CertifyConfig, facts: ModelFacts | None = None
+                     ) -> tuple[CertifyConfig, str | None]:
     """``cfg`` with sigma filled from the checkpoint when null, and the training run id (if recorded).
 
     Warns (``UserWarning``) when the certification sigma differs from the recorded training sigma: the
     certificate is valid at any sigma, but a model is usually accurate under its training noise only.
     """
-    cfg, train_run_id, _ = _resolve_settings(cfg)
+    cfg, train_run_id, _ = _resolve_settings(cfg, facts)
     return cfg, train_run_id
 
 
-def _resolve_settings(cfg: CertifyConfig) -> tuple[CertifyConfig, str | None, float | None]:
-    """``resolve_settings`` plus the checkpoint's training sigma (None when unrecorded), from one read."""
-    ckpt_sigma, train_run_id = model_facts(cfg)
+def _resolve_settings(cfg: CertifyConfig, facts: ModelFacts | None = None
+                      ) -> tuple[CertifyConfig, str | None, float | None]:
+    """``resolve_settings`` plus the checkpoint's training sigma (None when unrecorded), from one read
+    (none when ``facts`` were read already)."""
+    facts = model_facts(cfg) if facts is None else facts
+    ckpt_sigma, train_run_id = facts.sigma, facts.run_id
     if cfg.sigma is not None and ckpt_sigma is not None and not math.isclose(cfg.sigma, ckpt_sigma):
         warnings.warn(f"sigma={cfg.sigma:g} differs from the sigma={ckpt_sigma:g} the checkpoint "
                       f"{cfg.checkpoint!r} was trained with (both are recorded in the rows: sigma, "
@@ -139,11 +159,15 @@ def manifest_settings(cfg: CertifyConfig, use_gpu: bool = False) -> dict[str, An
     }
 
 
-def mixed_device_settings(out_dir: Path | str, settings: dict[str, Any], allow_mixed: bool) -> dict[str, Any]:
+def mixed_device_settings(out_dir: Path | str, settings: dict[str, Any], allow_mixed: bool,
+                          existing: Any = NOT_READ) -> dict[str, Any]:
     """``settings``, with the folder's recorded noise scheme when devices may be mixed: CPU actors (scheme
     2) may then add rows to a GPU folder (scheme 3) and back; each row records its own scheme and
-    ``run.json``'s ``devices`` lists every device (``adre_ray.analysis.devices``)."""
-    existing = read_manifest(out_dir) if allow_mixed else None
+    ``run.json``'s ``devices`` lists every device (``adre_ray.analysis.devices``). ``existing``: the
+    folder's manifest when read already."""
+    if not allow_mixed:
+        return settings
+    existing = read_manifest(out_dir) if existing is NOT_READ else existing
     if existing is None or "noise_scheme" not in existing:
         return settings
     return {**settings, "noise_scheme": existing["noise_scheme"]}
@@ -250,12 +274,14 @@ def output_location(output_dir: str) -> Path | str:
     return output_dir if storage.is_uri(output_dir) else Path(output_dir).expanduser()
 
 
-def check_resume(cfg: CertifyConfig) -> None:
+def check_resume(cfg: CertifyConfig) -> ModelFacts:
     """``ValueError`` naming the field when ``cfg.output_dir`` holds a run of other settings (as
-    ``run_certification`` would raise, but without Ray and without writing anything)."""
+    ``run_certification`` would raise, but without Ray and without writing anything). Returns the model's
+    facts it read (``run_certification(cfg, facts=...)`` then reads the checkpoint no more)."""
+    facts = model_facts(cfg)
     with warnings.catch_warnings():  # run_certification gives the sigma warning, once
         warnings.simplefilter("ignore", UserWarning)
-        resolved, _, _ = _resolve_settings(cfg)
+        resolved, _, _ = _resolve_settings(cfg, facts)
     location = output_location(resolved.output_dir)
     precision_known = resolved.precision_setting != "auto" or resolved.use_gpu is not None
     if precision_known:
@@ -266,6 +292,7 @@ def check_resume(cfg: CertifyConfig) -> None:
     undecided = {"noise_scheme"} if resolved.use_gpu is None or resolved.allow_mixed_devices else set()
     if not precision_known:
         undecided.add("precision")
-    existing = read_manifest(location) or {}
-    settings.update({key: existing[key] for key in undecided if key in existing})
-    check_manifest_settings(location, settings)
+    existing = read_manifest(location)
+    settings.update({key: existing[key] for key in undecided if key in (existing or {})})
+    check_manifest_settings(location, settings, existing)
+    return facts
