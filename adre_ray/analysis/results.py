@@ -23,7 +23,8 @@ Guarantees:
 - ``read_results`` never silently drops data: a part that cannot be read raises ``ValueError`` naming
   the file (``strict=False`` skips it with a ``RuntimeWarning`` instead). Files written by older
   versions of this schema are read: missing columns become nulls, or are derived where the stored
-  columns determine them (see ``_DERIVED``); columns this version does not know are kept.
+  columns determine them (``adre_ray.analysis.schema.upgrade_table``); columns this version does not
+  know are kept.
 - ``ensure_manifest`` refuses to put rows made with different settings into one folder: a re-run with
   different settings raises ``ValueError`` naming the differing field; the same settings resume.
 """
