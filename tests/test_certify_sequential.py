@@ -131,7 +131,8 @@ def test_an_old_folder_resumes_with_the_schema_3_early_abstain_rule(tmp_path):
 def test_driver_releases_shards_look_by_look_and_stops_as_the_plan_says(changes):
     """The driver's stages (no Ray): waves end exactly at the plan's looks, the image stops at the first
     look whose verdict stops, and its row is computed at that look's level from the draws made."""
-    from adre_ray.distributed.certify import _Image, _next_stage, _sequential_row_fields, result_row
+    from adre_ray.distributed.certify import ImageInFlight, next_wave, result_row, shortcut_rules
+    from adre_ray.smoothing.shortcuts import row_fields
 
     cfg = CertifyConfig(checkpoint="c", sigma=SIGMA, n=4_000, shard_size=250, **changes)
     cfg.validate()
@@ -139,8 +140,9 @@ def test_driver_releases_shards_look_by_look_and_stops_as_the_plan_says(changes)
     for p_a in (0.3, 0.52, 0.7, 0.9, 0.99, 0.9999):
         pilot = np.array([int(rng.binomial(100, p_a)), 0])
         pilot[1] = 100 - pilot[0]
-        image = _Image(0, 0, None, 0, pilot, np.zeros(2, np.int64), n=cfg.n)
-        wave, ends = _next_stage(cfg, image), []
+        image = ImageInFlight(0, pilot, np.zeros(2, np.int64), n=cfg.n)
+        rules = shortcut_rules(cfg)
+        wave, ends = next_wave(image, rules, cfg.shard_size), []
         while wave:
             for task in wave:
                 hits = int(rng.binomial(task.num, p_a))
@@ -148,15 +150,16 @@ def test_driver_releases_shards_look_by_look_and_stops_as_the_plan_says(changes)
                                          [task.num - hits, hits])
                 image.made += task.num
             ends.append(image.made)
-            wave = _next_stage(cfg, image)
-        assert tuple(ends) == image.plan.looks[:len(ends)]
-        verdicts = [image.plan.check(int(image.counts[int(np.argmax(pilot))]), m) for m in ends[-1:]]
-        assert verdicts[0] == image.verdict and image.verdict.stop
+            wave = next_wave(image, rules, cfg.shard_size)
+        plan, verdict = image.notes["plan"], image.notes["verdict"]  # the sequential rule's plan and stop
+        assert tuple(ends) == plan.looks[:len(ends)]
+        verdicts = [plan.check(int(image.counts[int(np.argmax(pilot))]), m) for m in ends[-1:]]
+        assert verdicts[0] == verdict and verdict.stop
         row = result_row(0, 0, image.pilot, image.counts, sigma=SIGMA, alpha=cfg.alpha, mode="pilot",
                          grid=cfg.grid, seed=0, time_s=0.0, checkpoint="c", train_run_id=None,
-                         shortcut=image.shortcut, **_sequential_row_fields(cfg, image))
-        assert row["certify_level"] == image.verdict.level and row["n"] == ends[-1]
-        assert row["decision"] == image.verdict.decision
+                         shortcut=image.shortcut, **row_fields(rules, image))
+        assert row["certify_level"] == verdict.level and row["n"] == ends[-1]
+        assert row["decision"] == verdict.decision
         assert (image.shortcut in ("none", "iss")) == (ends[-1] == image.n)  # iss: n_i < n from the pilot
 
 

@@ -13,7 +13,7 @@ import yaml
 from adre_ray.config import load_config
 from adre_ray.config.certify import CertifyConfig
 from adre_ray.config.train import TrainConfig
-from adre_ray.distributed import certify as certify_job
+from adre_ray.distributed import certify_pool as certify_job  # the pool and its cluster rules
 from adre_ray.distributed import train as train_job
 from adre_ray.distributed.cluster import ClusterFacts, check_cluster_paths
 

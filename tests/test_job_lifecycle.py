@@ -69,8 +69,9 @@ def test_a_certification_without_progress_says_so_then_stops_at_its_deadline(ray
     from adre_ray.config import load_config
     from adre_ray.config.certify import CertifyConfig
     from adre_ray.distributed import certify as certify_mod
+    from adre_ray.distributed import certify_scheduler
 
-    monkeypatch.setattr(certify_mod, "STALL_MESSAGE_S", 1.0)
+    monkeypatch.setattr(certify_scheduler, "STALL_MESSAGE_S", 1.0)
     cfg = load_config(CertifyConfig, None, _settings(model, cifar10_dir, tmp_path / "out", "max_images=2",
                                                      "tracking_uri=none", "stall_timeout_s=4"))
     pool = certify_mod.make_pool(cfg)

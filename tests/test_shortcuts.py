@@ -20,7 +20,7 @@ import pytest
 from adre_ray.analysis.metrics import summarize
 from adre_ray.analysis.results import ensure_manifest, read_results
 from adre_ray.config.certify import CertifyConfig
-from adre_ray.distributed.certify import _Image, _next_stage, result_row
+from adre_ray.distributed.certify import ImageInFlight, next_wave, result_row, shortcut_rules
 from adre_ray.smoothing import pA_lower, pB_upper, pB_upper_max, tcertify_counts
 from adre_ray.smoothing.shortcuts import (
     allowed_sample_sizes,
@@ -93,8 +93,8 @@ def test_iss_choice_depends_on_the_pilot_only():
         pilot = rng.multinomial(100, rng.dirichlet(np.full(10, 0.3)))
         chosen = set()
         for _ in range(5):  # the same pilot with different main draws already summed
-            image = _Image(0, 0, None, 0, pilot.copy(), rng.multinomial(10_000, np.full(10, 0.1)), n=cfg.n)
-            _next_stage(cfg, image)
+            image = ImageInFlight(0, pilot.copy(), rng.multinomial(10_000, np.full(10, 0.1)), n=cfg.n)
+            next_wave(image, shortcut_rules(cfg), cfg.shard_size)
             chosen.add(image.n)
         assert len(chosen) == 1
         n = chosen.pop()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adre_ray import storage
-from adre_ray.analysis.results import LEGACY_MANIFEST_NAME, MANIFEST_NAME, read_manifest, side_file
+from adre_ray.analysis.results import LEGACY_MANIFEST_NAME, MANIFEST_NAME, NOT_READ, read_manifest, side_file
 
 DEVICES_KEY = "devices"
 
@@ -31,14 +31,15 @@ def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return f"{key}={new.get(key)!r}, not {key}={old.get(key)!r}"
 
 
-def record_devices(out_dir: str | Path, facts: Sequence[dict[str, Any]], *, allow_mixed: bool) -> list[dict]:
+def record_devices(out_dir: str | Path, facts: Sequence[dict[str, Any]], *, allow_mixed: bool,
+                   manifest: Any = NOT_READ) -> list[dict]:
     """Add the distinct ``facts`` of this run's workers to ``out_dir``'s manifest; return the full list.
 
     ``ValueError`` (nothing written) when the workers differ among themselves, or from the devices the
     folder already records, and ``allow_mixed`` is false. A manifest written before devices were recorded
-    accepts any device (its earlier rows' devices are unknown).
+    accepts any device (its earlier rows' devices are unknown). ``manifest``: the folder's, when read already.
     """
-    manifest = read_manifest(out_dir)
+    manifest = read_manifest(out_dir) if manifest is NOT_READ else manifest
     if manifest is None:
         raise ValueError(f"output_dir={str(out_dir)!r}: no {MANIFEST_NAME} (ensure_manifest writes it first)")
     known: list[dict[str, Any]] = list(manifest.get(DEVICES_KEY) or [])

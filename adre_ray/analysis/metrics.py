@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from adre_ray.config.certify import ABSTAINING_SHORTCUTS
+from adre_ray.smoothing.shortcuts import ABSTAINING_SHORTCUTS
 
 ABSTAIN = -1
 """Class index that PREDICT / CERTIFY / T-CERTIFY write for an abstention (Cohen et al.'s convention)."""

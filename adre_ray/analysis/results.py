@@ -23,7 +23,8 @@ Guarantees:
 - ``read_results`` never silently drops data: a part that cannot be read raises ``ValueError`` naming
   the file (``strict=False`` skips it with a ``RuntimeWarning`` instead). Files written by older
   versions of this schema are read: missing columns become nulls, or are derived where the stored
-  columns determine them (see ``_DERIVED``); columns this version does not know are kept.
+  columns determine them (``adre_ray.analysis.schema.upgrade_table``); columns this version does not
+  know are kept.
 - ``ensure_manifest`` refuses to put rows made with different settings into one folder: a re-run with
   different settings raises ``ValueError`` naming the differing field; the same settings resume.
 """
@@ -45,14 +46,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from adre_ray import storage
-
-SCHEMA_VERSION = 4
-"""Version of ``RESULT_SCHEMA``. 1: the ARCHITECTURE.md column list; 2: per-method classes, pilot counts;
-3: evaluation shortcuts (``samples_used``, ``shortcut``), the runner-up bound (``pb_bound``),
-``train_sigma`` and ``noise_scheme`` (the sampler's noise stream version,
-adre_ray.smoothing.sampler.NOISE_SCHEME); 4: ``precision`` (fp32 | bf16: the base classifier's numeric
-precision; null in older files, whose precision was not recorded) and sequential certification
-(``certify_level``, ``target_radius``, ``decision``; adre_ray.smoothing.sequential)."""
+from adre_ray.analysis.schema import (  # noqa: F401  (re-exported: the schema is part of this API)
+    _OPTIONAL_ROW_KEYS,
+    RESULT_SCHEMA,
+    SCHEMA_VERSION,
+    upgrade_table,
+)
 
 MANIFEST_NAME = "_run.json"
 LEGACY_MANIFEST_NAME = "run.json"
@@ -75,55 +74,6 @@ MANIFEST_DEFAULTS: dict[str, Any] = {
 }
 """What a manifest written before a field existed means by its absence (the behaviour of that version)."""
 
-RESULT_SCHEMA = pa.schema(
-    [
-        pa.field("idx", pa.int64(), nullable=False),       # index of the image in its split
-        pa.field("label", pa.int64()),                      # true class
-        pa.field("predict", pa.int64()),                    # PREDICT's class on the main counts, -1 abstain
-        pa.field("correct", pa.bool_()),                    # CERTIFY's class == label (False on abstain)
-        pa.field("correct_tcertify", pa.bool_()),           # T-CERTIFY's class == label (False on abstain)
-        pa.field("certify_predict", pa.int64()),            # CERTIFY's class, -1 abstain
-        pa.field("tcertify_predict", pa.int64()),           # T-CERTIFY's class, -1 abstain
-        pa.field("radius_certify", pa.float64()),           # sigma * Phi^-1(pA_lower), 0 on abstain
-        pa.field("radius_tcertify", pa.float64()),          # T-CERTIFY radius, 0 on abstain
-        pa.field("tcertify_mode", pa.string()),             # paper | bonferroni | pilot
-        pa.field("pA_lower", pa.float64()),                 # T-CERTIFY's bounds at its chosen alpha'
-        pa.field("pB_upper", pa.float64()),
-        pa.field("alpha_prime", pa.float64()),
-        pa.field("pA_lower_certify", pa.float64()),         # CERTIFY's Clopper-Pearson bound at alpha
-        pa.field("counts", pa.list_(pa.int64())),           # main-stream counts of every class (sum n)
-        pa.field("pilot_counts", pa.list_(pa.int64())),     # pilot-stream counts of every class (sum n0)
-        pa.field("n0", pa.int64()),
-        pa.field("n", pa.int64()),
-        pa.field("alpha", pa.float64()),
-        pa.field("sigma", pa.float64()),
-        pa.field("seed", pa.int64()),
-        pa.field("noise_scheme", pa.int64()),               # sampler noise stream version (1 before v3)
-        pa.field("time_s", pa.float64()),                   # wall time from first shard sent to last summed
-        pa.field("checkpoint", pa.string()),                # model checkpoint path
-        pa.field("train_run_id", pa.string()),              # MLflow run id of the training run, if known
-        pa.field("train_sigma", pa.float64()),              # sigma the model was trained with, if known (v3)
-        pa.field("schema_version", pa.int64()),             # version of the writer of this row
-        pa.field("pb_bound", pa.string()),                  # T-CERTIFY runner-up bound: sum (eq. 14) | max
-        pa.field("samples_used", pa.int64()),               # pilot + main draws actually made
-        pa.field("shortcut", pa.string()),                  # none | skipped_misclassified | early_abstain
-                                                            # | iss | decided | target_radius
-        pa.field("precision", pa.string()),                 # fp32 | bf16: the base classifier's (v4)
-        pa.field("certify_level", pa.float64()),            # level of this row's CERTIFY / T-CERTIFY
-                                                            # (alpha, or a sequential look's share) (v4)
-        pa.field("target_radius", pa.float64()),            # --target-radius r, null without (v4)
-        pa.field("decision", pa.string()),                  # certified | not_certified | abstain at r (v4)
-    ],
-    metadata={b"adre_ray.schema_version": str(SCHEMA_VERSION).encode()},
-)
-
-_OPTIONAL_ROW_KEYS = frozenset({"schema_version", "pb_bound", "samples_used", "shortcut", "train_sigma",
-                                "noise_scheme", "precision", "certify_level", "target_radius", "decision"})
-"""Row keys ``write_part`` fills when absent: the writer's version, pb_bound null, samples_used = n0 + n,
-shortcut "none" (a row made without shortcuts), train_sigma, noise_scheme and precision null,
-certify_level = alpha, target_radius and decision null."""
-
-
 # ----------------------------------------------------------------------------------------------- writing
 
 
@@ -134,7 +84,7 @@ def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table
     Returns its path (a ``Path`` in a local folder, the URI on object storage).
     Raises ``ValueError`` for no rows, a missing or unknown column, or a null ``idx``.
     """
-    table = rows if isinstance(rows, pa.Table) else _rows_to_table(rows)
+    table = rows if isinstance(rows, pa.Table) else rows_to_table(rows)
     if table.num_rows == 0:
         raise ValueError("rows=[]: a part must hold at least one row")
     if table.schema.names != RESULT_SCHEMA.names:
@@ -153,7 +103,8 @@ def write_part(out_dir: str | Path, rows: Sequence[Mapping[str, Any]] | pa.Table
     return target if storage.is_uri(out_dir) else Path(out_dir) / name
 
 
-def _rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """``rows`` as a ``RESULT_SCHEMA`` table, optional columns filled (``ValueError`` naming a bad row)."""
     names = set(RESULT_SCHEMA.names)
     required = names - _OPTIONAL_ROW_KEYS
     clean = []
@@ -242,24 +193,36 @@ def read_results(path: str | Path, *, strict: bool = True) -> pa.Table:
     duplicated idx the row from the first part (by name) is kept, with a warning.
     An empty folder gives an empty table.
     """
-    tables: list[pa.Table] = []
-    sources: list[Path | str] = []
-    for file in _result_files(path):
+    parts = read_parts(_result_files(path), strict=strict)
+    return merge_results(list(parts.values()), list(parts), strict=strict)
+
+
+def read_parts(files: Sequence[Path | str], *, strict: bool = True) -> dict[Path | str, pa.Table]:
+    """Each of ``files`` read and upgraded (``upgrade_table``), by file; a corrupt one raises ``ValueError``
+    naming it (``strict=False``: skipped with a ``RuntimeWarning``)."""
+    parts: dict[Path | str, pa.Table] = {}
+    for file in files:
         try:
             table = _read_file(file)
         except ValueError as err:
             if strict:
                 raise
-            warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=3)
             continue
         try:
-            tables.append(upgrade_table(table))
+            parts[file] = upgrade_table(table)
         except ValueError as err:
             if strict:
                 raise ValueError(f"result part {str(file)!r}: {err}") from err
-            warnings.warn(f"skipping result part {str(file)!r}: {err}", RuntimeWarning, stacklevel=2)
-            continue
-        sources.append(file)
+            warnings.warn(f"skipping result part {str(file)!r}: {err}", RuntimeWarning, stacklevel=3)
+    return parts
+
+
+def merge_results(tables: Sequence[pa.Table], sources: Sequence[Path | str], *, strict: bool = True
+                  ) -> pa.Table:
+    """``tables`` (read from ``sources``, named in errors) as one table with ``RESULT_SCHEMA``'s columns
+    first and other columns after, sorted by idx; an idx present twice as ``read_results`` says."""
+    tables, sources = list(tables), list(sources)
     if not tables:
         return RESULT_SCHEMA.empty_table()
     extra: dict[str, pa.DataType] = {}
@@ -281,7 +244,7 @@ def read_results(path: str | Path, *, strict: bool = True) -> pa.Table:
 
 
 def _check_duplicates(
-    merged: pa.Table, tables: list[pa.Table], sources: list[Path], strict: bool
+    merged: pa.Table, tables: list[pa.Table], sources: list[Path | str], strict: bool
 ) -> pa.Table:
     idx = merged.column("idx").to_numpy()
     unique, first_pos, counts = np.unique(idx, return_index=True, return_counts=True)
@@ -299,94 +262,6 @@ def _check_duplicates(
 
 # Columns a writer of an older version may lack, and how this version fills them in. Each function gets
 # the table (already holding every earlier column of RESULT_SCHEMA) and returns the column or None.
-def _derive_correct(t: pa.Table) -> pa.Array | None:
-    if "certify_predict" in t.schema.names and "label" in t.schema.names:
-        return pc.fill_null(pc.equal(t.column("certify_predict"), t.column("label")), False)
-    return None
-
-
-def _derive_correct_tcertify(t: pa.Table) -> pa.Array | None:
-    if "tcertify_predict" in t.schema.names and "label" in t.schema.names:
-        return pc.fill_null(pc.equal(t.column("tcertify_predict"), t.column("label")), False)
-    return None
-
-
-def _derive_sum(source: str) -> Any:
-    def derive(t: pa.Table) -> pa.Array | None:
-        if source not in t.schema.names:
-            return None
-        column = t.column(source)
-        if column.null_count == len(column):  # e.g. a published log: no counts, so no n
-            return pa.nulls(len(column), pa.int64())
-        values = column.to_pylist()
-        return pa.array([None if v is None else int(sum(v)) for v in values], pa.int64())
-    return derive
-
-
-def _derive_samples_used(t: pa.Table) -> pa.Array | None:
-    if "n0" not in t.schema.names or "n" not in t.schema.names:
-        return None
-    return pc.add(t.column("n0").cast(pa.int64()), t.column("n").cast(pa.int64()))
-
-
-def _constant(value: str) -> Any:
-    def derive(t: pa.Table) -> pa.Array:
-        codes = pa.array(np.zeros(t.num_rows, np.int32))  # no Python object per row
-        return pa.DictionaryArray.from_arrays(codes, pa.array([value], pa.string())).cast(pa.string())
-    return derive
-
-
-_DERIVED = {
-    "correct": _derive_correct,                    # certify class == label
-    "correct_tcertify": _derive_correct_tcertify,  # tcertify class == label
-    "n": _derive_sum("counts"),                    # the main counts sum to n
-    "n0": _derive_sum("pilot_counts"),             # the pilot counts sum to n0
-    "pb_bound": _constant("sum"),                  # before version 3 T-CERTIFY always used eq. 14
-    "samples_used": _derive_samples_used,          # before version 3 every image made n0 + n draws
-    "shortcut": _constant("none"),                 # ... and took no shortcut
-    "certify_level": lambda t: t.column("alpha") if "alpha" in t.schema.names else None,  # before v4: alpha
-}
-
-
-def upgrade_table(table: pa.Table) -> pa.Table:
-    """``table`` with every ``RESULT_SCHEMA`` column (cast to its type), derived or null where missing.
-
-    Columns the schema does not know stay, after the schema's. ``ValueError`` if a present column cannot
-    be cast to its schema type or ``idx`` is missing.
-    """
-    if "idx" not in table.schema.names:
-        raise ValueError("no idx column")
-    present = dict(zip(table.schema.names, table.columns, strict=True))
-    nulls: dict[pa.DataType, pa.Array] = {}  # one all-null array per type, shared by its columns
-    for field in RESULT_SCHEMA:
-        if field.name in present:
-            continue
-        derive = _DERIVED.get(field.name)
-        value = derive(table) if derive else None
-        if field.name == "noise_scheme" and value is None:  # files before v3: noise scheme 1
-            value = pa.array(np.ones(table.num_rows, np.int64))
-        if field.name == "schema_version" and value is None:
-            meta = table.schema.metadata or {}
-            version = meta.get(b"adre_ray.schema_version")
-            value = pa.array(np.full(table.num_rows, int(version) if version else 1, np.int64))
-        if value is None:
-            value = nulls.setdefault(field.type, pa.nulls(table.num_rows, field.type))
-        present[field.name] = value
-        table = table.append_column(field.name, value)
-    columns, fields = [], []
-    for field in RESULT_SCHEMA:
-        try:
-            columns.append(present[field.name].cast(field.type))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
-            raise ValueError(f"column {field.name}: cannot read as {field.type} ({err})") from err
-        fields.append(field)
-    for name, column in present.items():
-        if name not in RESULT_SCHEMA.names:
-            columns.append(column)
-            fields.append(pa.field(name, column.type))
-    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=RESULT_SCHEMA.metadata))
-
-
 def completed_indices(out_dir: str | Path) -> set[int]:
     """The idx of every image already in ``out_dir``'s parts; a corrupt part raises ``ValueError``."""
     done: set[int] = set()
@@ -444,7 +319,18 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
+NOT_READ: Any = object()
+"""Default of the ``existing`` / ``manifest`` arguments: read the folder's manifest now. A caller that has
+read it already passes the dict (or None: no manifest), so one run reads it once."""
+
+
+def manifest_record(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``ensure_manifest`` writes for a new run of ``settings``: defaults filled, JSON-stable values."""
+    wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
+    return {**wanted, "schema_version": SCHEMA_VERSION}
+
+
+def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any], existing: Any = NOT_READ) -> bool:
     """Write ``_run.json`` for a new run, or check that a resumed run has the same settings.
 
     ``settings`` must hold every key of ``MANIFEST_FIELDS`` (other keys are stored, not compared); a key
@@ -452,16 +338,16 @@ def ensure_manifest(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
     Returns True when an existing manifest matched (a resume), False when a new one was written.
     Raises ``ValueError`` as ``check_manifest_settings`` does.
     """
-    if check_manifest_settings(out_dir, settings):
+    if check_manifest_settings(out_dir, settings, existing):
         return True
-    wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
-    record = {**wanted, "schema_version": SCHEMA_VERSION}
+    record = manifest_record(settings)
     storage.write_bytes_atomic(storage.join(out_dir, MANIFEST_NAME),
                                (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return False
 
 
-def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any]) -> bool:
+def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any], existing: Any = NOT_READ
+                            ) -> bool:
     """Whether ``out_dir`` holds a manifest with these settings (True: a resume; False: a new run), writing
     nothing. Raises ``ValueError`` naming the first differing field, e.g.
     ``output_dir='out': sigma=0.5 differs from the run already there (sigma=0.25); use a new output_dir``.
@@ -471,7 +357,7 @@ def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any]) ->
     if missing:
         raise ValueError(f"settings: missing manifest field(s) {', '.join(missing)}")
     wanted = {k: _normalise(v) for k, v in {**MANIFEST_DEFAULTS, **settings}.items()}
-    existing = read_manifest(out_dir)
+    existing = read_manifest(out_dir) if existing is NOT_READ else existing
     if existing is not None:
         existing = {**MANIFEST_DEFAULTS, **existing}
         for key in MANIFEST_FIELDS:
@@ -488,8 +374,8 @@ def check_manifest_settings(out_dir: str | Path, settings: Mapping[str, Any]) ->
 
 
 __all__ = [
-    "LEGACY_MANIFEST_NAME", "MANIFEST_DEFAULTS", "MANIFEST_FIELDS", "MANIFEST_NAME", "RESULT_SCHEMA",
-    "SCHEMA_VERSION", "check_manifest_settings", "completed_indices",
-    "ensure_manifest", "side_file", "part_files", "read_manifest", "read_results", "upgrade_table",
-    "write_part",
+    "LEGACY_MANIFEST_NAME", "MANIFEST_DEFAULTS", "MANIFEST_FIELDS", "MANIFEST_NAME", "NOT_READ",
+    "RESULT_SCHEMA", "SCHEMA_VERSION", "check_manifest_settings", "completed_indices", "ensure_manifest",
+    "manifest_record", "merge_results", "part_files", "read_manifest", "read_parts", "read_results",
+    "rows_to_table", "side_file", "upgrade_table", "write_part",
 ]

@@ -32,15 +32,7 @@ from adre_ray.data.info import DATASETS, SPLITS
 from adre_ray.precision import PRECISIONS, check_precision, effective_precision
 from adre_ray.smoothing.bounds import PB_BOUNDS
 from adre_ray.smoothing.params import DEFAULT_GRID, TCERTIFY_MODES, check_sigma
-
-N_POLICIES = ("fixed", "iss")
-"""Per-image sample size (adre_ray.smoothing.shortcuts): fixed = n for all, iss = chosen from the pilot."""
-SHORTCUTS = ("none", "skipped_misclassified", "early_abstain", "iss", "decided", "target_radius")
-"""Values of a result row's ``shortcut`` column (the last shortcut that changed the image's draws)."""
-ABSTAINING_SHORTCUTS = ("skipped_misclassified", "early_abstain")
-"""Shortcuts whose rows are abstentions by construction (never certified-correct)."""
-EARLY_ABSTAIN_RULES = ("product", "cp")
-"""Early-abstain tests (adre_ray.smoothing.shortcuts): product = the tighter rule, cp = schema 3's."""
+from adre_ray.smoothing.shortcuts import EARLY_ABSTAIN_RULES, N_POLICIES
 
 
 def _check_sigma_or_checkpoint(value: float, field: str) -> None:

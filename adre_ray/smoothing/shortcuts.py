@@ -22,15 +22,24 @@ Proofs in docs/certification.md ("Evaluation shortcuts").
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import special
 
-from adre_ray.config.certify import ABSTAINING_SHORTCUTS, EARLY_ABSTAIN_RULES, N_POLICIES, SHORTCUTS
 from adre_ray.smoothing.bounds import cp_upper, pA_lower
-from adre_ray.smoothing.sequential import count_threshold, early_abstain_threshold
+from adre_ray.smoothing.sequential import count_threshold, decide_plan, early_abstain_threshold, target_plan
 
-# N_POLICIES: per-image sample size, ``fixed`` = every image uses n, ``iss`` = chosen from the pilot counts.
+N_POLICIES = ("fixed", "iss")
+"""Per-image sample size: fixed = n for all, iss = chosen from the pilot counts (``iss_sample_size``)."""
+SHORTCUTS = ("none", "skipped_misclassified", "early_abstain", "iss", "decided", "target_radius")
+"""Values of a result row's ``shortcut`` column (the last shortcut that changed the image's draws)."""
+ABSTAINING_SHORTCUTS = ("skipped_misclassified", "early_abstain")
+"""Shortcuts whose rows are abstentions by construction (never certified-correct)."""
+EARLY_ABSTAIN_RULES = ("product", "cp")
+"""Early-abstain tests: product = the tighter rule (default), cp = the rule of schema-3 runs."""
 
 
 def certify_threshold(n: int, alpha: float) -> int:
@@ -46,10 +55,6 @@ def certify_threshold(n: int, alpha: float) -> int:
 def wave_level(delta: float, checks: int) -> float:
     """delta / checks: the per-check level whose union over ``checks`` checks is <= delta."""
     return delta / checks if checks > 0 else 0.0
-
-
-# EARLY_ABSTAIN_RULES: ``product`` = the tighter test of sequential.early_abstain_threshold (default),
-# ``cp`` = the rule of schema-3 runs (``should_stop_early_cp``), kept so that their folders resume.
 
 
 def should_stop_early(n_A: int, m: int, n: int, threshold: int, level: float, rule: str = "product") -> bool:
@@ -121,8 +126,193 @@ def iss_sample_size(pilot_counts: np.ndarray, n_max: int, shard_size: int, sigma
     return n_max
 
 
+
+# ------------------------------------------------------------------------------------- shortcut rules
+
+
+@dataclass
+class ImageDraws:
+    """What a shortcut sees of one image: its label, the pilot counts, the main counts so far.
+
+    ``n``: the main draws the image makes at most (a rule may lower it after the pilot); ``made``: main
+    draws summed so far; ``shortcut``: the row's ``shortcut`` value (set by the rule that changed the
+    draws); ``notes``: each rule's working state for this image, under the rule's ``name``.
+    """
+
+    label: int
+    pilot: np.ndarray
+    counts: np.ndarray
+    n: int
+    made: int = 0
+    shortcut: str = "none"
+    planned: bool = False  # the pilot was seen by every rule (main draws planned)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def top_class(self) -> int:
+        """cA: the pilot's most frequent class (CERTIFY and T-CERTIFY certify it or abstain)."""
+        return int(np.argmax(self.pilot))
+
+    @property
+    def top_count(self) -> int:
+        """N_A so far: the main draws that landed in cA."""
+        return int(self.counts[self.top_class])
+
+
+class Shortcut:
+    """One evaluation shortcut: the scheduler asks every rule after the pilot and at each look.
+
+    Every answer must be a function of the counts (and the rule's settings) only, so that the Ray
+    driver and a notebook loop decide identically and the draws made are those of the full run. The
+    defaults change nothing: a rule overrides what it needs.
+    """
+
+    name = "none"
+
+    def after_pilot(self, image: ImageDraws) -> bool:
+        """Seen the pilot: may lower ``image.n``; True = make no main draws (the image is finished)."""
+        return False
+
+    def next_look(self, image: ImageDraws) -> int:
+        """The main-draw count (> ``image.made``) at which this rule wants to look next."""
+        return image.n
+
+    def after_look(self, image: ImageDraws) -> bool:
+        """Seen ``image.made`` main draws: True = stop the image now (set ``image.shortcut``)."""
+        return False
+
+    def row_fields(self, image: ImageDraws) -> dict[str, Any]:
+        """Extra ``result_row`` arguments of a finished image (``level``, ``target_radius``, ...)."""
+        return {}
+
+
+def next_look(rules: Sequence[Shortcut], image: ImageDraws) -> int | None:
+    """Ask the rules once every released draw of ``image`` is summed: None = finished, else the main-draw
+    count to release draws up to. The first rule that stops the image ends the asking."""
+    if not image.planned:
+        image.planned = True
+        if any(rule.after_pilot(image) for rule in rules):
+            return None
+    elif any(rule.after_look(image) for rule in rules) or image.made >= image.n:
+        return None
+    return min((rule.next_look(image) for rule in rules), default=image.n)
+
+
+def row_fields(rules: Sequence[Shortcut], image: ImageDraws) -> dict[str, Any]:
+    """Every rule's ``row_fields`` of a finished image, merged in rule order."""
+    return {key: value for rule in rules for key, value in rule.row_fields(image).items()}
+
+
+@dataclass(frozen=True)
+class SkipMisclassified(Shortcut):
+    """No main draws when cA != label: CERTIFY and T-CERTIFY then certify cA or abstain, so the image is
+    never certified-correct and the table is exactly unchanged."""
+
+    name = "skipped_misclassified"
+
+    def after_pilot(self, image: ImageDraws) -> bool:
+        if image.top_class == image.label:
+            return False
+        image.shortcut = self.name
+        return True
+
+
+@dataclass(frozen=True)
+class InputSpecificSize(Shortcut):
+    """ISS: n_i = ``iss_sample_size`` of the pilot counts (never sees a main draw)."""
+
+    shard_size: int
+    sigma: float
+    alpha: float
+    max_radius_loss: float
+    name = "iss"
+
+    def after_pilot(self, image: ImageDraws) -> bool:
+        chosen = iss_sample_size(image.pilot, image.n, self.shard_size, self.sigma, self.alpha,
+                                 self.max_radius_loss)
+        if chosen < image.n:
+            image.n, image.shortcut = chosen, self.name
+        return False
+
+
+@dataclass(frozen=True)
+class EarlyAbstain(Shortcut):
+    """Main draws in waves of ``wave`` shards; after each wave but the last, ``should_stop_early`` at the
+    per-check level ``wave_level(delta, waves - 1)`` against CERTIFY's threshold at the image's n."""
+
+    shard_size: int
+    alpha: float
+    delta: float
+    wave: int
+    rule: str = "product"
+    name = "early_abstain"
+
+    def after_pilot(self, image: ImageDraws) -> bool:
+        shards = math.ceil(image.n / self.shard_size)
+        waves = math.ceil(shards / self.wave)
+        image.notes[self.name] = (certify_threshold(image.n, self.alpha), wave_level(self.delta, waves - 1))
+        return False
+
+    def next_look(self, image: ImageDraws) -> int:
+        return min(image.n, image.made + self.wave * self.shard_size)
+
+    def after_look(self, image: ImageDraws) -> bool:
+        threshold, level = image.notes[self.name]
+        if image.made >= image.n or not should_stop_early(image.top_count, image.made, image.n, threshold,
+                                                          level, self.rule):
+            return False
+        image.shortcut = self.name
+        return True
+
+
+@dataclass(frozen=True)
+class Sequential(Shortcut):
+    """``stop_when_decided`` (``target_radius`` None) or ``target_radius``: looks after 1, 2, 4, ... shards
+    and at n; the image's plan (adre_ray.smoothing.sequential) says at each look whether to stop."""
+
+    shard_size: int
+    sigma: float
+    alpha: float
+    target_radius: float | None = None
+    decide_grid: tuple[float, ...] | None = None
+    decide_delta: float = 1e-4
+    name = "sequential"
+
+    def after_pilot(self, image: ImageDraws) -> bool:
+        if self.target_radius is not None:
+            plan = target_plan(image.n, self.shard_size, self.sigma, self.alpha, self.target_radius)
+        else:
+            plan = decide_plan(image.n, self.shard_size, self.sigma, self.alpha, self.decide_grid,
+                               self.decide_delta)
+        image.notes["plan"] = plan
+        return False
+
+    def next_look(self, image: ImageDraws) -> int:
+        return next(m for m in image.notes["plan"].looks if m > image.made)
+
+    def after_look(self, image: ImageDraws) -> bool:
+        verdict = image.notes["plan"].check(image.top_count, image.made)
+        if not verdict.stop:
+            return False
+        image.notes["verdict"] = verdict
+        if image.made < image.n:
+            image.shortcut = ("early_abstain" if verdict.abstain else
+                              "decided" if self.target_radius is None else "target_radius")
+        return True
+
+    def row_fields(self, image: ImageDraws) -> dict[str, Any]:
+        """The stopping look's level and decision; an image skipped after its pilot gets decision
+        ``abstain`` at a target radius (nothing was tested)."""
+        verdict = image.notes.get("verdict")
+        if verdict is None:
+            return {} if self.target_radius is None else {"target_radius": self.target_radius,
+                                                          "decision": "abstain"}
+        return {"level": verdict.level, "target_radius": self.target_radius, "decision": verdict.decision}
+
+
 __all__ = [
-    "ABSTAINING_SHORTCUTS", "EARLY_ABSTAIN_RULES", "N_POLICIES", "SHORTCUTS", "allowed_sample_sizes",
-    "certify_threshold", "iss_sample_size", "plugin_radius", "should_stop_early", "should_stop_early_cp",
-    "wave_level",
+    "ABSTAINING_SHORTCUTS", "EARLY_ABSTAIN_RULES", "N_POLICIES", "SHORTCUTS", "EarlyAbstain", "ImageDraws",
+    "InputSpecificSize", "Sequential", "Shortcut", "SkipMisclassified", "allowed_sample_sizes",
+    "certify_threshold", "iss_sample_size", "next_look", "plugin_radius", "row_fields", "should_stop_early",
+    "should_stop_early_cp", "wave_level",
 ]
