@@ -91,16 +91,14 @@ def latest_checkpoint(run_path: str) -> Any | None:
     Ordered by the write time of ``train_state.pt``: V2 names folders ``checkpoint_epoch_NNNNNN``, V1
     numbers them per attempt (``<trial>/checkpoint_NNNNNN``), so names alone do not order them.
     """
-    import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
     try:
-        fs, root = storage.resolve(run_path) if "://" in run_path else (pafs.LocalFileSystem(), run_path)
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        fs, _ = storage.resolve(run_path)
+        _, files = storage.walk_files(run_path)
     except (OSError, ValueError):
         return None
-    states = [info for info in infos
-              if info.type == pafs.FileType.File and info.base_name == TRAIN_STATE_FILENAME
+    states = [info for info in files if info.base_name == TRAIN_STATE_FILENAME
               and info.path.rsplit("/", 2)[-2].startswith("checkpoint_")]
     if not states:
         return None
