@@ -287,6 +287,15 @@ def test_training_start_attempts_are_bounded_by_resource_wait_s(monkeypatch):
         assert failure.controller_failure_limit == 4
     assert failure.max_failures == cfg.run.max_failures
 
+    # an autoscaler that can add nodes: the longer run.autoscale_wait_s (its node takes minutes to come)
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(train_job, "cluster_facts", lambda: AUTOSCALED)
+    failure = train_job.build_trainer(cfg, run_name="bounded").run_config.failure_config
+    if train_job.train_v2_enabled():
+        assert failure.controller_failure_limit == controller_failure_limit(900) == 14
+
 
 def test_capacity_watch_lets_a_call_finish_when_the_cluster_fits_or_can_grow():
     import time

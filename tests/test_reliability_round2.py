@@ -446,7 +446,8 @@ def _saved_training_run(storage: Path, name: str, overrides: list[str]):
 
 @pytest.mark.parametrize("change, named", [("loss.lam=0.5", "loss.lam=0.5"), ("model=cifar_resnet20",
                                            "model='cifar_resnet20'"), ("optim.lr=0.01", "optim.lr=0.01")])
-def test_training_resumed_with_other_settings_is_refused_naming_the_field(change, named, tmp_path):
+def test_training_resumed_with_other_settings_is_refused_naming_the_field(ray_cluster, change, named,
+                                                                          tmp_path):
     """Before: accepted silently, the MLflow params keeping the old values."""
     from adre_ray.distributed.train import check_resume_settings, latest_checkpoint, run_training
 

@@ -167,6 +167,9 @@ class RunSection:
     resource_wait_s: Seconds = config_field(
         120.0, "seconds training waits while the cluster (and its autoscaler) cannot hold the worker group, "
                "e.g. after a node died, before stopping with a message (a re-run resumes)")
+    autoscale_wait_s: Seconds = config_field(
+        900.0, "seconds training waits for a worker group's nodes when the cluster's autoscaler can add "
+               "them (a lost node's replacement) before stopping (a re-run resumes)")
     max_failures: Restarts = config_field(0, "restarts of the worker group after a failure, from the latest "
                                              "checkpoint (-1 = unlimited)")
     checkpoints_to_keep: Count = config_field(2, "newest checkpoints kept in storage")

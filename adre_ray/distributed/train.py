@@ -165,16 +165,21 @@ def build_trainer(cfg: TrainConfig, *, run_name: str | None = None,
 
 
 def _start_failure_limit(cfg: TrainConfig) -> dict[str, int]:
-    """V2: worker-group start attempts bounded by ``run.resource_wait_s`` (Ray retries them forever by
-    default, so a run whose node died and was not replaced would wait without end)."""
+    """V2: worker-group start attempts bounded by ``run.resource_wait_s``, or ``run.autoscale_wait_s`` when
+    the connected cluster's autoscaler can add nodes (Ray retries them forever by default, so a run whose
+    node died and was not replaced would wait without end)."""
     import dataclasses
 
+    import ray
     from ray.train import FailureConfig
 
     if not train_v2_enabled() or "controller_failure_limit" not in {f.name for f in
                                                                      dataclasses.fields(FailureConfig)}:
         return {}
-    return {"controller_failure_limit": controller_failure_limit(cfg.run.resource_wait_s)}
+    wait_s = cfg.run.resource_wait_s
+    if ray.is_initialized() and cluster_facts().autoscaling:
+        wait_s = max(wait_s, cfg.run.autoscale_wait_s)
+    return {"controller_failure_limit": controller_failure_limit(wait_s)}
 
 
 def _previous_mlflow_run(experiment: str, run_path: str, tracking_uri: str) -> str | None:

@@ -111,7 +111,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "data.test_subset", "validation.", "run.name", "run.experiment", "run.storage_path", "run.tracking_uri",
     "run.max_failures", "run.checkpoints_to_keep", "run.channels_last", "run.compile",
     "run.eval_max_batches", "run.progress", "run.verbose", "run.deterministic", "run.amp", "run.precision",
-    "run.shared_filesystem", "run.resource_wait_s",
+    "run.shared_filesystem", "run.resource_wait_s", "run.autoscale_wait_s",
 )
 """Settings a resumed run may change (a trailing dot: the whole section): more epochs, the resources, where
 data and outputs live, evaluation, and speed-only switches. Any other field (model, batch size, loss,
