@@ -1,7 +1,7 @@
 """The training package's value rules, each declared once as an annotated type (pydantic).
 
 A rule is ``Annotated[T, rule(requirement, holds)]``: loss parameters declare their fields with these
-types (``adre_ray.training.loss_registry``), and plain functions apply one with :func:`checked`. Either
+types (``adre_ray.training.losses.base``), and plain functions apply one with :func:`checked`. Either
 way a bad value raises ``ValueError("<field>=<value!r>: <requirement>")``, the project's message form,
 and no type coercion happens before the rule has seen the value (``k=1.5`` is refused, not truncated).
 """
@@ -16,17 +16,11 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import BeforeValidator
 
-MAX_INT = 2**63 - 1
-"""Largest integer a count or seed takes (torch and numpy count and seed with int64)."""
-MAX_SIGMA = 100.0
-"""Largest noise std: images live in [0, 1], so sigma = 100 is pure noise; above is a typo (and near
-float32's limit the noise overflows to inf). The strictest of the project's sigma rules."""
+from adre_ray.checks import MAX_INT, check
+from adre_ray.smoothing.params import MAX_SIGMA, SIGMA_RULE, check_sigma
 
-
-def require(condition: bool, field: str, value: Any, requirement: str) -> None:
-    """``ValueError("<field>=<value!r>: <requirement>")`` unless ``condition`` (a rule between values)."""
-    if not condition:
-        raise ValueError(f"{field}={value!r}: {requirement}")
+require = check
+"""``ValueError("<field>=<value!r>: <requirement>")`` unless ``condition`` (a rule between values)."""
 
 
 def rule(requirement: str, holds: Callable[[Any], bool]) -> BeforeValidator:
@@ -68,9 +62,17 @@ def one_of(choices: Sequence[str]) -> Any:
 
 PositiveFloat = Annotated[float, rule("must be a finite number > 0", lambda v: _real(v) and v > 0)]
 NonNegativeFloat = Annotated[float, rule("must be a finite number >= 0", lambda v: _real(v) and v >= 0)]
-Sigma = Annotated[float, rule(f"must be a finite number in (0, {MAX_SIGMA:g}]",
-                              lambda v: _real(v) and 0 < v <= MAX_SIGMA)]
-"""A noise std: finite, 0 < sigma <= ``MAX_SIGMA``."""
+def _is_sigma(value: Any) -> bool:
+    try:
+        check_sigma(value)
+    except ValueError:
+        return False
+    return True
+
+
+Sigma = Annotated[float, rule(SIGMA_RULE, _is_sigma)]
+"""A noise std: the one rule of sigma (``adre_ray.smoothing.params.check_sigma``: finite, 0 < sigma <=
+``MAX_SIGMA``)."""
 UnitFraction = Annotated[float, rule("must be a finite number in [0, 1)", lambda v: _real(v) and 0 <= v < 1)]
 """A fraction in [0, 1) (label smoothing, momentum)."""
 DecayFactor = Annotated[float, rule("must lie in (0, 1]", lambda v: _real(v) and 0 < v <= 1)]
