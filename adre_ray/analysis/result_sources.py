@@ -25,6 +25,7 @@ from adre_ray.analysis.results import (
     read_results,
 )
 from adre_ray.analysis.tables import setting_values
+from adre_ray.smoothing.params import check_sigma
 from adre_ray.tracking import DISABLED
 
 RESULTS_ARTIFACT_PATH = "results"
@@ -277,8 +278,7 @@ def apply_sigmas(results: Sequence[LoadedResult], sigmas: Sequence[float] | None
     values = list(sigmas) * len(results) if len(sigmas) == 1 else list(sigmas)
     out = []
     for result, sigma in zip(results, values, strict=True):
-        if not (sigma > 0 and math.isfinite(sigma)):
-            raise ValueError(f"--sigma={sigma!r}: must be a finite number > 0")
+        check_sigma(sigma, "--sigma")
         table = result.table
         if result.kind == "certify_log":
             column = pa.array([float(sigma)] * table.num_rows, pa.float64())

@@ -19,7 +19,6 @@ run code when unpickled is refused. Keys or shapes that do not fit the architect
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from adre_ray.models.formats import IMPORT_FORMATS
 from adre_ray.models.model_fn import build_model_fn, check_model_fn_spec
 from adre_ray.models.normalize import NormalizedModel, NormalizeLayer
 from adre_ray.models.registry import build_model
+from adre_ray.smoothing.params import check_sigma
 
 SMOOTHING_ARCHS = ("cifar_resnet20", "cifar_resnet110", "resnet50")
 """``arch`` values of the randomized-smoothing code; each is the adre-ray model of the same name."""
@@ -199,9 +199,8 @@ def import_checkpoint(src: str | Path, output: str | Path, *, source_format: str
     """
     if source_format not in IMPORT_FORMATS:
         raise ValueError(f"format={source_format!r}: must be one of {', '.join(IMPORT_FORMATS)}")
-    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0
-                              or not math.isfinite(sigma)):
-        raise ValueError(f"sigma={sigma!r}: must be a finite number > 0")
+    if sigma is not None:
+        check_sigma(sigma)
     if model_fn is not None:
         check_model_fn_spec(model_fn)
         if source_format != "smoothing":
