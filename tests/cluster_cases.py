@@ -32,10 +32,10 @@ from adre_ray.models import build_model, load_model_checkpoint, save_model_check
 SIGMA = 0.25
 IMAGES = 4
 # Ray Train gives a worker group this long to get its placement group (default 60 s); a node that is lost
-# and not replaced then ends the run after one attempt instead of a minute (run.resource_wait_s bounds the
+# and not replaced then ends the run after one attempt of 30 s instead of 60 s (run.resource_wait_s bounds the
 # attempts: adre_ray.distributed.cluster.controller_failure_limit). The driver's RAY_TRAIN_* variables
 # reach the training controller.
-os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "20"
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
 
 
 def patiently(start, attempts: int = 3):

@@ -235,13 +235,26 @@ class CapacityWatch:
             self._stop.set()
         if self._active and self._outer_sigint is not None:  # None: not installed from Python
             signal.signal(signal.SIGINT, self._outer_sigint)
+        if not self.interrupt and kind is not None and issubclass(kind, Exception):
+            self._passive_verdict(error)  # type: ignore[arg-type]
         if self.message is None:
             return False
         if self.interrupt and (kind is None or issubclass(kind, KeyboardInterrupt)):
             raise ClusterCapacityError(self.message) from None
-        if not self.interrupt and kind is not None and issubclass(kind, Exception):
-            raise ClusterCapacityError(self.message) from error
         return False
+
+    def _passive_verdict(self, error: BaseException) -> None:
+        """Passive mode, the run ended with ``error``: ``ClusterCapacityError`` if the cluster lacks
+        ``needs`` now (a fresh look: the last poll may predate the GCS marking a lost node dead) or lacked
+        them for ``wait_s`` at the last poll."""
+        try:
+            lack = self.lacking(self.facts())
+        except Exception:  # noqa: BLE001 - no fresh look: keep the last poll's verdict
+            lack = None
+        if lack is not None:
+            self.message = f"{lack} (waited {self.wait_s:g} s; was a node lost?): {self.what_to_do}"
+        if self.message is not None:
+            raise ClusterCapacityError(self.message) from error
 
 
 def controller_failure_limit(wait_s: float) -> int:
