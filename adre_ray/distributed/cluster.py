@@ -167,8 +167,8 @@ class CapacityWatch:
     ``fit()`` answers SIGINT with its own handler, whose graceful abort does not reach a controller that is
     retrying a worker group start (seen on a multi-node cluster: retried for 15 minutes after the abort),
     so the run is bounded by Ray Train's ``FailureConfig(controller_failure_limit)``
-    (:func:`controller_failure_limit`), and an error leaving the block while the cluster has lacked
-    ``needs`` for ``wait_s`` becomes ``ClusterCapacityError``."""
+    (:func:`controller_failure_limit`), and an error leaving the block while the cluster lacks ``needs``
+    (at that moment, or for ``wait_s`` at the last poll) becomes ``ClusterCapacityError``."""
 
     def __init__(self, needs: Mapping[str, float], wait_s: float, what_to_do: str, *, poll_s: float = 2.0,
                  facts: Callable[[], ClusterFacts] = cluster_facts, interrupt: bool = True) -> None:
