@@ -191,6 +191,9 @@ class CapacityWatch:
                         f"needs {amount:g}")
         return None
 
+    def _stop_message(self, lack: str) -> str:
+        return f"{lack} (waited {self.wait_s:g} s; was a node lost?): {self.what_to_do}"
+
     def _watch(self) -> None:
         import _thread
 
@@ -208,7 +211,7 @@ class CapacityWatch:
                 with self._armed:
                     if self._stop.is_set():
                         return
-                    self.message = f"{lack} (waited {self.wait_s:g} s; was a node lost?): {self.what_to_do}"
+                    self.message = self._stop_message(lack)
                     if self.interrupt:
                         self._stop.set()
                         _thread.interrupt_main()
@@ -252,7 +255,7 @@ class CapacityWatch:
         except Exception:  # noqa: BLE001 - no fresh look: keep the last poll's verdict
             lack = None
         if lack is not None:
-            self.message = f"{lack} (waited {self.wait_s:g} s; was a node lost?): {self.what_to_do}"
+            self.message = self._stop_message(lack)
         if self.message is not None:
             raise ClusterCapacityError(self.message) from error
 
