@@ -16,6 +16,7 @@ SHARED_CIFAR10 = Path(os.environ.get("ADRE_CIFAR10_DIR", REPO.parent / "shared" 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1600)  # the subprocess's own limit (1,500 s) and its report first
 def test_multinode_cases():
     if not (SHARED_CIFAR10 / "test.parquet").is_file():
         pytest.skip(f"CIFAR-10 Parquet not found at {SHARED_CIFAR10} (set ADRE_CIFAR10_DIR)")
