@@ -1,13 +1,16 @@
-"""Typed job configs: one dataclass per job, read from YAML and overridden from the command line.
+"""Typed job configs: one pydantic dataclass per job, read from YAML and overridden from the command line.
 
-Every tunable of a job is a field here and nowhere else. ``load_config(TrainConfig, "cfg.yaml",
+Every tunable of a job is a field here and nowhere else (a loss's parameters: in its ``LossParams``, see
+``adre_ray.config.loss``). ``load_config(TrainConfig, "cfg.yaml",
 ["lr=0.05", "loss.lam=0.2"])`` reads the YAML with ``yaml.safe_load`` (never ``eval`` or pickle),
 applies ``key=value`` overrides (values parsed as YAML scalars/lists) and per-job flag values (text),
-builds the dataclass with pydantic (strict types; text given to a numeric, bool or null field is parsed
+builds the dataclass with pydantic (strict types, unknown keys refused; text given to a numeric, bool or null field is parsed
 first, so ``1e-5``, ``1E-5``, ``0.00001`` and ``100_000`` all work although YAML 1.1 reads ``1e-5`` as
 a string). pydantic checks the constraint declared on each field (``adre_ray.config.fields``), then the
 config's ``check_together`` the rules between fields; the first refusal is raised as
-``ValueError("<dotted.field>=<value!r>: <why>")``. The generic checks and the vocabulary imported below
+``ValueError("<dotted.field>=<value!r>: <why>")``. A config built in Python
+(``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) is checked field by field when it is constructed
+(:func:`config_dataclass`), with the same messages. The generic checks and the vocabulary imported below
 belong to the core (``adre_ray.checks``, ``adre_ray.smoothing.params``, ...); they are re-exported here
 for the modules that still import them from the config package.
 """
@@ -22,10 +25,11 @@ import json
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+import pydantic
 import yaml
 
 from adre_ray.checks import (  # noqa: F401  (the core's checks, re-exported for the configs)
@@ -46,11 +50,12 @@ from adre_ray.smoothing.params import DEFAULT_GRID, MAX_SIGMA, TCERTIFY_MODES  #
 from adre_ray.training.names import BUILT_IN_LOSSES as LOSSES  # noqa: F401
 from adre_ray.training.names import PER_LOSSES, SCHEDULES  # noqa: F401
 
-if typing.TYPE_CHECKING:
-    import pydantic
-
 C = TypeVar("C", bound="JobConfig")
+T = TypeVar("T", bound=type)
 
+CONFIG_RULES = pydantic.ConfigDict(strict=True, extra="forbid")
+"""Every config and section: JSON's types only (a number never from a bool, an integer never from a
+fraction, a string never from a number), unknown keys refused."""
 
 
 def config_field(default: Any, help: str) -> Any:
@@ -64,11 +69,63 @@ def config_field(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def config_dataclass(cls: T) -> T:
+    """``cls`` as a pydantic dataclass under :data:`CONFIG_RULES` whose construction in Python refuses a
+    value by name, ``ValueError("<field>=<value!r>: <why>")``, as loading a file does."""
+    cls = pydantic.dataclasses.dataclass(cls, config=CONFIG_RULES)  # type: ignore[assignment]
+    built_by_pydantic = cls.__init__
+
+    @functools.wraps(built_by_pydantic)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            built_by_pydantic(self, *args, **kwargs)
+        except pydantic.ValidationError as err:
+            raise _named_error(type(self), kwargs, err.errors(include_url=False)[0]) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+class Key(NamedTuple):
+    """One key of a config section: its name, type (constraints left out), default and meaning."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def section_keys(cls: type) -> list[Key]:
+    """The keys of a config or section: a dataclass's fields, or what a section that lists its keys
+    itself (``config_keys()``, e.g. the ``loss`` section) says."""
+    if hasattr(cls, "config_keys"):
+        return list(cls.config_keys())
+    hints = typing.get_type_hints(cls)
+    return [Key(f.name, hints[f.name], _field_default(f), str(f.metadata.get("help", "")))
+            for f in dataclasses.fields(cls)]
+
+
+def section_type(tp: Any) -> type | None:
+    """The section class a field of type ``tp`` holds (a dataclass or a ``config_keys`` section), else None."""
+    for base in _base_types(tp):
+        if isinstance(base, type) and (dataclasses.is_dataclass(base) or hasattr(base, "config_keys")):
+            return base
+    return None
+
+
 def field_help(cls: type, name: str) -> str:
-    """The one-line meaning of field ``name`` of config dataclass ``cls`` ("" when none was given)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return str(f.metadata.get("help", ""))
+    """The one-line meaning of field ``name`` of config ``cls`` ("" when none was given)."""
+    for key in section_keys(cls):
+        if key.name == name:
+            return key.help
     raise KeyError(name)
 
 
@@ -76,13 +133,20 @@ def check_grid(field: str, grid: Sequence[float]) -> None:
     smoothing_params.check_grid(grid, field)
 
 
+def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``dataclasses.asdict``'s dict factory: a pydantic model section (the loss) as its dict too."""
+    return {key: value.model_dump() if isinstance(value, pydantic.BaseModel) else value
+            for key, value in items}
+
+
 class JobConfig:
     """Mixin for job dataclasses: YAML/CLI loading, dict round trip, validation hook."""
 
     def validate(self) -> None:
-        """Check a config built in Python (``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) as
+        """Check a config changed in place since it was built (constructing it checked each field) as
         ``from_dict`` checks a loaded one: every declared field constraint, then ``check_together``. A
-        config checked at the edge (``load_config``, ``from_dict``) and unchanged since is not re-checked."""
+        config checked (``load_config``, ``from_dict``, ``validate``) and unchanged since is not
+        re-checked."""
         values = self.to_dict()
         if getattr(self, "_validated_as", None) == values:
             return
@@ -95,7 +159,7 @@ class JobConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return dataclasses.asdict(self, dict_factory=_plain)  # type: ignore[call-overload]
 
     def flat_dict(self) -> dict[str, Any]:
         """``{"loss.lam": 0.1, ...}``: for MLflow params and Tune spaces."""
@@ -156,26 +220,27 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"config={str(path)!r}: not valid YAML ({err})") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config={str(path)!r}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (),
                 values: Mapping[str, Any] | None = None) -> C:
     """Build ``cls`` from an optional YAML file, then ``key=value`` overrides (YAML values), then
     ``values`` (dotted key -> value; text as typed on a command line, parsed by the field's type, never
     as YAML, so a path stays a path), then validate. Later sources win."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config={str(path)!r}: no such file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"config={str(path)!r}: not valid YAML ({err})") from err
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config={str(path)!r}: top level must be a mapping, "
-                             f"got {type(loaded).__name__}")
-        data = loaded
+    data = _read_yaml(path) if path is not None else {}
     valid = _field_paths(cls)
     for key, value in [*parse_overrides(overrides).items(), *(values or {}).items()]:
         set_dotted(data, key, value, valid_keys=valid)
@@ -183,14 +248,10 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
 
 
 def _field_paths(cls: type, prefix: str = "") -> list[str]:
-    hints = typing.get_type_hints(cls)
     out: list[str] = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.extend(_field_paths(tp, f"{prefix}{f.name}."))
-        else:
-            out.append(f"{prefix}{f.name}")
+    for key in section_keys(cls):
+        nested = section_type(key.type)
+        out.extend(_field_paths(nested, f"{prefix}{key.name}.") if nested else [f"{prefix}{key.name}"])
     return out
 
 
@@ -224,9 +285,14 @@ def parse_number(text: str, kind: type) -> Any:
     return text
 
 
-def _integral_float(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+def _as_number(base: type, value: Any) -> Any:
+    """An ``int`` field's integral float as an int, a ``float`` field's int as a float, text parsed."""
+    if isinstance(value, str):
+        return parse_number(value, base)
+    if base is int and isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     return value
 
 
@@ -238,8 +304,9 @@ def _parse_value(tp: Any, value: Any) -> Any:
     if len(bases) != 1:
         return value
     base = bases[0]
-    if dataclasses.is_dataclass(base):
-        return _parse_text_values(base, value) if isinstance(value, Mapping) else value
+    nested = section_type(base)
+    if nested is not None:
+        return _parse_text_values(nested, value) if isinstance(value, Mapping) else value
     if isinstance(value, str) and _allows_none(tp) and base is not str \
             and value.strip().lower() in ("null", "none", "~", ""):
         return None
@@ -248,9 +315,7 @@ def _parse_value(tp: Any, value: Any) -> Any:
             return value.strip().lower() == "true"
         return value
     if base in (int, float):
-        if isinstance(value, str):
-            return parse_number(value, base)
-        return _integral_float(value) if base is int else value
+        return _as_number(base, value)
     if base is str or typing.get_origin(base) is typing.Literal:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -267,94 +332,23 @@ def _parse_value(tp: Any, value: Any) -> Any:
 def _parse_text_values(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     """``data`` with every field value passed through ``_parse_value`` (unknown keys kept for pydantic
     to refuse by name)."""
-    hints = typing.get_type_hints(cls)
-    return {key: (_parse_value(hints[key], value) if key in hints else value) for key, value in data.items()}
-
-
-_PYDANTIC_CONFIG = {"extra": "forbid"}
-"""pydantic's ``ConfigDict(extra="forbid")`` (a plain dict). pydantic is imported only when a config is
-built, so the core (smoothing, training, models) imports without it, as on a GPU machine that has torch
-and no pydantic (benchmarks/device_check.sh)."""
-
-
-def _prepare_for_pydantic(cls: type) -> None:
-    """Give ``cls`` and its section dataclasses pydantic's config: unknown keys are refused."""
-    if "__pydantic_config__" not in vars(cls):
-        cls.__pydantic_config__ = _PYDANTIC_CONFIG  # type: ignore[attr-defined]
-    for tp in typing.get_type_hints(cls).values():
-        for base in _base_types(tp):
-            if dataclasses.is_dataclass(base) and isinstance(base, type):
-                _prepare_for_pydantic(base)
+    types_of = {key.name: key.type for key in section_keys(cls)}
+    return {key: (_parse_value(types_of[key], value) if key in types_of else value)
+            for key, value in data.items()}
 
 
 @functools.cache
 def _adapter(cls: type) -> pydantic.TypeAdapter[Any]:
-    import pydantic
-
-    _prepare_for_pydantic(cls)
     return pydantic.TypeAdapter(cls)
 
 
-_TYPE_REQUIREMENTS = {
-    "int_type": "expected an integer", "int_parsing": "expected an integer",
-    "int_from_float": "expected an integer",
-    "float_type": "expected a number", "float_parsing": "expected a number",
-    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
-    "string_type": "expected a string", "tuple_type": "expected a list", "list_type": "expected a list",
-    "dict_type": "expected a mapping", "dataclass_type": "must be a mapping",
-    "none_required": "expected null",
-}
-
-
-def _section_fields(cls: type, path: Sequence[Any]) -> list[str]:
-    """Field names of the section that ``path`` (a pydantic error location, minus the key) points into."""
-    for part in path:
-        hints = typing.get_type_hints(cls)
-        nested = [b for b in _base_types(hints.get(str(part), Any)) if dataclasses.is_dataclass(b)]
-        if not nested:
-            return []
-        cls = nested[0]
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _declared(cls: type, loc: Sequence[str]) -> Any:
-    """The declared type (``Annotated`` metadata kept) of the field at ``loc``, None if there is none."""
-    tp: Any = cls
-    for part in loc:
-        nested = [b for b in _base_types(tp) if dataclasses.is_dataclass(b)]
-        if not nested:
-            return None
-        tp = typing.get_type_hints(nested[0], include_extras=True).get(part)
-    return tp
-
-
-def _requirement(cls: type, loc: Sequence[str], error: Mapping[str, Any]) -> tuple[str, Any]:
-    """``(why, value)`` for a value the declared constraint of field ``loc`` refused: the field's
-    ``Rule``, or a ``Literal``'s choices; a float field's value shown as a float."""
-    tp = _declared(cls, loc)
-    value = error["input"]
-    for arg in _base_types(tp):
-        if typing.get_origin(arg) is typing.Literal:
-            return f"must be one of {', '.join(map(str, typing.get_args(arg)))}", value
-        if typing.get_origin(arg) is typing.Annotated:
-            base, *metadata = typing.get_args(arg)
-            if base is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            for item in metadata:
-                if type(item).__name__ == "Rule":
-                    return item.why, value
-    return str(error["msg"]), value
-
-
 def _build(cls: type, data: Mapping[str, Any], parse_text: bool = True) -> Any:
-    """``cls`` built from ``data`` by pydantic in strict mode (JSON semantics: a number is never taken
-    from a bool, an integer never from a fraction, a string never from a number) after the text of
-    numeric, bool and null fields was parsed; every declared field constraint is checked here.
-    Raises ``ValueError("<dotted.field>=<value!r>: <why>")`` naming the first refused field."""
+    """``cls`` built from ``data`` by pydantic after the text of numeric, bool and null fields was
+    parsed; every declared field constraint is checked here. Validated as JSON (strict JSON takes a
+    list for a tuple and a mapping for a section, strict Python would not). Raises
+    ``ValueError("<dotted.field>=<value!r>: <why>")`` naming the first refused field."""
     if not isinstance(data, Mapping):
         raise ValueError(f"config={data!r}: must be a mapping")
-    import pydantic
-
     prepared = _parse_text_values(cls, data) if parse_text else dict(data)
     try:
         encoded = json.dumps(prepared, allow_nan=True)
@@ -367,12 +361,51 @@ def _build(cls: type, data: Mapping[str, Any], parse_text: bool = True) -> Any:
         raise _named_error(cls, data, err.errors(include_url=False)[0]) from None
 
 
+_TYPE_REQUIREMENTS = {
+    "int_type": "expected an integer", "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_type": "expected a number", "float_parsing": "expected a number",
+    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+    "string_type": "expected a string", "tuple_type": "expected a list", "list_type": "expected a list",
+    "dict_type": "expected a mapping", "dataclass_type": "must be a mapping", "model_type": "must be a mapping",
+    "dataclass_exact_type": "must be a mapping", "none_required": "expected null",
+}
+
+
+def _declared(cls: type, loc: Sequence[str]) -> Any:
+    """The declared type (``Annotated`` metadata kept) of the field at ``loc``, None if there is none."""
+    tp: Any = cls
+    for part in loc:
+        nested = section_type(tp)
+        if nested is None or not dataclasses.is_dataclass(nested):
+            return None
+        tp = typing.get_type_hints(nested, include_extras=True).get(part)
+    return tp
+
+
+def _requirement(tp: Any, error: Mapping[str, Any]) -> tuple[str, Any]:
+    """``(why, value)`` for a value the declared constraint ``tp`` refused: the field's ``Rule``, or a
+    ``Literal``'s choices; a float field's value shown as a float."""
+    value = error["input"]
+    for arg in _base_types(tp):
+        if typing.get_origin(arg) is typing.Literal:
+            return f"must be one of {', '.join(map(str, typing.get_args(arg)))}", value
+        if typing.get_origin(arg) is typing.Annotated:
+            base, *metadata = typing.get_args(arg)
+            value = _as_number(base, value) if base is float and not isinstance(value, str) else value
+            for item in metadata:
+                if type(item).__name__ == "Rule":
+                    return item.why, value
+    return str(error["msg"]), value
+
+
 def _named_error(cls: type, data: Mapping[str, Any], error: Mapping[str, Any]) -> ValueError:
     """pydantic's first error as ``ValueError("<dotted.field>=<value!r>: <why>")``."""
     loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
     name = ".".join(loc) or "config"
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        known = _section_fields(cls, loc[:-1])
+        section = section_type(_declared(cls, loc[:-1])) if loc[:-1] else cls
+        known = [key.name for key in section_keys(section)] if section else []
         return ValueError(f"{name}={error['input']!r}: unknown config key "
                           f"(known in this section: {', '.join(sorted(known))})")
     if error["type"] == "value_error":  # a core check: it named the field (its last part) and the value
@@ -381,7 +414,7 @@ def _named_error(cls: type, data: Mapping[str, Any], error: Mapping[str, Any]) -
     if error["type"] in _TYPE_REQUIREMENTS:
         return ValueError(f"{name}={_error_value(data, error['loc'], error['input'])!r}: "
                           f"{_TYPE_REQUIREMENTS[error['type']]}")
-    why, value = _requirement(cls, loc, error)
+    why, value = _requirement(_declared(cls, loc), error)
     return ValueError(f"{name}={value!r}: {why}")
 
 

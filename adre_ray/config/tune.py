@@ -31,7 +31,7 @@ import yaml
 from pydantic import Field
 
 from adre_ray.checks import check, is_number
-from adre_ray.config.base import JobConfig, _field_paths, config_field, parse_number
+from adre_ray.config.base import JobConfig, _field_paths, config_dataclass, config_field, parse_number
 from adre_ray.config.fields import Count, PositiveNumber, Rule, Seed, named, non_empty
 from adre_ray.config.train import TrainConfig
 from adre_ray.config.validation import ValidationSection
@@ -50,14 +50,14 @@ NonEmptyText = non_empty("string")
 MlflowUri = named("must be an MLflow URI or 'none'")
 
 
-@dataclass
+@config_dataclass
 class SearchValidationSection(ValidationSection):
     """The space file's ``validation`` section: as ``ValidationSection`` but enabled unless it says not."""
 
     enabled: bool = config_field(True, "run it after each trial's final epoch (the search ranks by it)")
 
 
-@dataclass
+@config_dataclass
 class SchedulerSection:
     """name             asha (AsyncHyperBand: stop the worse trials at rungs) | fifo (every trial to the end)
     metric, mode     per-epoch metric ASHA compares at each rung (reported by every epoch), min | max
@@ -78,7 +78,7 @@ class SchedulerSection:
     brackets: Count = config_field(1, "ASHA brackets")
 
 
-@dataclass
+@config_dataclass
 class ResourcesSection:
     """Resources of ONE trial (its Ray Train workers); null keeps the train config's ``scaling.*`` value.
     Trials run concurrently as far as the cluster holds them (or ``max_concurrent``)."""
@@ -166,7 +166,7 @@ def train_config_keys() -> list[str]:
     return _field_paths(TrainConfig)
 
 
-@dataclass
+@config_dataclass
 class TuneSpace(JobConfig):
     """A search space file (see the module docstring and docs/tune.md).
 
