@@ -149,7 +149,8 @@ def test_the_toy_parameter_is_listed_in_the_train_help_while_registered(toy_loss
 
 def test_the_built_in_losses_parameters_are_read_without_torch():
     code = ("import sys; from adre_ray.config.train import TrainConfig; "
-            "from adre_ray.config.flags import config_reference; from adre_ray.config.loss import LossSection; "
+            "from adre_ray.config.flags import config_reference; "
+            "from adre_ray.config.loss import LossSection; "
             "text = config_reference(TrainConfig); "
             "assert 'loss.epsilon' in text and 'loss.per_loss' in text, text; "
             "assert LossSection.model_validate({'name': 'smoothadv', 'epsilon': 0.5}).steps == 1; "

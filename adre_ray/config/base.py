@@ -1,33 +1,29 @@
 """Typed job configs: one pydantic dataclass per job, read from YAML and overridden from the command line.
 
 Every tunable of a job is a field here and nowhere else (a loss's parameters: in its ``LossParams``, see
-``adre_ray.config.loss``). ``load_config(TrainConfig, "cfg.yaml",
-["lr=0.05", "loss.lam=0.2"])`` reads the YAML with ``yaml.safe_load`` (never ``eval`` or pickle),
-applies ``key=value`` overrides (values parsed as YAML scalars/lists) and per-job flag values (text),
-builds the dataclass with pydantic (strict types, unknown keys refused; text given to a numeric, bool or null field is parsed
-first, so ``1e-5``, ``1E-5``, ``0.00001`` and ``100_000`` all work although YAML 1.1 reads ``1e-5`` as
-a string). pydantic checks the constraint declared on each field (``adre_ray.config.fields``), then the
-config's ``check_together`` the rules between fields; the first refusal is raised as
-``ValueError("<dotted.field>=<value!r>: <why>")``. A config built in Python
-(``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) is checked field by field when it is constructed
-(:func:`config_dataclass`), with the same messages. The generic checks and the vocabulary imported below
-belong to the core (``adre_ray.checks``, ``adre_ray.smoothing.params``, ...); they are re-exported here
-for the modules that still import them from the config package.
+``adre_ray.config.loss``). ``load_config(TrainConfig, "cfg.yaml", ["lr=0.05", "loss.lam=0.2"])`` reads
+the YAML with ``yaml.safe_load`` (never ``eval`` or pickle), applies ``key=value`` overrides (values
+parsed as YAML scalars/lists) and per-job flag values (text), builds the dataclass with pydantic (strict
+types, unknown keys refused; text given to a numeric, bool or null field is parsed first by
+``adre_ray.config.values``, so ``1e-5``, ``1E-5``, ``0.00001`` and ``100_000`` all work although YAML
+1.1 reads ``1e-5`` as a string). pydantic checks the constraint declared on each field
+(``adre_ray.config.fields``), then the config's ``check_together`` the rules between fields; the first
+refusal is raised as ``ValueError("<dotted.field>=<value!r>: <why>")`` (``adre_ray.config.errors``). A
+config built in Python (``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) is checked field by field
+when it is constructed (:func:`config_dataclass`), with the same messages. The generic checks and the
+vocabulary imported below belong to the core (``adre_ray.checks``, ``adre_ray.smoothing.params``, ...);
+they are re-exported here for the modules that still import them from the config package.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import decimal
 import functools
 import json
-import math
-import types
-import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import pydantic
 import yaml
@@ -41,6 +37,14 @@ from adre_ray.checks import (  # noqa: F401  (the core's checks, re-exported for
     check_nonnegative,
     check_open_unit,
     check_positive,
+)
+from adre_ray.config.errors import named_error
+from adre_ray.config.values import (  # noqa: F401  (Key, parse_number: re-exported)
+    Key,
+    parse_number,
+    parse_text_values,
+    section_keys,
+    section_type,
 )
 from adre_ray.data.info import DATASETS  # noqa: F401
 from adre_ray.models.formats import IMPORT_FORMATS  # noqa: F401
@@ -76,49 +80,14 @@ def config_dataclass(cls: T) -> T:
     built_by_pydantic = cls.__init__
 
     @functools.wraps(built_by_pydantic)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+    def init_naming_the_field(self: Any, *args: Any, **kwargs: Any) -> None:
         try:
             built_by_pydantic(self, *args, **kwargs)
         except pydantic.ValidationError as err:
-            raise _named_error(type(self), kwargs, err.errors(include_url=False)[0]) from None
+            raise named_error(type(self), kwargs, err.errors(include_url=False)[0]) from None
 
-    cls.__init__ = __init__  # type: ignore[method-assign]
+    cls.__init__ = init_naming_the_field  # type: ignore[method-assign]
     return cls
-
-
-class Key(NamedTuple):
-    """One key of a config section: its name, type (constraints left out), default and meaning."""
-
-    name: str
-    type: Any
-    default: Any
-    help: str
-
-
-def _field_default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def section_keys(cls: type) -> list[Key]:
-    """The keys of a config or section: a dataclass's fields, or what a section that lists its keys
-    itself (``config_keys()``, e.g. the ``loss`` section) says."""
-    if hasattr(cls, "config_keys"):
-        return list(cls.config_keys())
-    hints = typing.get_type_hints(cls)
-    return [Key(f.name, hints[f.name], _field_default(f), str(f.metadata.get("help", "")))
-            for f in dataclasses.fields(cls)]
-
-
-def section_type(tp: Any) -> type | None:
-    """The section class a field of type ``tp`` holds (a dataclass or a ``config_keys`` section), else None."""
-    for base in _base_types(tp):
-        if isinstance(base, type) and (dataclasses.is_dataclass(base) or hasattr(base, "config_keys")):
-            return base
-    return None
 
 
 def field_help(cls: type, name: str) -> str:
@@ -255,88 +224,6 @@ def _field_paths(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _allows_none(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
-def _base_types(tp: Any) -> tuple[Any, ...]:
-    """``int | None`` -> ``(int,)``; ``float`` -> ``(float,)``."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return tuple(arg for arg in typing.get_args(tp) if arg is not type(None))
-    return (tp,)
-
-
-def parse_number(text: str, kind: type) -> Any:
-    """A number as a person types it -> ``int`` or ``float`` (``text`` back unchanged if it is none).
-
-    Accepts ``1e-5``, ``1E-5``, ``0.00001``, ``1.0e-5``, ``100_000``, ``100000``, ``1e5`` (an ``int``
-    field takes any integral value: ``1e5`` -> 100000, ``2.5`` stays text and is refused by name).
-    YAML 1.1 reads ``1e-5`` as a string, so every numeric field's string values come through here.
-    """
-    cleaned = text.strip()
-    try:
-        exact = decimal.Decimal(cleaned)
-    except decimal.InvalidOperation:
-        return text
-    if kind is float:
-        return float(exact)
-    if exact.is_finite() and exact == exact.to_integral_value():
-        return int(exact)
-    return text
-
-
-def _as_number(base: type, value: Any) -> Any:
-    """An ``int`` field's integral float as an int, a ``float`` field's int as a float, text parsed."""
-    if isinstance(value, str):
-        return parse_number(value, base)
-    if base is int and isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
-def _parse_value(tp: Any, value: Any) -> Any:
-    """One field's value as declared: text parsed for numeric / bool / null fields, numbers as text for
-    string fields, comma-separated text as a list for tuple fields. Anything else is left for pydantic
-    to accept or refuse."""
-    bases = _base_types(tp)
-    if len(bases) != 1:
-        return value
-    base = bases[0]
-    nested = section_type(base)
-    if nested is not None:
-        return _parse_text_values(nested, value) if isinstance(value, Mapping) else value
-    if isinstance(value, str) and _allows_none(tp) and base is not str \
-            and value.strip().lower() in ("null", "none", "~", ""):
-        return None
-    if base is bool:
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        return value
-    if base in (int, float):
-        return _as_number(base, value)
-    if base is str or typing.get_origin(base) is typing.Literal:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        return value
-    if typing.get_origin(base) is tuple:
-        elem = (typing.get_args(base) or (Any,))[0]
-        if isinstance(value, str):
-            value = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            return [_parse_value(elem, v) for v in value]
-    return value
-
-
-def _parse_text_values(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    """``data`` with every field value passed through ``_parse_value`` (unknown keys kept for pydantic
-    to refuse by name)."""
-    types_of = {key.name: key.type for key in section_keys(cls)}
-    return {key: (_parse_value(types_of[key], value) if key in types_of else value)
-            for key, value in data.items()}
-
-
 @functools.cache
 def _adapter(cls: type) -> pydantic.TypeAdapter[Any]:
     return pydantic.TypeAdapter(cls)
@@ -349,7 +236,7 @@ def _build(cls: type, data: Mapping[str, Any], parse_text: bool = True) -> Any:
     ``ValueError("<dotted.field>=<value!r>: <why>")`` naming the first refused field."""
     if not isinstance(data, Mapping):
         raise ValueError(f"config={data!r}: must be a mapping")
-    prepared = _parse_text_values(cls, data) if parse_text else dict(data)
+    prepared = parse_text_values(cls, data) if parse_text else dict(data)
     try:
         encoded = json.dumps(prepared, allow_nan=True)
     except (TypeError, ValueError) as err:
@@ -358,75 +245,6 @@ def _build(cls: type, data: Mapping[str, Any], parse_text: bool = True) -> Any:
     try:
         return _adapter(cls).validate_json(encoded, strict=True)
     except pydantic.ValidationError as err:
-        raise _named_error(cls, data, err.errors(include_url=False)[0]) from None
+        raise named_error(cls, data, err.errors(include_url=False)[0]) from None
 
 
-_TYPE_REQUIREMENTS = {
-    "int_type": "expected an integer", "int_parsing": "expected an integer",
-    "int_from_float": "expected an integer",
-    "float_type": "expected a number", "float_parsing": "expected a number",
-    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
-    "string_type": "expected a string", "tuple_type": "expected a list", "list_type": "expected a list",
-    "dict_type": "expected a mapping", "dataclass_type": "must be a mapping", "model_type": "must be a mapping",
-    "dataclass_exact_type": "must be a mapping", "none_required": "expected null",
-}
-
-
-def _declared(cls: type, loc: Sequence[str]) -> Any:
-    """The declared type (``Annotated`` metadata kept) of the field at ``loc``, None if there is none."""
-    tp: Any = cls
-    for part in loc:
-        nested = section_type(tp)
-        if nested is None or not dataclasses.is_dataclass(nested):
-            return None
-        tp = typing.get_type_hints(nested, include_extras=True).get(part)
-    return tp
-
-
-def _requirement(tp: Any, error: Mapping[str, Any]) -> tuple[str, Any]:
-    """``(why, value)`` for a value the declared constraint ``tp`` refused: the field's ``Rule``, or a
-    ``Literal``'s choices; a float field's value shown as a float."""
-    value = error["input"]
-    for arg in _base_types(tp):
-        if typing.get_origin(arg) is typing.Literal:
-            return f"must be one of {', '.join(map(str, typing.get_args(arg)))}", value
-        if typing.get_origin(arg) is typing.Annotated:
-            base, *metadata = typing.get_args(arg)
-            value = _as_number(base, value) if base is float and not isinstance(value, str) else value
-            for item in metadata:
-                if type(item).__name__ == "Rule":
-                    return item.why, value
-    return str(error["msg"]), value
-
-
-def _named_error(cls: type, data: Mapping[str, Any], error: Mapping[str, Any]) -> ValueError:
-    """pydantic's first error as ``ValueError("<dotted.field>=<value!r>: <why>")``."""
-    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
-    name = ".".join(loc) or "config"
-    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        section = section_type(_declared(cls, loc[:-1])) if loc[:-1] else cls
-        known = [key.name for key in section_keys(section)] if section else []
-        return ValueError(f"{name}={error['input']!r}: unknown config key "
-                          f"(known in this section: {', '.join(sorted(known))})")
-    if error["type"] == "value_error":  # a core check: it named the field (its last part) and the value
-        section = "".join(f"{part}." for part in loc[:-1])
-        return ValueError(f"{section}{error['ctx']['error']}")
-    if error["type"] in _TYPE_REQUIREMENTS:
-        return ValueError(f"{name}={_error_value(data, error['loc'], error['input'])!r}: "
-                          f"{_TYPE_REQUIREMENTS[error['type']]}")
-    why, value = _requirement(_declared(cls, loc), error)
-    return ValueError(f"{name}={value!r}: {why}")
-
-
-def _error_value(data: Any, loc: Sequence[Any], fallback: Any) -> Any:
-    """The value the user gave for the field at ``loc`` (pydantic reports the JSON-decoded one, of one
-    list element): the whole field value, as the message names the field, not the element."""
-    node = data
-    for part in loc:
-        if isinstance(part, int):
-            break
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return fallback
-    return node

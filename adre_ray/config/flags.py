@@ -19,7 +19,8 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from adre_ray.config.base import C, Key, _base_types, load_config, section_keys, section_type
+from adre_ray.config.base import C, load_config
+from adre_ray.config.values import Key, base_types, section_keys, section_type
 
 FlagNames = Mapping[str, str | tuple[str, ...]]
 
@@ -80,7 +81,7 @@ def add_field_flags(parser: argparse.ArgumentParser, cls: type, names: FlagNames
     for key in scalar_fields(cls, exclude):
         flags = _flags_of(key.name, names or {})
         text = field_text(key).replace("%", "%%")
-        if _base_types(key.type) == (bool,):
+        if base_types(key.type) == (bool,):
             group.add_argument(*flags, dest=key.name, default=None, action=argparse.BooleanOptionalAction,
                                help=text)
         else:

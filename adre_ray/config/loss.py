@@ -16,7 +16,7 @@ from typing import Any
 import pydantic
 from pydantic_core import PydanticUndefined
 
-from adre_ray.config.base import Key
+from adre_ray.config.values import Key
 from adre_ray.training.loss_params import check_knobs, check_loss_config, declared_knobs, declared_params
 
 TRAINING_DEFAULTS = {"name": "adre_reg", "sigma": 0.25, "k": 8, "lam": 0.2}

@@ -187,8 +187,8 @@ class TrainConfig(JobConfig):
               "included) on inputs in the data's space; required for data.dataset=arrays")
     batch_size: Count = config_field(400, "global batch per optimizer step, split over scaling.num_workers")
     data: DataSection = field(default_factory=DataSection)
-    loss: LossSection = field(default_factory=LossSection, metadata={"help": "the training loss: loss.name and "
-                              "the parameters the losses declare (adre_ray.config.loss)"})
+    loss: LossSection = field(default_factory=LossSection, metadata={
+        "help": "the training loss: loss.name and the parameters the losses declare (adre_ray.config.loss)"})
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)

@@ -91,7 +91,7 @@ class AdreAdvParams(AdreRegParams, PgdParams):
 
 BUILT_IN_PARAMS: dict[str, type[LossParams]] = dict(zip(
     BUILT_IN_LOSSES, (LossParams, AdreRegParams, PgdParams, AdreAdvParams), strict=True))
-"""The built-in losses' parameters by loss name (their loss classes, in ``losses/<name>.py``, import torch)."""
+"""The built-in losses' parameters by loss name (their classes, in ``losses/<name>.py``, import torch)."""
 
 LOSS_REGISTRY: dict[str, Any] = {}
 """Loss classes (``LossFn`` subclasses) by name (``loss.name`` of a training config), in registration
@@ -131,7 +131,7 @@ def knob_rule(info: FieldInfo) -> Any:
 
 
 def params_class(name: Any, field: str = "loss") -> type[LossParams]:
-    """The parameters of the loss named ``name``, or ``ValueError("<field>=<name!r>: must be one of ...")``."""
+    """The parameters of the loss ``name``, else ``ValueError("<field>=<name!r>: must be one of ...")``."""
     declared = declared_params()
     if not isinstance(name, str) or name not in declared:
         raise ValueError(f"{field}={name!r}: must be one of {', '.join(declared)}")
