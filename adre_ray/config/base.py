@@ -189,18 +189,20 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path, what: str = "config", empty_ok: bool = True) -> dict[str, Any]:
+    """The mapping at the top of YAML file ``path`` (``{}`` for an empty file when ``empty_ok``), read with
+    ``yaml.safe_load``; ``ValueError("<what>='<path>': <why>")`` otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config={str(path)!r}: no such file")
+        raise ValueError(f"{what}={str(path)!r}: no such file")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"config={str(path)!r}: not valid YAML ({err})") from err
-    if loaded is None:
+        raise ValueError(f"{what}={str(path)!r}: not valid YAML ({err})") from err
+    if loaded is None and empty_ok:
         return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"config={str(path)!r}: top level must be a mapping, got {type(loaded).__name__}")
+        raise ValueError(f"{what}={str(path)!r}: top level must be a mapping, got {type(loaded).__name__}")
     return loaded
 
 
@@ -209,7 +211,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
     """Build ``cls`` from an optional YAML file, then ``key=value`` overrides (YAML values), then
     ``values`` (dotted key -> value; text as typed on a command line, parsed by the field's type, never
     as YAML, so a path stays a path), then validate. Later sources win."""
-    data = _read_yaml(path) if path is not None else {}
+    data = read_yaml_mapping(path) if path is not None else {}
     valid = _field_paths(cls)
     for key, value in [*parse_overrides(overrides).items(), *(values or {}).items()]:
         set_dotted(data, key, value, valid_keys=valid)

@@ -18,9 +18,11 @@ _TYPE_REQUIREMENTS = {
     "int_from_float": "expected an integer",
     "float_type": "expected a number", "float_parsing": "expected a number",
     "bool_type": "expected true or false", "bool_parsing": "expected true or false",
-    "string_type": "expected a string", "tuple_type": "expected a list", "list_type": "expected a list",
+    "string_type": "expected a string", "list_type": "expected a list",
+    "tuple_type": "expected a list (in Python: a tuple)",
     "dict_type": "expected a mapping", "dataclass_type": "must be a mapping",
-    "dataclass_exact_type": "must be a mapping", "model_type": "must be a mapping",
+    "dataclass_exact_type": "must be a mapping (in Python: the section's class)",
+    "model_type": "must be a mapping (in Python: the section's class)",
     "none_required": "expected null",
 }
 

@@ -27,11 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field
 
 from adre_ray.checks import check, is_number
-from adre_ray.config.base import JobConfig, _field_paths, config_dataclass, config_field, parse_number
+from adre_ray.config.base import (
+    JobConfig,
+    _field_paths,
+    config_dataclass,
+    config_field,
+    parse_number,
+    read_yaml_mapping,
+)
 from adre_ray.config.fields import Count, PositiveNumber, Rule, Seed, named, non_empty
 from adre_ray.config.train import TrainConfig
 from adre_ray.config.validation import ValidationSection
@@ -235,14 +241,6 @@ class TuneSpace(JobConfig):
 
 def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TuneSpace:
     """Read and validate a space file; ``overrides`` replace top-level fields (e.g. ``num_samples``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"space={str(path)!r}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"space={str(path)!r}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"space={str(path)!r}: top level must be a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "space", empty_ok=False)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TuneSpace.from_dict(data)
