@@ -156,3 +156,9 @@ def test_the_built_in_losses_parameters_are_read_without_torch():
             "assert LossSection.model_validate({'name': 'smoothadv', 'epsilon': 0.5}).steps == 1; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_torch_free_declarations_are_the_built_in_losses_params():
+    from adre_ray.training.loss_params import BUILT_IN_PARAMS
+
+    assert {name: LOSS_REGISTRY[name].Params for name in BUILT_IN_PARAMS} == BUILT_IN_PARAMS

@@ -1,9 +1,9 @@
 """The one interface of a training loss, and the registry that finds a loss by name.
 
 A loss is one module: a :class:`LossParams` subclass declaring its parameters (pydantic fields with the
-rules of ``adre_ray.training.checks``, ``adre_ray.training.loss_params``) and a :class:`LossFn` subclass,
-decorated with :func:`register_loss`, whose ``__call__(model, x, y, epoch) -> LossOutput`` is what the
-trainer calls. Registering it is all a training config needs: ``loss.name`` accepts it and
+rules of ``adre_ray.training.checks``; the base class and the built-in losses' parameters live,
+torch-free, in ``adre_ray.training.loss_params``) and a :class:`LossFn` subclass, decorated with
+:func:`register_loss`, whose ``__call__(model, x, y, epoch) -> LossOutput`` is what the trainer calls. Registering it is all a training config needs: ``loss.name`` accepts it and
 ``loss.<parameter>`` keys its parameters.
 """
 
