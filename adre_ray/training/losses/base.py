@@ -3,8 +3,9 @@
 A loss is one module: a :class:`LossParams` subclass declaring its parameters (pydantic fields with the
 rules of ``adre_ray.training.checks``; the base class and the built-in losses' parameters live,
 torch-free, in ``adre_ray.training.loss_params``) and a :class:`LossFn` subclass, decorated with
-:func:`register_loss`, whose ``__call__(model, x, y, epoch) -> LossOutput`` is what the trainer calls. Registering it is all a training config needs: ``loss.name`` accepts it and
-``loss.<parameter>`` keys its parameters.
+:func:`register_loss`, whose ``__call__(model, x, y, epoch) -> LossOutput`` is what the trainer calls.
+Registering it is all a training config needs: ``loss.name`` accepts it and ``loss.<parameter>`` keys
+its parameters.
 """
 
 from __future__ import annotations
