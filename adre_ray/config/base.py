@@ -85,6 +85,7 @@ def config_dataclass(cls: T) -> T:
             built_by_pydantic(self, *args, **kwargs)
         except pydantic.ValidationError as err:
             raise named_error(type(self), kwargs, err.errors(include_url=False)[0]) from None
+        self._fields_checked_as = dataclasses.asdict(self, dict_factory=_plain)
 
     cls.__init__ = init_naming_the_field  # type: ignore[method-assign]
     return cls
@@ -112,14 +113,15 @@ class JobConfig:
     """Mixin for job dataclasses: YAML/CLI loading, dict round trip, validation hook."""
 
     def validate(self) -> None:
-        """Check a config changed in place since it was built (constructing it checked each field) as
-        ``from_dict`` checks a loaded one: every declared field constraint, then ``check_together``. A
-        config checked (``load_config``, ``from_dict``, ``validate``) and unchanged since is not
-        re-checked."""
+        """Check a config built in Python as ``from_dict`` checks a loaded one: every declared field
+        constraint (already checked when it was constructed, unless changed in place since), then
+        ``check_together``. A config checked (``load_config``, ``from_dict``, ``validate``) and unchanged
+        since is not re-checked."""
         values = self.to_dict()
         if getattr(self, "_validated_as", None) == values:
             return
-        _build(type(self), values, parse_text=False)
+        if getattr(self, "_fields_checked_as", None) != values:
+            _build(type(self), values, parse_text=False)
         self.check_together()
         self._validated_as = values
 
