@@ -85,7 +85,8 @@ def config_dataclass(cls: T) -> T:
             built_by_pydantic(self, *args, **kwargs)
         except pydantic.ValidationError as err:
             raise named_error(type(self), kwargs, err.errors(include_url=False)[0]) from None
-        self._fields_checked_as = dataclasses.asdict(self, dict_factory=_plain)
+        if isinstance(self, JobConfig):  # what validate() need not check again
+            self._fields_checked_as = self.to_dict()
 
     cls.__init__ = init_naming_the_field  # type: ignore[method-assign]
     return cls

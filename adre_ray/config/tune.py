@@ -20,6 +20,7 @@ Pure Python (``TrainConfig`` asks the model registry only when it validates).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
@@ -97,7 +98,8 @@ class ResourcesSection:
 
     def overrides(self) -> dict[str, Any]:
         """The non-null fields as dotted ``scaling.*`` overrides of the train config."""
-        return {f"scaling.{name}": value for name, value in vars(self).items() if value is not None}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f"scaling.{name}": value for name, value in values.items() if value is not None}
 
 
 @dataclass(frozen=True)
