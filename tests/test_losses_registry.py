@@ -4,8 +4,9 @@ path."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ def toy_loss():
 
 def test_the_config_section_lists_every_parameter_the_built_in_losses_declare():
     declared = {field for cls in LOSS_REGISTRY.values() for field in cls.Params.model_fields}
-    assert {f.name for f in dataclasses.fields(LossSection)} == {"name"} | declared
+    assert {key.name for key in LossSection.config_keys()} == {"name"} | declared
 
 
 def test_a_registered_toy_loss_builds_validates_and_is_listed(toy_loss):
@@ -115,3 +116,49 @@ def test_a_toy_loss_trains_through_the_config_and_the_workers_step(toy_loss, tmp
     assert stats["images"] == 64 and stats["batches"] == 2
     assert all(math.isfinite(stats[key]) for key in ("loss", "l_per", "l_adre", "train_acc_noise"))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_toy_loss_with_a_new_parameter_is_configured_by_its_own_params(toy_loss, tmp_path):
+    """``loss.margin`` is nowhere in ``adre_ray.config``: the registered toy's ``MarginParams`` declares
+    it, and the config reads, checks, records and ships it to the trainer through the loss's own rule."""
+    spec = SPECS["image"][0]
+    base = [f"model_fn={spec}", "data.dataset=arrays", f"data.data_dir={tmp_path}", "loss.name=toy_margin",
+            "loss.k=2"]
+    cfg = load_config(TrainConfig, None, [*base, "loss.margin=0.125"])
+    assert cfg.loss.margin == 0.125 and cfg.flat_dict()["loss.margin"] == 0.125
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # the dict Ray Train workers rebuild it from
+    assert loss_from_config(cfg.loss).margin == 0.125
+    assert cfg.replace(**{"loss.margin": 2}).loss.margin == 2.0  # a float parameter holds a float
+    with pytest.raises(ValueError, match=r"^loss\.margin=-1\.0: must be a finite number >= 0"):
+        load_config(TrainConfig, None, [*base, "loss.margin=-1"])
+    with pytest.raises(ValueError, match=r"^loss\.margin='wide': must be a finite number >= 0"):
+        load_config(TrainConfig, None, [*base, "loss.margin=wide"])
+    with pytest.raises(ValueError, match=r"^loss\.margn=0\.1: unknown config key"):
+        TrainConfig.from_dict({"loss": {"name": "toy_margin", "margn": 0.1}})
+    # another loss's knob is checked by that loss's rule, whatever loss is chosen (as build_loss does)
+    with pytest.raises(ValueError, match=r"^loss\.margin=-0\.5: must be a finite number >= 0"):
+        load_config(TrainConfig, None, ["loss.name=adre_reg", "loss.margin=-0.5"])
+
+
+def test_the_toy_parameter_is_listed_in_the_train_help_while_registered(toy_loss):
+    from adre_ray.config.flags import config_reference
+
+    assert "loss.margin" in config_reference(TrainConfig)
+    assert "loss: gaussian | adre_reg | smoothadv | adre_adv | toy_margin" in config_reference(TrainConfig)
+
+
+def test_the_built_in_losses_parameters_are_read_without_torch():
+    code = ("import sys; from adre_ray.config.train import TrainConfig; "
+            "from adre_ray.config.flags import config_reference; "
+            "from adre_ray.config.loss import LossSection; "
+            "text = config_reference(TrainConfig); "
+            "assert 'loss.epsilon' in text and 'loss.per_loss' in text, text; "
+            "assert LossSection.model_validate({'name': 'smoothadv', 'epsilon': 0.5}).steps == 1; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_torch_free_declarations_are_the_built_in_losses_params():
+    from adre_ray.training.loss_params import BUILT_IN_PARAMS
+
+    assert {name: LOSS_REGISTRY[name].Params for name in BUILT_IN_PARAMS} == BUILT_IN_PARAMS

@@ -1,4 +1,4 @@
-"""Typed job configs (YAML + ``key=value`` overrides). One dataclass per job, in its own module."""
+"""Typed job configs (YAML + ``key=value`` overrides). One pydantic dataclass per job, in its own module."""
 
 from adre_ray.config.base import (
     DATASETS,
@@ -13,6 +13,7 @@ from adre_ray.config.base import (
     check_nonnegative,
     check_open_unit,
     check_positive,
+    config_dataclass,
     config_field,
     field_help,
     flatten,
@@ -23,6 +24,6 @@ from adre_ray.config.base import (
 __all__ = [
     "DATASETS", "DEFAULT_GRID", "LOSSES", "TCERTIFY_MODES", "JobConfig", "check", "check_choice",
     "check_grid", "check_int_at_least", "check_nonnegative", "check_open_unit", "check_positive",
-    "config_field", "field_help",
+    "config_dataclass", "config_field", "field_help",
     "flatten", "load_config", "parse_overrides",
 ]

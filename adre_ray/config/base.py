@@ -1,31 +1,31 @@
-"""Typed job configs: one dataclass per job, read from YAML and overridden from the command line.
+"""Typed job configs: one pydantic dataclass per job, read from YAML and overridden from the command line.
 
-Every tunable of a job is a field here and nowhere else. ``load_config(TrainConfig, "cfg.yaml",
-["lr=0.05", "loss.lam=0.2"])`` reads the YAML with ``yaml.safe_load`` (never ``eval`` or pickle),
-applies ``key=value`` overrides (values parsed as YAML scalars/lists) and per-job flag values (text),
-builds the dataclass with pydantic (strict types; text given to a numeric, bool or null field is parsed
-first, so ``1e-5``, ``1E-5``, ``0.00001`` and ``100_000`` all work although YAML 1.1 reads ``1e-5`` as
-a string). pydantic checks the constraint declared on each field (``adre_ray.config.fields``), then the
-config's ``check_together`` the rules between fields; the first refusal is raised as
-``ValueError("<dotted.field>=<value!r>: <why>")``. The generic checks and the vocabulary imported below
-belong to the core (``adre_ray.checks``, ``adre_ray.smoothing.params``, ...); they are re-exported here
-for the modules that still import them from the config package.
+Every tunable of a job is a field here and nowhere else (a loss's parameters: in its ``LossParams``, see
+``adre_ray.config.loss``). ``load_config(TrainConfig, "cfg.yaml", ["lr=0.05", "loss.lam=0.2"])`` reads
+the YAML with ``yaml.safe_load`` (never ``eval`` or pickle), applies ``key=value`` overrides (values
+parsed as YAML scalars/lists) and per-job flag values (text), builds the dataclass with pydantic (strict
+types, unknown keys refused; text given to a numeric, bool or null field is parsed first by
+``adre_ray.config.values``, so ``1e-5``, ``1E-5``, ``0.00001`` and ``100_000`` all work although YAML
+1.1 reads ``1e-5`` as a string). pydantic checks the constraint declared on each field
+(``adre_ray.config.fields``), then the config's ``check_together`` the rules between fields; the first
+refusal is raised as ``ValueError("<dotted.field>=<value!r>: <why>")`` (``adre_ray.config.errors``). A
+config built in Python (``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) is checked field by field
+when it is constructed (:func:`config_dataclass`), with the same messages. The generic checks and the
+vocabulary imported below belong to the core (``adre_ray.checks``, ``adre_ray.smoothing.params``, ...);
+they are re-exported here for the modules that still import them from the config package.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import decimal
 import functools
 import json
-import math
-import types
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pydantic
 import yaml
 
 from adre_ray.checks import (  # noqa: F401  (the core's checks, re-exported for the configs)
@@ -38,6 +38,14 @@ from adre_ray.checks import (  # noqa: F401  (the core's checks, re-exported for
     check_open_unit,
     check_positive,
 )
+from adre_ray.config.errors import named_error
+from adre_ray.config.values import (  # noqa: F401  (Key, parse_number: re-exported)
+    Key,
+    parse_number,
+    parse_text_values,
+    section_keys,
+    section_type,
+)
 from adre_ray.data.info import DATASETS  # noqa: F401
 from adre_ray.models.formats import IMPORT_FORMATS  # noqa: F401
 from adre_ray.precision import PRECISIONS, check_precision, effective_precision  # noqa: F401
@@ -46,11 +54,12 @@ from adre_ray.smoothing.params import DEFAULT_GRID, MAX_SIGMA, TCERTIFY_MODES  #
 from adre_ray.training.names import BUILT_IN_LOSSES as LOSSES  # noqa: F401
 from adre_ray.training.names import PER_LOSSES, SCHEDULES  # noqa: F401
 
-if typing.TYPE_CHECKING:
-    import pydantic
-
 C = TypeVar("C", bound="JobConfig")
+T = TypeVar("T", bound=type)
 
+CONFIG_RULES = pydantic.ConfigDict(strict=True, extra="forbid")
+"""Every config and section: JSON's types only (a number never from a bool, an integer never from a
+fraction, a string never from a number), unknown keys refused."""
 
 
 def config_field(default: Any, help: str) -> Any:
@@ -64,11 +73,30 @@ def config_field(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def config_dataclass(cls: T) -> T:
+    """``cls`` as a pydantic dataclass under :data:`CONFIG_RULES` whose construction in Python refuses a
+    value by name, ``ValueError("<field>=<value!r>: <why>")``, as loading a file does."""
+    cls = pydantic.dataclasses.dataclass(cls, config=CONFIG_RULES)  # type: ignore[assignment]
+    built_by_pydantic = cls.__init__
+
+    @functools.wraps(built_by_pydantic)
+    def init_naming_the_field(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            built_by_pydantic(self, *args, **kwargs)
+        except pydantic.ValidationError as err:
+            raise named_error(type(self), kwargs, err.errors(include_url=False)[0]) from None
+        if isinstance(self, JobConfig):  # what validate() need not check again
+            self._fields_checked_as = self.to_dict()
+
+    cls.__init__ = init_naming_the_field  # type: ignore[method-assign]
+    return cls
+
+
 def field_help(cls: type, name: str) -> str:
-    """The one-line meaning of field ``name`` of config dataclass ``cls`` ("" when none was given)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return str(f.metadata.get("help", ""))
+    """The one-line meaning of field ``name`` of config ``cls`` ("" when none was given)."""
+    for key in section_keys(cls):
+        if key.name == name:
+            return key.help
     raise KeyError(name)
 
 
@@ -76,17 +104,25 @@ def check_grid(field: str, grid: Sequence[float]) -> None:
     smoothing_params.check_grid(grid, field)
 
 
+def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``dataclasses.asdict``'s dict factory: a pydantic model section (the loss) as its dict too."""
+    return {key: value.model_dump() if isinstance(value, pydantic.BaseModel) else value
+            for key, value in items}
+
+
 class JobConfig:
     """Mixin for job dataclasses: YAML/CLI loading, dict round trip, validation hook."""
 
     def validate(self) -> None:
-        """Check a config built in Python (``CertifyConfig(sigma=0.5)``, ``dataclasses.replace``) as
-        ``from_dict`` checks a loaded one: every declared field constraint, then ``check_together``. A
-        config checked at the edge (``load_config``, ``from_dict``) and unchanged since is not re-checked."""
+        """Check a config built in Python as ``from_dict`` checks a loaded one: every declared field
+        constraint (already checked when it was constructed, unless changed in place since), then
+        ``check_together``. A config checked (``load_config``, ``from_dict``, ``validate``) and unchanged
+        since is not re-checked."""
         values = self.to_dict()
         if getattr(self, "_validated_as", None) == values:
             return
-        _build(type(self), values, parse_text=False)
+        if getattr(self, "_fields_checked_as", None) != values:
+            _build(type(self), values, parse_text=False)
         self.check_together()
         self._validated_as = values
 
@@ -95,7 +131,7 @@ class JobConfig:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return dataclasses.asdict(self, dict_factory=_plain)  # type: ignore[call-overload]
 
     def flat_dict(self) -> dict[str, Any]:
         """``{"loss.lam": 0.1, ...}``: for MLflow params and Tune spaces."""
@@ -156,26 +192,29 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config", empty_ok: bool = True) -> dict[str, Any]:
+    """The mapping at the top of YAML file ``path`` (``{}`` for an empty file when ``empty_ok``), read with
+    ``yaml.safe_load``; ``ValueError("<what>='<path>': <why>")`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what}={str(path)!r}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what}={str(path)!r}: not valid YAML ({err})") from err
+    if loaded is None and empty_ok:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{what}={str(path)!r}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (),
                 values: Mapping[str, Any] | None = None) -> C:
     """Build ``cls`` from an optional YAML file, then ``key=value`` overrides (YAML values), then
     ``values`` (dotted key -> value; text as typed on a command line, parsed by the field's type, never
     as YAML, so a path stays a path), then validate. Later sources win."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config={str(path)!r}: no such file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"config={str(path)!r}: not valid YAML ({err})") from err
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config={str(path)!r}: top level must be a mapping, "
-                             f"got {type(loaded).__name__}")
-        data = loaded
+    data = read_yaml_mapping(path) if path is not None else {}
     valid = _field_paths(cls)
     for key, value in [*parse_overrides(overrides).items(), *(values or {}).items()]:
         set_dotted(data, key, value, valid_keys=valid)
@@ -183,179 +222,26 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
 
 
 def _field_paths(cls: type, prefix: str = "") -> list[str]:
-    hints = typing.get_type_hints(cls)
     out: list[str] = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.extend(_field_paths(tp, f"{prefix}{f.name}."))
-        else:
-            out.append(f"{prefix}{f.name}")
+    for key in section_keys(cls):
+        nested = section_type(key.type)
+        out.extend(_field_paths(nested, f"{prefix}{key.name}.") if nested else [f"{prefix}{key.name}"])
     return out
-
-
-def _allows_none(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
-def _base_types(tp: Any) -> tuple[Any, ...]:
-    """``int | None`` -> ``(int,)``; ``float`` -> ``(float,)``."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return tuple(arg for arg in typing.get_args(tp) if arg is not type(None))
-    return (tp,)
-
-
-def parse_number(text: str, kind: type) -> Any:
-    """A number as a person types it -> ``int`` or ``float`` (``text`` back unchanged if it is none).
-
-    Accepts ``1e-5``, ``1E-5``, ``0.00001``, ``1.0e-5``, ``100_000``, ``100000``, ``1e5`` (an ``int``
-    field takes any integral value: ``1e5`` -> 100000, ``2.5`` stays text and is refused by name).
-    YAML 1.1 reads ``1e-5`` as a string, so every numeric field's string values come through here.
-    """
-    cleaned = text.strip()
-    try:
-        exact = decimal.Decimal(cleaned)
-    except decimal.InvalidOperation:
-        return text
-    if kind is float:
-        return float(exact)
-    if exact.is_finite() and exact == exact.to_integral_value():
-        return int(exact)
-    return text
-
-
-def _integral_float(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _parse_value(tp: Any, value: Any) -> Any:
-    """One field's value as declared: text parsed for numeric / bool / null fields, numbers as text for
-    string fields, comma-separated text as a list for tuple fields. Anything else is left for pydantic
-    to accept or refuse."""
-    bases = _base_types(tp)
-    if len(bases) != 1:
-        return value
-    base = bases[0]
-    if dataclasses.is_dataclass(base):
-        return _parse_text_values(base, value) if isinstance(value, Mapping) else value
-    if isinstance(value, str) and _allows_none(tp) and base is not str \
-            and value.strip().lower() in ("null", "none", "~", ""):
-        return None
-    if base is bool:
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        return value
-    if base in (int, float):
-        if isinstance(value, str):
-            return parse_number(value, base)
-        return _integral_float(value) if base is int else value
-    if base is str or typing.get_origin(base) is typing.Literal:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        return value
-    if typing.get_origin(base) is tuple:
-        elem = (typing.get_args(base) or (Any,))[0]
-        if isinstance(value, str):
-            value = [v for v in value.strip().strip("[]()").split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            return [_parse_value(elem, v) for v in value]
-    return value
-
-
-def _parse_text_values(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
-    """``data`` with every field value passed through ``_parse_value`` (unknown keys kept for pydantic
-    to refuse by name)."""
-    hints = typing.get_type_hints(cls)
-    return {key: (_parse_value(hints[key], value) if key in hints else value) for key, value in data.items()}
-
-
-_PYDANTIC_CONFIG = {"extra": "forbid"}
-"""pydantic's ``ConfigDict(extra="forbid")`` (a plain dict). pydantic is imported only when a config is
-built, so the core (smoothing, training, models) imports without it, as on a GPU machine that has torch
-and no pydantic (benchmarks/device_check.sh)."""
-
-
-def _prepare_for_pydantic(cls: type) -> None:
-    """Give ``cls`` and its section dataclasses pydantic's config: unknown keys are refused."""
-    if "__pydantic_config__" not in vars(cls):
-        cls.__pydantic_config__ = _PYDANTIC_CONFIG  # type: ignore[attr-defined]
-    for tp in typing.get_type_hints(cls).values():
-        for base in _base_types(tp):
-            if dataclasses.is_dataclass(base) and isinstance(base, type):
-                _prepare_for_pydantic(base)
 
 
 @functools.cache
 def _adapter(cls: type) -> pydantic.TypeAdapter[Any]:
-    import pydantic
-
-    _prepare_for_pydantic(cls)
     return pydantic.TypeAdapter(cls)
 
 
-_TYPE_REQUIREMENTS = {
-    "int_type": "expected an integer", "int_parsing": "expected an integer",
-    "int_from_float": "expected an integer",
-    "float_type": "expected a number", "float_parsing": "expected a number",
-    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
-    "string_type": "expected a string", "tuple_type": "expected a list", "list_type": "expected a list",
-    "dict_type": "expected a mapping", "dataclass_type": "must be a mapping",
-    "none_required": "expected null",
-}
-
-
-def _section_fields(cls: type, path: Sequence[Any]) -> list[str]:
-    """Field names of the section that ``path`` (a pydantic error location, minus the key) points into."""
-    for part in path:
-        hints = typing.get_type_hints(cls)
-        nested = [b for b in _base_types(hints.get(str(part), Any)) if dataclasses.is_dataclass(b)]
-        if not nested:
-            return []
-        cls = nested[0]
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _declared(cls: type, loc: Sequence[str]) -> Any:
-    """The declared type (``Annotated`` metadata kept) of the field at ``loc``, None if there is none."""
-    tp: Any = cls
-    for part in loc:
-        nested = [b for b in _base_types(tp) if dataclasses.is_dataclass(b)]
-        if not nested:
-            return None
-        tp = typing.get_type_hints(nested[0], include_extras=True).get(part)
-    return tp
-
-
-def _requirement(cls: type, loc: Sequence[str], error: Mapping[str, Any]) -> tuple[str, Any]:
-    """``(why, value)`` for a value the declared constraint of field ``loc`` refused: the field's
-    ``Rule``, or a ``Literal``'s choices; a float field's value shown as a float."""
-    tp = _declared(cls, loc)
-    value = error["input"]
-    for arg in _base_types(tp):
-        if typing.get_origin(arg) is typing.Literal:
-            return f"must be one of {', '.join(map(str, typing.get_args(arg)))}", value
-        if typing.get_origin(arg) is typing.Annotated:
-            base, *metadata = typing.get_args(arg)
-            if base is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            for item in metadata:
-                if type(item).__name__ == "Rule":
-                    return item.why, value
-    return str(error["msg"]), value
-
-
 def _build(cls: type, data: Mapping[str, Any], parse_text: bool = True) -> Any:
-    """``cls`` built from ``data`` by pydantic in strict mode (JSON semantics: a number is never taken
-    from a bool, an integer never from a fraction, a string never from a number) after the text of
-    numeric, bool and null fields was parsed; every declared field constraint is checked here.
-    Raises ``ValueError("<dotted.field>=<value!r>: <why>")`` naming the first refused field."""
+    """``cls`` built from ``data`` by pydantic after the text of numeric, bool and null fields was
+    parsed; every declared field constraint is checked here. Validated as JSON (strict JSON takes a
+    list for a tuple and a mapping for a section, strict Python would not). Raises
+    ``ValueError("<dotted.field>=<value!r>: <why>")`` naming the first refused field."""
     if not isinstance(data, Mapping):
         raise ValueError(f"config={data!r}: must be a mapping")
-    import pydantic
-
-    prepared = _parse_text_values(cls, data) if parse_text else dict(data)
+    prepared = parse_text_values(cls, data) if parse_text else dict(data)
     try:
         encoded = json.dumps(prepared, allow_nan=True)
     except (TypeError, ValueError) as err:
@@ -364,36 +250,6 @@ def _build(cls: type, data: Mapping[str, Any], parse_text: bool = True) -> Any:
     try:
         return _adapter(cls).validate_json(encoded, strict=True)
     except pydantic.ValidationError as err:
-        raise _named_error(cls, data, err.errors(include_url=False)[0]) from None
+        raise named_error(cls, data, err.errors(include_url=False)[0]) from None
 
 
-def _named_error(cls: type, data: Mapping[str, Any], error: Mapping[str, Any]) -> ValueError:
-    """pydantic's first error as ``ValueError("<dotted.field>=<value!r>: <why>")``."""
-    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
-    name = ".".join(loc) or "config"
-    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        known = _section_fields(cls, loc[:-1])
-        return ValueError(f"{name}={error['input']!r}: unknown config key "
-                          f"(known in this section: {', '.join(sorted(known))})")
-    if error["type"] == "value_error":  # a core check: it named the field (its last part) and the value
-        section = "".join(f"{part}." for part in loc[:-1])
-        return ValueError(f"{section}{error['ctx']['error']}")
-    if error["type"] in _TYPE_REQUIREMENTS:
-        return ValueError(f"{name}={_error_value(data, error['loc'], error['input'])!r}: "
-                          f"{_TYPE_REQUIREMENTS[error['type']]}")
-    why, value = _requirement(cls, loc, error)
-    return ValueError(f"{name}={value!r}: {why}")
-
-
-def _error_value(data: Any, loc: Sequence[Any], fallback: Any) -> Any:
-    """The value the user gave for the field at ``loc`` (pydantic reports the JSON-decoded one, of one
-    list element): the whole field value, as the message names the field, not the element."""
-    node = data
-    for part in loc:
-        if isinstance(part, int):
-            break
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return fallback
-    return node

@@ -9,11 +9,10 @@ the output folder's manifest; everything else (actors, batch size, AMP off/on as
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from adre_ray.checks import check, is_number
-from adre_ray.config.base import JobConfig, config_field
+from adre_ray.config.base import JobConfig, config_dataclass, config_field
 from adre_ray.config.fields import (
     Alpha,
     Count,
@@ -57,7 +56,7 @@ ResultFolder = named("must name the result folder")
 ExperimentName = named("must be a non-empty MLflow experiment name")
 
 
-@dataclass
+@config_dataclass
 class CertifyConfig(JobConfig):
     """PREDICT / CERTIFY / T-CERTIFY of one checkpoint over a strided subset of a split.
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from adre_ray.checks import check
-from adre_ray.config.base import JobConfig, config_field
+from adre_ray.config.base import JobConfig, config_dataclass, config_field
 from adre_ray.config.fields import Alpha, Count, Draws, NonNegativeNumber, PositiveNumber, Seed, Sigma, named
 from adre_ray.smoothing.params import TCERTIFY_MODES
 
 FolderPath = named("must be a folder path")
 
 
-@dataclass
+@config_dataclass
 class DemoConfig(JobConfig):
     """Sizes chosen so the whole demo takes well under 10 minutes on 2 CPU cores."""
 

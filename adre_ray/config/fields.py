@@ -3,7 +3,7 @@
 A field is ``Annotated[<type>, <pydantic constraint or validator>, Rule(<why>)]``: ``Field(ge=..., le=...)``
 bounds, ``Literal[...]`` choices, or an ``AfterValidator`` calling the core's one check of the quantity
 (``adre_ray.smoothing.params.check_sigma`` for every sigma, ...). ``Rule`` is the text a refused value is
-named with (``"<dotted.field>=<value>: <why>"``, composed by ``adre_ray.config.base``); a core check
+named with (``"<dotted.field>=<value>: <why>"``, composed by ``adre_ray.config.errors``); a core check
 writes its own text.
 """
 

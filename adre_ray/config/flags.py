@@ -13,14 +13,14 @@ option when one is mistyped.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import re
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from adre_ray.config.base import C, _base_types, field_help
+from adre_ray.config.base import C, load_config
+from adre_ray.config.values import Key, base_types, section_keys, section_type
 
 FlagNames = Mapping[str, str | tuple[str, ...]]
 
@@ -53,18 +53,9 @@ def format_default(value: Any) -> str:
     return str(value)
 
 
-def field_default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def field_text(cls: type, f: dataclasses.Field[Any]) -> str:
+def field_text(key: Key) -> str:
     """``"<meaning> (default: <value>)"``."""
-    meaning = field_help(cls, f.name) or f.name.replace("_", " ")
-    return f"{meaning} (default: {format_default(field_default(f))})"
+    return f"{key.help or key.name.replace('_', ' ')} (default: {format_default(key.default)})"
 
 
 def _flags_of(name: str, names: FlagNames) -> tuple[str, ...]:
@@ -76,53 +67,47 @@ def _flags_of(name: str, names: FlagNames) -> tuple[str, ...]:
     return chosen + ((kebab,) if kebab not in chosen else ())
 
 
-def scalar_fields(cls: type, exclude: Iterable[str] = ()) -> list[dataclasses.Field[Any]]:
-    """Top-level fields of ``cls`` that are not sections (nested dataclasses) nor in ``exclude``."""
-    hints = typing.get_type_hints(cls)
+def scalar_fields(cls: type, exclude: Iterable[str] = ()) -> list[Key]:
+    """Top-level keys of ``cls`` that are not sections nor in ``exclude``."""
     skip = set(exclude)
-    return [f for f in dataclasses.fields(cls) if f.name not in skip
-            and not any(dataclasses.is_dataclass(b) for b in _base_types(hints[f.name]))]
+    return [key for key in section_keys(cls) if key.name not in skip and section_type(key.type) is None]
 
 
 def add_field_flags(parser: argparse.ArgumentParser, cls: type, names: FlagNames | None = None,
                     exclude: Iterable[str] = ()) -> None:
     """One flag per top-level field of ``cls`` (``names`` renames some: field -> flag or flags; the
     kebab-case name is kept as an alias). ``dest`` is the field name; unset flags stay None."""
-    hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields (override --config and --set)")
-    for f in scalar_fields(cls, exclude):
-        flags = _flags_of(f.name, names or {})
-        text = field_text(cls, f).replace("%", "%%")
-        if _base_types(hints[f.name]) == (bool,):
-            group.add_argument(*flags, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+    for key in scalar_fields(cls, exclude):
+        flags = _flags_of(key.name, names or {})
+        text = field_text(key).replace("%", "%%")
+        if base_types(key.type) == (bool,):
+            group.add_argument(*flags, dest=key.name, default=None, action=argparse.BooleanOptionalAction,
                                help=text)
         else:
-            group.add_argument(*flags, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+            group.add_argument(*flags, dest=key.name, default=None, metavar=key.name.upper(), help=text)
 
 
 def flag_values(args: argparse.Namespace, cls: type, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The field flags given on the command line: field name -> value (text, or a bool)."""
-    return {f.name: getattr(args, f.name) for f in scalar_fields(cls, exclude)
-            if getattr(args, f.name, None) is not None}
+    return {key.name: getattr(args, key.name) for key in scalar_fields(cls, exclude)
+            if getattr(args, key.name, None) is not None}
 
 
 def load_from_args(cls: type[C], args: argparse.Namespace, exclude: Iterable[str] = ()) -> C:
     """The one path of a command line into a config: ``--config`` YAML, then ``--set`` overrides, then
     the field flags (the last word wins), validated once by ``load_config``."""
-    from adre_ray.config.base import load_config
-
     return load_config(cls, getattr(args, "config", None), list(getattr(args, "set", None) or ()),
                        values=flag_values(args, cls, exclude))
 
 
 def config_reference(cls: type, prefix: str = "") -> str:
     """Every dotted key of ``cls`` with its meaning and default, one per line (for --help epilogs)."""
-    hints = typing.get_type_hints(cls)
     lines = []
-    for f in dataclasses.fields(cls):
-        nested = [b for b in _base_types(hints[f.name]) if dataclasses.is_dataclass(b)]
-        if nested:
-            lines.append(config_reference(nested[0], f"{prefix}{f.name}."))
+    for key in section_keys(cls):
+        nested = section_type(key.type)
+        if nested is not None:
+            lines.append(config_reference(nested, f"{prefix}{key.name}."))
         else:
-            lines.append(f"  {prefix}{f.name:<{max(1, 26 - len(prefix))}} {field_text(cls, f)}")
+            lines.append(f"  {prefix}{key.name:<{max(1, 26 - len(prefix))}} {field_text(key)}")
     return "\n".join(lines)

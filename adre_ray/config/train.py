@@ -7,15 +7,14 @@ epochs, batch 400, SGD lr 0.1 / 10 every 50 epochs, sigma 0.25, k 8, lambda 0.2.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Annotated, Literal
 
 from pydantic import Field
 
 from adre_ray import storage
 from adre_ray.checks import MAX_INT, check
-from adre_ray.config.base import JobConfig, config_field
+from adre_ray.config.base import JobConfig, config_dataclass, config_field
 from adre_ray.config.fields import (
     Count,
     NonNegativeInt,
@@ -27,6 +26,7 @@ from adre_ray.config.fields import (
     core_check,
     non_empty,
 )
+from adre_ray.config.loss import LossSection
 from adre_ray.config.validation import ValidationSection
 from adre_ray.data.info import DATASETS, SOURCES
 from adre_ray.precision import PRECISIONS, check_precision, effective_precision
@@ -51,7 +51,7 @@ CpuShare = Annotated[float, Field(ge=0), Rule("must be a number >= 0")]
 Restarts = Annotated[int, Field(ge=-1, le=MAX_INT), Rule("must be an integer >= -1")]
 
 
-@dataclass
+@config_dataclass
 class DataSection:
     """Where the images come from and which of them are used."""
 
@@ -86,25 +86,7 @@ class DataSection:
                                               "slower; augmentation draws stay unseeded")
 
 
-@dataclass
-class LossSection:
-    """The training objective: the registered loss ``name`` and the union of the built-in losses'
-    parameters (each loss declares its own, with their rules, in its module under
-    ``adre_ray.training.losses``; a loss uses the fields it declares). Listed here, not imported, so
-    ``--help`` needs no torch; ``tests/test_losses_registry.py`` keeps the two lists equal."""
-
-    name: str = config_field("adre_reg", "loss: gaussian | adre_reg | smoothadv | adre_adv")
-    sigma: float = config_field(0.25, "noise std of training and of the per-epoch noisy evaluation")
-    k: int = config_field(8, "noise draws per training example")
-    lam: float = config_field(0.2, "lambda, weight of the ADRE term (0 = Gaussian augmentation with k draws)")
-    per_loss: str = config_field("mean", "mean (CE averaged over the k draws) | single (one random draw)")
-    epsilon: float = config_field(0.0, "l2 radius of the PGD attack (smoothadv, adre_adv)")
-    steps: int = config_field(1, "PGD steps M")
-    warmup_epochs: int = config_field(0, "epochs over which epsilon ramps up linearly (SmoothAdv)")
-    label_smoothing: float = config_field(0.0, "label smoothing of the cross-entropy terms, in [0, 1)")
-
-
-@dataclass
+@config_dataclass
 class OptimSection:
     """SGD."""
 
@@ -116,7 +98,7 @@ class OptimSection:
                                                     "(the original papers do)")
 
 
-@dataclass
+@config_dataclass
 class ScheduleSection:
     """Learning-rate schedule, applied per iteration (adre_ray.training.build_scheduler)."""
 
@@ -132,7 +114,7 @@ MIN_WORKER_BATCH = 16
 (Wu & He, Group Normalization, 2018, Fig. 1: ResNet-50 error rises steadily below 16 images per GPU)."""
 
 
-@dataclass
+@config_dataclass
 class ScalingSection:
     """Ray Train workers and their resources."""
 
@@ -150,7 +132,7 @@ class ScalingSection:
         MIN_WORKER_BATCH, "smallest per-GPU-worker batch (images) accepted without sync_batchnorm")
 
 
-@dataclass
+@config_dataclass
 class RunSection:
     """Run identity, storage, tracking, fault tolerance and speed switches."""
 
@@ -195,7 +177,7 @@ class RunSection:
         return effective_precision(self.precision, self.amp)
 
 
-@dataclass
+@config_dataclass
 class TrainConfig(JobConfig):
     """Training of one base classifier (see the section classes for every field)."""
 
@@ -205,7 +187,8 @@ class TrainConfig(JobConfig):
               "included) on inputs in the data's space; required for data.dataset=arrays")
     batch_size: Count = config_field(400, "global batch per optimizer step, split over scaling.num_workers")
     data: DataSection = field(default_factory=DataSection)
-    loss: LossSection = field(default_factory=LossSection)
+    loss: LossSection = field(default_factory=LossSection, metadata={
+        "help": "the training loss: loss.name and the parameters the losses declare (adre_ray.config.loss)"})
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
@@ -233,7 +216,6 @@ class TrainConfig(JobConfig):
         check(self.model_fn is not None or self.data.dataset != "arrays", "model_fn", self.model_fn,
               "must be set for data.dataset='arrays' (the registered models take cifar10 / imagenet images)")
         self._validate_data()
-        self._validate_loss()
         o, s = self.optim, self.schedule
         check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov, "needs optim.momentum > 0")
         check(s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
@@ -280,9 +262,3 @@ class TrainConfig(JobConfig):
               f"cannot read data.data_dir={d.data_dir!r} (a URI: use ray_data)")
         check(not is_uri or d.train_subset is None, "data.train_subset", d.train_subset,
               f"not supported for a URI data.data_dir={d.data_dir!r} (Ray Data input)")
-
-    def _validate_loss(self) -> None:
-        """The loss registry's rules (adre_ray.training.losses.check_loss_config; imports torch, lazily)."""
-        from adre_ray.training.losses import check_loss_config
-
-        check_loss_config(dataclasses.asdict(self.loss))

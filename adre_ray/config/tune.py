@@ -20,6 +20,7 @@ Pure Python (``TrainConfig`` asks the model registry only when it validates).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
@@ -27,11 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field
 
 from adre_ray.checks import check, is_number
-from adre_ray.config.base import JobConfig, _field_paths, config_field, parse_number
+from adre_ray.config.base import (
+    JobConfig,
+    _field_paths,
+    config_dataclass,
+    config_field,
+    parse_number,
+    read_yaml_mapping,
+)
 from adre_ray.config.fields import Count, PositiveNumber, Rule, Seed, named, non_empty
 from adre_ray.config.train import TrainConfig
 from adre_ray.config.validation import ValidationSection
@@ -50,14 +57,14 @@ NonEmptyText = non_empty("string")
 MlflowUri = named("must be an MLflow URI or 'none'")
 
 
-@dataclass
+@config_dataclass
 class SearchValidationSection(ValidationSection):
     """The space file's ``validation`` section: as ``ValidationSection`` but enabled unless it says not."""
 
     enabled: bool = config_field(True, "run it after each trial's final epoch (the search ranks by it)")
 
 
-@dataclass
+@config_dataclass
 class SchedulerSection:
     """name             asha (AsyncHyperBand: stop the worse trials at rungs) | fifo (every trial to the end)
     metric, mode     per-epoch metric ASHA compares at each rung (reported by every epoch), min | max
@@ -78,7 +85,7 @@ class SchedulerSection:
     brackets: Count = config_field(1, "ASHA brackets")
 
 
-@dataclass
+@config_dataclass
 class ResourcesSection:
     """Resources of ONE trial (its Ray Train workers); null keeps the train config's ``scaling.*`` value.
     Trials run concurrently as far as the cluster holds them (or ``max_concurrent``)."""
@@ -91,7 +98,8 @@ class ResourcesSection:
 
     def overrides(self) -> dict[str, Any]:
         """The non-null fields as dotted ``scaling.*`` overrides of the train config."""
-        return {f"scaling.{name}": value for name, value in vars(self).items() if value is not None}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {f"scaling.{name}": value for name, value in values.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -166,7 +174,7 @@ def train_config_keys() -> list[str]:
     return _field_paths(TrainConfig)
 
 
-@dataclass
+@config_dataclass
 class TuneSpace(JobConfig):
     """A search space file (see the module docstring and docs/tune.md).
 
@@ -235,14 +243,6 @@ class TuneSpace(JobConfig):
 
 def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> TuneSpace:
     """Read and validate a space file; ``overrides`` replace top-level fields (e.g. ``num_samples``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"space={str(path)!r}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"space={str(path)!r}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"space={str(path)!r}: top level must be a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "space", empty_ok=False)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TuneSpace.from_dict(data)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from adre_ray.checks import check, is_number
-from adre_ray.config.base import config_field
+from adre_ray.config.base import config_dataclass, config_field
 from adre_ray.config.fields import Alpha, Count, Draws, Seed, core_check
 from adre_ray.smoothing.params import TCERTIFY_MODES
 
@@ -24,7 +23,7 @@ def _check_radii(value: tuple[float, ...], field: str) -> None:
 Radii = Annotated[tuple[float, ...], core_check(_check_radii)]
 
 
-@dataclass
+@config_dataclass
 class ValidationSection:
     """Approximate certified accuracy at the end of training (adre_ray.training.certified_validation)."""
 

@@ -243,8 +243,22 @@ def fast_bf16_available(device: torch.device | str) -> bool:
     return False
 
 
+def _check_sample(x: torch.Tensor, num: int, num_classes: int, sigma: float, channels_last: bool) -> float:
+    """``sigma`` checked (its one rule), and ``num``, ``num_classes`` and the sample ``x``; ValueError
+    naming the argument otherwise."""
+    sigma = check_sigma(sigma)
+    check_draws(num, "num", low=0)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")
+    if x.dim() < 1:
+        raise ValueError(f"x.shape={tuple(x.shape)}: expected one sample (any shape: (C, H, W), (D,), ...)")
+    if channels_last and x.dim() != 3:
+        raise ValueError(f"channels_last=True: needs an image (C, H, W), not x.shape={tuple(x.shape)}")
+    return sigma
+
+
 @torch.inference_mode()
-def sample_counts(  # ~68 lines: 14 parameters one a line and the seeding contract in its docstring
+def sample_counts(  # 14 parameters one a line and the seeding contract in its docstring; ~30 lines of body
     model: torch.nn.Module,
     x: torch.Tensor,
     num: int,
@@ -276,14 +290,7 @@ def sample_counts(  # ~68 lines: 14 parameters one a line and the seeding contra
     one batch per shard). None of these options changes the noise. ``noise``: the generator, "philox" or
     "torch" (module docstring); None = ``default_noise(device)``.
     """
-    sigma = check_sigma(sigma)
-    check_draws(num, "num", low=0)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")
-    if x.dim() < 1:
-        raise ValueError(f"x.shape={tuple(x.shape)}: expected one sample (any shape: (C, H, W), (D,), ...)")
-    if channels_last and x.dim() != 3:
-        raise ValueError(f"channels_last=True: needs an image (C, H, W), not x.shape={tuple(x.shape)}")
+    sigma = _check_sample(x, num, num_classes, sigma, channels_last)
     generator_seed = noise_seed(seed, idx, shard, stream)  # validates seed, idx, shard, stream
     device = model_device(model)
     noise = default_noise(device) if noise is None else noise

@@ -35,6 +35,7 @@ import torch
 
 from adre_ray.data import build_dataset, dataset_labels, load_images, stratified_subset_indices
 from adre_ray.smoothing import DEFAULT_GRID, TCERTIFY_MODES, SmoothedClassifier
+from adre_ray.training.modes import eval_mode
 
 PREFIX = "approx_"
 VALIDATION_SPLITS = ("holdout", "test")
@@ -101,7 +102,30 @@ def _check_int(name: str, value: int, low: int) -> int:
     return int(value)
 
 
-def certify_images(  # ~60 lines: 16 parameters one a line (the certification knobs) and their docs
+def _checked_inputs(images: Any, labels: torch.Tensor | Sequence[int], indices: Sequence[int] | None,
+                    draws: tuple[int, int, int], mode: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """``(labels, noise indices)`` as int64 arrays, one per image of ``images`` (N, C, H, W), and
+    ``draws`` = (n0, n, seed) checked; ValueError naming the argument otherwise."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images={shape}: expected a tensor (N, C, H, W)")
+    label_arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+    if label_arr.shape != (images.shape[0],):
+        raise ValueError(f"labels: {label_arr.shape[0] if label_arr.ndim else 0} entries for "
+                         f"{images.shape[0]} images: must match")
+    if images.shape[0] == 0:
+        raise ValueError("images: no validation images (empty input)")
+    n0, n, seed = draws
+    draws = (_check_int("n0", n0, 1), _check_int("n", n, 1), _check_int("seed", seed, 0))
+    if mode not in TCERTIFY_MODES:
+        raise ValueError(f"mode={mode!r}: must be one of {', '.join(TCERTIFY_MODES)}")
+    idx_arr = np.arange(images.shape[0], dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+    if idx_arr.shape != label_arr.shape:
+        raise ValueError(f"indices: {idx_arr.size} entries for {images.shape[0]} images: must match")
+    return label_arr, idx_arr, draws
+
+
+def certify_images(  # 16 parameters one a line (the certification knobs), then ~25 lines of body
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor | Sequence[int],
@@ -127,25 +151,8 @@ def certify_images(  # ~60 lines: 16 parameters one a line (the certification kn
     Each non-abstaining (class, radius) is a certificate valid with probability >= 1 - alpha (T-CERTIFY:
     for ``mode`` in pilot / bonferroni; ``paper`` only at alpha (t_max + 1 - t_min)).
     """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images={shape}: expected a tensor (N, C, H, W)")
-    label_arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
-    if label_arr.shape != (images.shape[0],):
-        raise ValueError(f"labels: {label_arr.shape[0] if label_arr.ndim else 0} entries for "
-                         f"{images.shape[0]} images: must match")
-    if images.shape[0] == 0:
-        raise ValueError("images: no validation images (empty input)")
-    n0, n = _check_int("n0", n0, 1), _check_int("n", n, 1)
-    seed = _check_int("seed", seed, 0)
-    if mode not in TCERTIFY_MODES:
-        raise ValueError(f"mode={mode!r}: must be one of {', '.join(TCERTIFY_MODES)}")
-    idx_arr = np.arange(images.shape[0], dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
-    if idx_arr.shape != label_arr.shape:
-        raise ValueError(f"indices: {idx_arr.size} entries for {images.shape[0]} images: must match")
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    label_arr, idx_arr, (n0, n, seed) = _checked_inputs(images, labels, indices, (n0, n, seed), mode)
+    with eval_mode(model):
         if num_classes is None:
             with torch.inference_mode():
                 probe = images[:1].to(next(iter(model.parameters()), images).device)
@@ -157,9 +164,6 @@ def certify_images(  # ~60 lines: 16 parameters one a line (the certification kn
             cert = smoothed.certify(x, n0, n, alpha, seed=seed, idx=int(idx), mode=mode, grid=grid)
             c, t = cert.certify, cert.tcertify
             rows.append((c.predict, c.radius, t.predict, t.radius))
-    finally:
-        for module, training in modes:
-            module.training = training
     cols = np.asarray(rows, dtype=np.float64).T
     return ValidationRecords(index=idx_arr, label=label_arr, certify_predict=cols[0].astype(np.int64),
                              certify_radius=cols[1], tcertify_predict=cols[2].astype(np.int64),

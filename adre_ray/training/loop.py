@@ -59,7 +59,34 @@ def _check_max_batches(max_batches: int | None) -> None:
         raise ValueError(f"max_batches={max_batches!r}: must be None or an integer >= 1")
 
 
-def train_one_epoch(  # ~70 lines: 11 parameters one a line and the returned metrics documented
+def _sgd_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+              scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> None:
+    """Backward, optimizer step (through the float16 gradient scaler, if any), then the per-batch
+    scheduler step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+
+
+def _per_image(sums: list[float], images: int) -> list[float]:
+    """Sums over an epoch's images as per-image means (NaN when no image was seen)."""
+    return [total / images if images else math.nan for total in sums]
+
+
+def _throughput(images: int, start: float) -> dict[str, float]:
+    """``time_s`` since ``start`` (``time.perf_counter``) and ``images_per_s``."""
+    elapsed = time.perf_counter() - start
+    return {"time_s": elapsed, "images_per_s": images / elapsed if elapsed > 0 else math.nan}
+
+
+def train_one_epoch(  # 11 parameters one a line and the returned metrics documented, ~30 lines of body
     model: torch.nn.Module,
     loader: Iterable,
     loss_fn: LossFn,
@@ -99,16 +126,7 @@ def train_one_epoch(  # ~70 lines: 11 parameters one a line and the returned met
         y = y.to(device, non_blocking=True).long()
         with autocast(device, amp_dtype):
             out = loss_fn(model, x, y, epoch)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            out.loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        if scheduler is not None:
-            scheduler.step()
+        _sgd_step(out.loss, optimizer, scaler, scheduler)
         size = out.batch_size
         parts = (out.loss.detach(), out.l_per, out.l_adre, out.correct)
         values = torch.stack([torch.as_tensor(part, device=device).double() for part in parts])
@@ -117,25 +135,26 @@ def train_one_epoch(  # ~70 lines: 11 parameters one a line and the returned met
         images += size
         batches += 1
         epsilon = out.epsilon
-    loss_sum, l_per_sum, l_adre_sum, correct = sums.tolist()  # the epoch's only host sync
-    elapsed = time.perf_counter() - start
-    denominator = max(images, 1)
-    return {
-        "loss": loss_sum / denominator if images else math.nan,
-        "l_per": l_per_sum / denominator if images else math.nan,
-        "l_adre": l_adre_sum / denominator if images else math.nan,
-        "train_acc_noise": correct / denominator if images else math.nan,
-        "images": float(images),
-        "batches": float(batches),
-        "time_s": elapsed,
-        "images_per_s": images / elapsed if elapsed > 0 else math.nan,
-        "lr": float(optimizer.param_groups[0]["lr"]),
-        "epsilon": float(epsilon),
-    }
+    means = _per_image(sums.tolist(), images)  # the epoch's only host sync
+    return {**dict(zip(("loss", "l_per", "l_adre", "train_acc_noise"), means, strict=True)),
+            "images": float(images), "batches": float(batches), **_throughput(images, start),
+            "lr": float(optimizer.param_groups[0]["lr"]), "epsilon": float(epsilon)}
 
 
 @torch.no_grad()
-def evaluate_under_noise(  # ~60 lines: 10 parameters one a line and the noise-seeding contract
+def _noisy_and_clean(x: torch.Tensor, sigma: float, generator: torch.Generator | None, rows: int,
+                     fixed_shape: bool, channels_last: bool) -> torch.Tensor:
+    """``[x + d; x]`` (2B rows, d ~ N(0, sigma^2 I)), zero-padded to 2 * ``rows`` rows if ``fixed_shape``."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype).mul_(sigma)
+    inputs = torch.cat([x + noise, x])
+    if fixed_shape and x.shape[0] < rows:
+        inputs = torch.cat([inputs, inputs.new_zeros((2 * (rows - x.shape[0]), *x.shape[1:]))])
+    if channels_last and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def evaluate_under_noise(  # 10 parameters one a line and the noise-seeding contract, ~30 lines of body
     model: torch.nn.Module,
     loader: Iterable,
     sigma: float,
@@ -177,24 +196,13 @@ def evaluate_under_noise(  # ~60 lines: 10 parameters one a line and the noise-s
             y = y.to(device, non_blocking=True).long()
             size = x.shape[0]
             rows = rows or size
-            noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).mul_(sigma)
-            inputs = torch.cat([x + noise, x])
-            if fixed_shape and size < rows:
-                inputs = torch.cat([inputs, inputs.new_zeros((2 * (rows - size), *x.shape[1:]))])
-            if channels_last and inputs.dim() == 4:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            inputs = _noisy_and_clean(x, sigma, generator, rows, fixed_shape, channels_last)
             with autocast(device, amp_dtype):
                 logits = model(inputs)
             predictions = logits[:2 * size].argmax(dim=1).view(2, -1)
             correct += (predictions == y.unsqueeze(0)).sum(dim=1)
             images += x.shape[0]
             batches += 1
-    noisy_correct, clean_correct = correct.tolist()
-    elapsed = time.perf_counter() - start
-    return {
-        "acc_noise": noisy_correct / images if images else math.nan,
-        "acc_clean": clean_correct / images if images else math.nan,
-        "images": float(images),
-        "time_s": elapsed,
-        "images_per_s": images / elapsed if elapsed > 0 else math.nan,
-    }
+    acc_noise, acc_clean = _per_image(correct.tolist(), images)
+    return {"acc_noise": acc_noise, "acc_clean": acc_clean, "images": float(images),
+            **_throughput(images, start)}

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from adre_ray.training.attacks import pgd_l2_smoothed
-from adre_ray.training.losses.adre_reg import AdreRegParams
+from adre_ray.training.loss_params import AdreAdvParams
 from adre_ray.training.losses.base import (
     LossFn,
     LossOutput,
@@ -16,11 +16,7 @@ from adre_ray.training.losses.base import (
     noisy_logits,
     register_loss,
 )
-from adre_ray.training.losses.smoothadv import PgdParams, SmoothAdvLoss
-
-
-class AdreAdvParams(AdreRegParams, PgdParams):
-    """ADRE_REG's parameters (lam, per_loss) and the attack's (epsilon, steps, warmup_epochs)."""
+from adre_ray.training.losses.smoothadv import SmoothAdvLoss
 
 
 @register_loss

@@ -6,26 +6,16 @@ from typing import Literal
 
 import torch
 
-from adre_ray.training.checks import NonNegativeFloat, one_of
+from adre_ray.training.loss_params import AdreRegParams
 from adre_ray.training.losses.base import (
     LossFn,
     LossOutput,
-    LossParams,
     adre_reg_loss,
     first_draw_correct,
     noisy_logits,
     register_loss,
 )
 from adre_ray.training.names import PER_LOSSES  # noqa: F401 - re-exported
-
-"""How l_per_i averages the k draws: mean (all of them) | single (one random j, the paper's Table 1)."""
-
-
-class AdreRegParams(LossParams):
-    """ADRE_REG's own parameters: ``lam`` >= 0, the ADRE term's weight; ``per_loss`` (:data:`PER_LOSSES`)."""
-
-    lam: NonNegativeFloat = 0.0
-    per_loss: one_of(PER_LOSSES) = "mean"  # type: ignore[valid-type]
 
 
 @register_loss

@@ -1,8 +1,11 @@
 """The one interface of a training loss, and the registry that finds a loss by name.
 
 A loss is one module: a :class:`LossParams` subclass declaring its parameters (pydantic fields with the
-rules of ``adre_ray.training.checks``) and a :class:`LossFn` subclass, decorated with
+rules of ``adre_ray.training.checks``; the base class and the built-in losses' parameters live,
+torch-free, in ``adre_ray.training.loss_params``) and a :class:`LossFn` subclass, decorated with
 :func:`register_loss`, whose ``__call__(model, x, y, epoch) -> LossOutput`` is what the trainer calls.
+Registering it is all a training config needs: ``loss.name`` accepts it and ``loss.<parameter>`` keys
+its parameters.
 """
 
 from __future__ import annotations
@@ -10,37 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-import pydantic
 import torch
 from torch.nn.functional import cross_entropy
 
-from adre_ray.training.checks import AtLeastOne, AtLeastZero, Sigma, UnitFraction, checked, error_message
+from adre_ray.training.loss_params import (
+    LOSS_REGISTRY,
+    LossParams,
+    parse_loss_params,
+    warmup_epsilon,
+)
 from adre_ray.training.smoothed_score import draw_noise, log_smoothed_score, noisy_logits, runner_up
-
-
-class LossParams(pydantic.BaseModel):
-    """Parameters every loss takes: noise std ``sigma`` in (0, 100], ``k`` >= 1 noise draws per example,
-    ``label_smoothing`` in [0, 1) of the per-draw cross-entropy. A loss adds its own by subclassing."""
-
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
-
-    sigma: Sigma
-    k: AtLeastOne = 1
-    label_smoothing: UnitFraction = 0.0
-
-    def check_training_use(self, name: str, prefix: str) -> None:
-        """Rules a training run needs beyond the value rules (none here; an attack needs epsilon > 0)."""
-
-
-P = TypeVar("P", bound=LossParams)
-
-
-def parse_loss_params(cls: type[P], values: dict[str, Any], prefix: str = "") -> P:
-    """``cls(**values)``, or ``ValueError("<prefix><field>=<value!r>: <requirement>")``."""
-    try:
-        return cls.model_validate(values)
-    except pydantic.ValidationError as error:
-        raise ValueError(error_message(error, prefix)) from None
 
 
 @dataclass
@@ -120,22 +102,7 @@ def adre_reg_loss(
     return loss, l_per.detach().mean(), l_adre.detach().mean()
 
 
-def warmup_epsilon(epsilon: float, epoch: int, warmup_epochs: int) -> float:
-    """SmoothAdv's attack-radius warm-up: ``epsilon * min(1, (epoch + 1) / warmup_epochs)`` (0-based epoch).
-
-    ``warmup_epochs = 0`` means no warm-up (the full epsilon from epoch 0).
-    """
-    checked("epoch", epoch, AtLeastZero)
-    if warmup_epochs <= 0:
-        return float(epsilon)
-    return float(epsilon) * min(1.0, (epoch + 1) / warmup_epochs)
-
-
 L = TypeVar("L", bound=type[LossFn])
-
-LOSS_REGISTRY: dict[str, type[LossFn]] = {}
-"""Loss classes by name (``loss.name`` of a training config), in registration order."""
-
 
 def register_loss(cls: L) -> L:
     """Class decorator: make the loss ``cls`` buildable by ``cls.name`` (``build_loss``, ``loss.name``).

@@ -5,34 +5,14 @@ from __future__ import annotations
 import torch
 
 from adre_ray.training.attacks import pgd_l2_smoothed
-from adre_ray.training.checks import AtLeastOne, AtLeastZero, NonNegativeFloat
+from adre_ray.training.loss_params import PgdParams
 from adre_ray.training.losses.base import (
     LossFn,
     LossOutput,
-    LossParams,
     first_draw_correct,
     noisy_logits,
     register_loss,
-    warmup_epsilon,
 )
-
-
-class PgdParams(LossParams):
-    """The l2 PGD attack's parameters: radius ``epsilon`` >= 0, ``steps`` M >= 1, and ``warmup_epochs``
-    over which the radius ramps up (0 = none)."""
-
-    epsilon: NonNegativeFloat = 0.0
-    steps: AtLeastOne = 1
-    warmup_epochs: AtLeastZero = 0
-
-    def epsilon_at(self, epoch: int) -> float:
-        """Attack radius in ``epoch`` (0-based): ``epsilon * min(1, (epoch + 1) / warmup_epochs)``."""
-        return warmup_epsilon(self.epsilon, epoch, self.warmup_epochs)
-
-    def check_training_use(self, name: str, prefix: str) -> None:
-        """A training run of an attack loss needs a radius: epsilon > 0."""
-        if not self.epsilon > 0:
-            raise ValueError(f"{prefix}epsilon={self.epsilon!r}: must be > 0 for {prefix}name={name!r}")
 
 
 @register_loss
