@@ -4,9 +4,10 @@
         [--shard-size 10000] [--seconds 20]
 
 The real scheduler (``run_certification``: dispatch, result handling, bounds, Parquet writes) drives stub
-actors with the real actor's interface (``configure``, ``count_timed``) that import no torch: a shard of
-``num`` draws sleeps ``num * s_per_image / (n0 + n)`` seconds and returns fixed counts, so the "model"
-costs a stated time per sample. The stubs are Ray actors on logical CPUs (``ray.init(num_cpus=actors)``)
+actors with the real actor's interface (``configure``, ``device_facts``, ``count_shards``) that import no
+torch: a shard of ``num`` draws sleeps ``num * s_per_image / (n0 + n)`` seconds and returns fixed
+counts, so the "model" costs a stated time per sample. The stubs are Ray actors on logical CPUs
+(``ray.init(num_cpus=actors)``)
 of a private local cluster; the pool is started and warmed before the timed run.
 
 Measured utilization = (sum of the stubs' reported busy seconds) / (actors x wall time of the run);
@@ -58,14 +59,20 @@ class StubCertifyActor:
     def configure(self, *, sigma: float, seed: int, batch_size: int) -> None:
         return None
 
-    def count_timed(self, image: Any, idx: int, stream: int, shard: int,
-                    num: int) -> tuple[np.ndarray, float]:
-        began = time.perf_counter()
-        time.sleep(num * self.s_per_sample)
-        counts = np.zeros(self.num_classes, np.int64)
-        counts[idx % self.num_classes] = num - num // 10  # certifies; one other class holds the rest
-        counts[(idx + 1) % self.num_classes] = num // 10
-        return counts, time.perf_counter() - began
+    def device_facts(self) -> dict[str, Any]:
+        return {"type": "stub", "model": "sleep", "noise": "torch", "noise_scheme": 2}
+
+    def count_shards(self, shards: list[tuple[int, int, int, int]],
+                     *images: Any) -> tuple[np.ndarray, list[float]]:
+        counts = np.zeros((len(shards), self.num_classes), np.int64)
+        seconds = []
+        for row, (idx, _stream, _shard, num) in enumerate(shards):
+            began = time.perf_counter()
+            time.sleep(num * self.s_per_sample)
+            counts[row, idx % self.num_classes] = num - num // 10  # certifies; another class has the rest
+            counts[row, (idx + 1) % self.num_classes] = num // 10
+            seconds.append(time.perf_counter() - began)
+        return counts, seconds
 
 
 class StubPool(CertifyPool):
@@ -76,7 +83,9 @@ class StubPool(CertifyPool):
         super().__init__(checkpoint, **kwargs)
 
     def _new_actor(self) -> Any:
-        return StubCertifyActor.remote(num_classes=self.num_classes, s_per_sample=self.s_per_sample)
+        actor = StubCertifyActor.remote(num_classes=self.num_classes, s_per_sample=self.s_per_sample)
+        self._facts[actor] = actor.device_facts.remote()
+        return actor
 
 
 @contextlib.contextmanager
