@@ -8,6 +8,7 @@ boundaries, and after an actor is killed while holding a call of several shards.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,9 @@ def certify(pool: CountingPool, checkpoint: str, data_dir: Any, out: Any,
                         alpha=0.001, output_dir=str(out), tracking_uri="none", progress=False,
                         flush_images=5, **changes)
     run_certification(cfg, pool=pool, hooks=hooks)
-    return read_results(out).drop_columns(["time_s"]).sort_by("idx").to_pylist()
+    rows = read_results(out).drop_columns(["time_s"]).sort_by("idx").to_pylist()
+    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+            for row in rows]
 
 
 SHORTCUTS = [{}, {"early_abstain": True, "skip_misclassified": True, "early_abstain_wave": 2},
