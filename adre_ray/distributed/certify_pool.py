@@ -140,8 +140,8 @@ class CertifyPool:
 
     def submit(self, slot: int, tasks: Sequence[ShardTask], image_refs: dict[int, Any]) -> Any:
         """One Ray call counting ``tasks`` (shards of any images) on slot ``slot``'s actor; ``image_refs``:
-        idx -> pixels in the object store, in the order the tasks' idx first appear. Its result is
-        ``CertifyWorker.count_shards``'s."""
+        idx -> pixels (an array, or its reference in the object store), in the order the tasks' idx first
+        appear. Its result is ``CertifyWorker.count_shards``'s."""
         self.load[slot] += 1
         return self.actors[slot].count_shards.remote([(t.idx, t.stream, t.shard, t.num) for t in tasks],
                                                      *image_refs.values())

@@ -43,6 +43,10 @@ fetch), so grouping keeps it to ~1 call per image at the default ``shard_size`` 
 section 4); a call carries fewer when the queue is short (small runs, the run's tail), spreading the
 shards over the idle actors."""
 
+INLINE_IMAGE_BYTES = 64 * 1024
+"""Images up to this size (CIFAR: 12 KB) travel inside each call that needs them, larger ones (ImageNet:
+600 KB) once through the object store (``ray.put``: ~1-2 ms of driver CPU per image)."""
+
 IMAGES_IN_FLIGHT_MAX = 1024
 """Cap on the images admitted at once when ``images_in_flight`` is null (their pixels sit in the object
 store: ~600 MB at ImageNet size)."""
@@ -78,7 +82,8 @@ def shard_plan(idx: int, n0: int, n: int, shard_size: int) -> list[ShardTask]:
 
 @dataclass
 class ImageInFlight(ImageDraws):
-    """An admitted image: its counts (``ImageDraws``), its pixels in the object store, its shards."""
+    """An admitted image: its counts (``ImageDraws``), its pixels as calls carry them (``shippable``),
+    its shards."""
 
     idx: int = 0
     ref: Any = None
@@ -229,7 +234,7 @@ class Scheduler:
                 raise ValueError(f"data_dir={cfg.data_dir!r}: label {label} of row {idx} is outside the "
                                  f"model's {self.num_classes} classes [0, {self.num_classes})")
             plan = shard_plan(idx, cfg.n0, 0 if self.pilot_first else cfg.n, cfg.shard_size)
-            ref = ray.put(image_pixels.numpy())  # numpy: zero-copy for the actors, no torch to unpickle
+            ref = shippable(image_pixels.numpy())
             self.images[idx] = ImageInFlight(
                 label, np.zeros(self.num_classes, np.int64), np.zeros(self.num_classes, np.int64), n=cfg.n,
                 planned=not self.pilot_first, idx=idx, ref=ref, remaining=len(plan),
@@ -288,6 +293,12 @@ class Scheduler:
         for ref in self.running:
             ray.cancel(ref)
         self.pool.load = [0] * len(self.pool)
+
+
+def shippable(pixels: np.ndarray) -> Any:
+    """What a call carries for an image: the array itself when small (``INLINE_IMAGE_BYTES``), else its
+    reference in the object store. Numpy, not torch: zero-copy for the actors, no torch to unpickle."""
+    return pixels if pixels.nbytes <= INLINE_IMAGE_BYTES else ray.put(pixels)
 
 
 def finished_calls(refs: list[Any], timeout_s: float = 1.0) -> list[Any]:
