@@ -40,8 +40,12 @@ TASKS_PER_ACTOR = 2
 SHARDS_PER_CALL = 16
 """Most shards one Ray call carries. The driver's cost is mostly per call (a submission, a result to
 fetch), so grouping keeps it to ~1 call per image at the default ``shard_size`` (benchmarks/RESULTS.md,
-section 4); a call carries fewer when the queue is short (small runs, the run's tail), spreading the
-shards over the idle actors."""
+section 4)."""
+
+CALLS_AHEAD = 4
+"""A call carries at most 1 / ``CALLS_AHEAD`` of the queue's shards per live actor, so a short queue
+(small runs, the run's tail) is spread over several calls per actor: the tail balances and a lost actor
+loses little. The queue is kept at ``CALLS_AHEAD`` full calls per actor, so big runs send full calls."""
 
 INLINE_IMAGE_BYTES = 64 * 1024
 """Images up to this size (CIFAR: 12 KB) travel inside each call that needs them, larger ones (ImageNet:
@@ -158,15 +162,15 @@ def progress_bar(cfg: CertifyConfig, images: int) -> Progress:
 
 def in_flight_limit(cfg: CertifyConfig, num_actors: int, pilot_first: bool) -> int:
     """Images admitted at once: ``images_in_flight``, or enough to fill ``TASKS_PER_ACTOR`` full calls per
-    actor plus a queued one (at most ``IMAGES_IN_FLIGHT_MAX``); an image that offers one stage at a time
-    (pilot, then wave by wave) counts for fewer shards."""
+    actor plus ``CALLS_AHEAD`` queued ones (at most ``IMAGES_IN_FLIGHT_MAX``); an image that offers one
+    stage at a time (pilot, then wave by wave) counts for fewer shards."""
     if cfg.images_in_flight:
         return cfg.images_in_flight
     shards_per_image = cfg.num_shards(cfg.n0) + cfg.num_shards(cfg.n)
     if pilot_first:
         shards_per_image = max(1, min(cfg.num_shards(cfg.n0),
                                       cfg.early_abstain_wave if cfg.early_abstain else cfg.num_shards(cfg.n)))
-    shards = (TASKS_PER_ACTOR + 1) * SHARDS_PER_CALL * num_actors
+    shards = (TASKS_PER_ACTOR + CALLS_AHEAD) * SHARDS_PER_CALL * num_actors
     images = (2 if pilot_first else 1) * math.ceil(shards / shards_per_image) + 1
     return min(IMAGES_IN_FLIGHT_MAX, max(2, images))
 
@@ -219,9 +223,9 @@ class Scheduler:
 
     def admit(self) -> None:
         """Admit waiting images (pixels into the object store, first shards queued) while fewer than the
-        in-flight limit are admitted and the queue holds less than a full call per actor."""
+        in-flight limit are admitted and the queue holds less than ``CALLS_AHEAD`` full calls per actor."""
         cfg = self.cfg
-        queue_full = SHARDS_PER_CALL * self.num_actors
+        queue_full = CALLS_AHEAD * SHARDS_PER_CALL * self.num_actors
         while self.waiting or self.loaded:
             if len(self.images) >= self.in_flight_limit or len(self.queue) >= queue_full:
                 return
@@ -243,13 +247,14 @@ class Scheduler:
 
     def dispatch(self) -> None:
         """Hand queued shards to the least-loaded live actors, up to ``TASKS_PER_ACTOR`` calls each; a call
-        carries the queue's next shards, its even share over the free calls (at most ``SHARDS_PER_CALL``)."""
+        carries the queue's next shards, at most ``SHARDS_PER_CALL`` and 1 / ``CALLS_AHEAD`` of the queue
+        per live actor."""
         self.pool.grow(self.num_actors)
         slots = self.pool.live(self.num_actors)
         free = sum(TASKS_PER_ACTOR - self.pool.load[s] for s in slots)
         while self.queue and free > 0:
             slot = min(slots, key=lambda s: self.pool.load[s])
-            size = min(SHARDS_PER_CALL, -(-len(self.queue) // free))
+            size = min(SHARDS_PER_CALL, -(-len(self.queue) // (CALLS_AHEAD * len(slots))))
             tasks = [self.queue.popleft() for _ in range(size)]
             ref = self.pool.submit(slot, tasks, {t.idx: self.images[t.idx].ref for t in tasks})
             self.running[ref] = (tasks, slot, self.pool.generation[slot])
