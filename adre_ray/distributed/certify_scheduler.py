@@ -43,9 +43,9 @@ fetch), so grouping keeps it to ~1 call per image at the default ``shard_size`` 
 section 4)."""
 
 CALLS_AHEAD = 4
-"""A call carries at most 1 / ``CALLS_AHEAD`` of the queue's shards per live actor, so a short queue
-(small runs, the run's tail) is spread over several calls per actor: the tail balances and a lost actor
-loses little. The queue is kept at ``CALLS_AHEAD`` full calls per actor, so big runs send full calls."""
+"""Once every image is admitted (a small run, a run's tail), a call carries at most 1 / ``CALLS_AHEAD`` of
+the queue's shards per live actor: the last shards spread over several calls per actor, so the tail
+balances and a lost actor loses little. The queue is kept at ``CALLS_AHEAD`` full calls per actor."""
 
 INLINE_IMAGE_BYTES = 64 * 1024
 """Images up to this size (CIFAR: 12 KB) travel inside each call that needs them, larger ones (ImageNet:
@@ -247,14 +247,15 @@ class Scheduler:
 
     def dispatch(self) -> None:
         """Hand queued shards to the least-loaded live actors, up to ``TASKS_PER_ACTOR`` calls each; a call
-        carries the queue's next shards, at most ``SHARDS_PER_CALL`` and 1 / ``CALLS_AHEAD`` of the queue
-        per live actor."""
+        carries the queue's next ``SHARDS_PER_CALL`` shards, or once every image is admitted (a small run,
+        the tail), 1 / ``CALLS_AHEAD`` of the queue per live actor if less."""
         self.pool.grow(self.num_actors)
         slots = self.pool.live(self.num_actors)
         free = sum(TASKS_PER_ACTOR - self.pool.load[s] for s in slots)
         while self.queue and free > 0:
             slot = min(slots, key=lambda s: self.pool.load[s])
-            size = min(SHARDS_PER_CALL, -(-len(self.queue) // (CALLS_AHEAD * len(slots))))
+            size = SHARDS_PER_CALL if self.waiting or self.loaded else min(  # more images to come: full calls
+                SHARDS_PER_CALL, -(-len(self.queue) // (CALLS_AHEAD * len(slots))))
             tasks = [self.queue.popleft() for _ in range(size)]
             ref = self.pool.submit(slot, tasks, {t.idx: self.images[t.idx].ref for t in tasks})
             self.running[ref] = (tasks, slot, self.pool.generation[slot])
