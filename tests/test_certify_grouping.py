@@ -135,3 +135,9 @@ def test_a_killed_actors_grouped_call_is_recomputed(stub_pool, checkpoint, cifar
                   hooks=CertifyHooks(on_shard_done=kill_once))
     assert stub_pool.replacements == before + 1 and stub_pool.actors[0] is not seen["victim"]
     assert got == undisturbed
+
+
+def test_a_small_in_flight_limit_gives_the_same_rows(stub_pool, checkpoint, cifar10_dir, tmp_path):
+    """Images still waiting while the queue holds fewer shards than a full call: calls take what is there."""
+    full = certify(stub_pool, checkpoint, cifar10_dir, tmp_path / "full")
+    assert certify(stub_pool, checkpoint, cifar10_dir, tmp_path / "two", images_in_flight=2) == full

@@ -254,8 +254,9 @@ class Scheduler:
         free = sum(TASKS_PER_ACTOR - self.pool.load[s] for s in slots)
         while self.queue and free > 0:
             slot = min(slots, key=lambda s: self.pool.load[s])
-            size = SHARDS_PER_CALL if self.waiting or self.loaded else min(  # more images to come: full calls
-                SHARDS_PER_CALL, -(-len(self.queue) // (CALLS_AHEAD * len(slots))))
+            share = SHARDS_PER_CALL if self.waiting or self.loaded else (  # more images to come: full calls
+                -(-len(self.queue) // (CALLS_AHEAD * len(slots))))
+            size = min(SHARDS_PER_CALL, share, len(self.queue))
             tasks = [self.queue.popleft() for _ in range(size)]
             ref = self.pool.submit(slot, tasks, {t.idx: self.images[t.idx].ref for t in tasks})
             self.running[ref] = (tasks, slot, self.pool.generation[slot])
