@@ -253,15 +253,21 @@ class PartWriter:
         self.buffer.append(row)
 
     def flush_if_due(self) -> None:
+        """A part per ``flush_images`` rows (one loop of the driver may finish several images), then the
+        rest when ``flush_seconds`` have passed."""
         overdue = time.monotonic() - self.last_flush >= self.cfg.flush_seconds
-        if len(self.buffer) >= self.cfg.flush_images or (self.buffer and overdue):
+        while len(self.buffer) >= self.cfg.flush_images:
+            self.flush(self.cfg.flush_images)
+        if self.buffer and overdue:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, count: int | None = None) -> None:
+        """Write the first ``count`` buffered rows (all when None) as one part."""
         self.last_flush = time.monotonic()
         if not self.buffer:
             return
-        rows, self.buffer = sorted(self.buffer, key=lambda r: r["idx"]), []
+        count = len(self.buffer) if count is None else count
+        rows, self.buffer = sorted(self.buffer[:count], key=lambda r: r["idx"]), self.buffer[count:]
         table = rows_to_table(rows)
         path = write_part(self.out_dir, table)
         self.written[path] = upgrade_table(table)
