@@ -1,25 +1,32 @@
 """Scale simulation: can one certification driver keep 8, 32, 64 GPU actors busy?
 
     .venv/bin/python benchmarks/certify_cluster_scale.py [--actors 8,32,64] [--rates 0.5,3,0.05,0.3]
-        [--shard-size 10000] [--seconds 20]
+        [--shard-size 10000] [--seconds 20] [--profile]
 
 The real scheduler (``run_certification``: dispatch, result handling, bounds, Parquet writes) drives stub
-actors with the real actor's interface (``configure``, ``count_timed``) that import no torch: a shard of
-``num`` draws sleeps ``num * s_per_image / (n0 + n)`` seconds and returns fixed counts, so the "model"
-costs a stated time per sample. The stubs are Ray actors on logical CPUs (``ray.init(num_cpus=actors)``)
-of a private local cluster; the pool is started and warmed before the timed run.
+actors with the real actor's interface (``configure``, ``device_facts``, ``count_shards``) that import no
+torch: a shard of ``num`` draws sleeps ``num * s_per_image / (n0 + n)`` seconds and returns fixed
+counts, so the "model" costs a stated time per sample. The stubs are Ray actors on logical CPUs
+(``ray.init(num_cpus=actors)``) of a private local cluster; the pool is started and warmed before the
+timed run. Real CIFAR-10 images are loaded and shipped.
 
-Measured utilization = (sum of the stubs' reported busy seconds) / (actors x wall time of the run);
-1.0 means no actor ever waited for the driver. On a machine with fewer cores than actors (the stubs
-sleep, but Ray still runs a process per actor) this measures the machine; so the driver's own CPU time
-per shard is reported too: ``time.thread_time`` of the driver's Python thread (scheduling, bounds, Parquet
-writes, Ray's Python-side submission), the part that cannot spread over the head's other cores (Ray's
-C++ threads, also counted in ``time.process_time``, can); the utilization one driver thread sustains is
-min(1, 1 / (CPU per shard x shards per second the actors finish when never idle)).
+Figures per run:
 
-Rates (seconds per image at n = 100,000, per GPU): 0.5 (CIFAR
-ResNet-110) and 3 (ImageNet ResNet-50), and 10x faster: 0.05 and 0.3. Images per run are sized so each
-actor gets about ``--seconds`` of work. Results go to stdout as a Markdown table.
+- utilization: the stubs' busy seconds / (actors x wall time of the whole run: start, steady state and
+  the tail where the last calls drain);
+- steady utilization: the same within the window where every actor had started and none had finished
+  its last shard (the stubs log each shard's wall-clock begin and end); 1.0 = no actor ever waited;
+- the driver's CPU per shard, per Ray call and per image: ``time.thread_time`` of its Python thread
+  (scheduling, bounds, Parquet writes, Ray's Python-side submission), the part that cannot use the head's
+  other cores; the utilization one driver thread sustains follows: min(1, 1 / (CPU per image x images
+  per second the actors finish when never idle)).
+
+On a machine with fewer cores than actors, Ray still runs a process per stub, so the measured
+utilization also measures the machine; the driver's CPU figures are the ones that carry to a real head.
+
+Rates (seconds per image at n = 100,000, per GPU): 0.5 (CIFAR ResNet-110) and 3 (ImageNet ResNet-50), and
+10x faster: 0.05 and 0.3. Images per run are sized so each actor gets about ``--seconds`` of work (at
+most the 10,000 test images). Results go to stdout as a Markdown table.
 """
 
 from __future__ import annotations
@@ -54,18 +61,31 @@ class StubCertifyActor:
     def __init__(self, *, num_classes: int, s_per_sample: float, **_: Any) -> None:
         self.num_classes = num_classes
         self.s_per_sample = s_per_sample
+        self.log: list[tuple[float, float]] = []
 
     def configure(self, *, sigma: float, seed: int, batch_size: int) -> None:
         return None
 
-    def count_timed(self, image: Any, idx: int, stream: int, shard: int,
-                    num: int) -> tuple[np.ndarray, float]:
-        began = time.perf_counter()
-        time.sleep(num * self.s_per_sample)
-        counts = np.zeros(self.num_classes, np.int64)
-        counts[idx % self.num_classes] = num - num // 10  # certifies; one other class holds the rest
-        counts[(idx + 1) % self.num_classes] = num // 10
-        return counts, time.perf_counter() - began
+    def device_facts(self) -> dict[str, Any]:
+        return {"type": "stub", "model": "sleep", "noise": "torch", "noise_scheme": 2}
+
+    def count_shards(self, shards: list[tuple[int, int, int, int]],
+                     *images: Any) -> tuple[np.ndarray, list[float]]:
+        counts = np.zeros((len(shards), self.num_classes), np.int64)
+        seconds = []
+        for row, (idx, _stream, _shard, num) in enumerate(shards):
+            began, wall = time.perf_counter(), time.time()
+            time.sleep(num * self.s_per_sample)
+            counts[row, idx % self.num_classes] = num - num // 10  # certifies; another class has the rest
+            counts[row, (idx + 1) % self.num_classes] = num // 10
+            seconds.append(time.perf_counter() - began)
+            self.log.append((wall, wall + seconds[-1]))
+        return counts, seconds
+
+    def busy_log(self) -> list[tuple[float, float]]:
+        """(begin, end) wall-clock times of the shards counted since the last call."""
+        log, self.log = self.log, []
+        return log
 
 
 class StubPool(CertifyPool):
@@ -73,10 +93,17 @@ class StubPool(CertifyPool):
 
     def __init__(self, checkpoint: str, *, s_per_sample: float, **kwargs: Any) -> None:
         self.s_per_sample = s_per_sample
+        self.calls = 0
         super().__init__(checkpoint, **kwargs)
 
+    def submit(self, slot: int, tasks: Any, image_refs: dict[int, Any]) -> Any:
+        self.calls += 1
+        return super().submit(slot, tasks, image_refs)
+
     def _new_actor(self) -> Any:
-        return StubCertifyActor.remote(num_classes=self.num_classes, s_per_sample=self.s_per_sample)
+        actor = StubCertifyActor.remote(num_classes=self.num_classes, s_per_sample=self.s_per_sample)
+        self._facts[actor] = actor.device_facts.remote()
+        return actor
 
 
 @contextlib.contextmanager
@@ -97,6 +124,17 @@ def profiled(enabled: bool) -> Any:
         pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
 
 
+def steady_utilization(logs: list[list[tuple[float, float]]]) -> tuple[float, float]:
+    """(utilization, seconds) within the window where every actor had begun and none had ended its last
+    shard: busy time inside the window / (actors x window)."""
+    begin = max(min(b for b, _ in log) for log in logs)
+    end = min(max(e for _, e in log) for log in logs)
+    if end <= begin:
+        return float("nan"), 0.0
+    busy = sum(max(0.0, min(e, end) - max(b, begin)) for log in logs for b, e in log)
+    return busy / (len(logs) * (end - begin)), end - begin
+
+
 def run_one(actors: int, s_per_image: float, args: argparse.Namespace, root: Path, checkpoint: str) -> dict:
     s_per_sample = s_per_image / (N0 + N)
     images = min(SPLIT_SIZE, max(2 * actors, int(args.seconds * actors / s_per_image)))
@@ -112,18 +150,20 @@ def run_one(actors: int, s_per_image: float, args: argparse.Namespace, root: Pat
             result = run_certification(cfg, pool=pool)
         wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
         thread = time.thread_time() - thread_began
+        steady, window = steady_utilization(ray.get([a.busy_log.remote() for a in pool.actors]))
     finally:
         pool.shutdown()
     busy = float(np.sum(read_results(result.output_dir).column("time_s")))  # the stubs' own clocks
     shards_per_image = -(-N0 // args.shard_size) + -(-N // args.shard_size)
-    shards = result.images_certified * shards_per_image
-    cpu_per_shard = thread / shards  # the driver's Python thread: the part that cannot use other cores
-    demand = actors * shards_per_image / s_per_image  # shards/s the actors finish when never idle
-    return {"actors": actors, "s_per_image": s_per_image, "images": result.images_certified, "shards": shards,
-            "wall_s": wall, "utilization": busy / (actors * wall), "cpu_per_shard_ms": 1e3 * cpu_per_shard,
-            "process_cpu_per_shard_ms": 1e3 * cpu / shards, "thread_cpu_per_image_ms": 1e3 * thread / max(
-                1, result.images_certified),
-            "demand": demand, "sustainable": min(1.0, 1.0 / (cpu_per_shard * demand))}
+    done = result.images_certified
+    shards = done * shards_per_image
+    demand = actors / s_per_image  # images/s the actors finish when never idle
+    return {"actors": actors, "s_per_image": s_per_image, "images": done, "shards": shards,
+            "calls": pool.calls, "wall_s": wall, "utilization": busy / (actors * wall), "steady": steady,
+            "window_s": window, "cpu_per_shard_ms": 1e3 * thread / shards,
+            "cpu_per_call_ms": 1e3 * thread / pool.calls, "cpu_per_image_ms": 1e3 * thread / done,
+            "process_cpu_per_image_ms": 1e3 * cpu / done, "demand": demand,
+            "sustainable": min(1.0, done / (thread * demand))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,20 +196,24 @@ def main(argv: list[str] | None = None) -> int:
                 for rate in rates:
                     row = run_one(actors, rate, args, root, checkpoint)
                     rows.append(row)
-                    print(f"actors={actors:>3} s/image={rate:<5g} images={row['images']:>5} "
-                          f"wall={row['wall_s']:.1f}s utilization={row['utilization']:.3f} driver "
-                          f"thread {row['cpu_per_shard_ms']:.2f} ms CPU/shard "
-                          f"({row['thread_cpu_per_image_ms']:.1f} ms/image), process "
-                          f"{row['process_cpu_per_shard_ms']:.2f} ms CPU/shard", file=sys.stderr, flush=True)
+                    print(f"actors={actors:>3} s/image={rate:<5g} images={row['images']:>5} calls="
+                          f"{row['calls']:>5} wall={row['wall_s']:.1f}s utilization={row['utilization']:.3f} "
+                          f"steady={row['steady']:.3f} ({row['window_s']:.1f}s) driver thread CPU "
+                          f"{row['cpu_per_shard_ms']:.3f} ms/shard {row['cpu_per_call_ms']:.2f} ms/call "
+                          f"{row['cpu_per_image_ms']:.2f} ms/image (process "
+                          f"{row['process_cpu_per_image_ms']:.2f} ms/image)", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
     print(f"\nshard_size={args.shard_size}, n0={N0}, n={N}\n")
-    print("| actors | s / image / GPU | images | measured utilization | driver thread CPU ms / shard | "
-          "shards/s needed | utilization one driver thread sustains |")
-    print("|---|---|---|---|---|---|---|")
+    print("| actors | s / image / GPU | images | Ray calls | utilization (whole run) | steady utilization "
+          "(window) | driver thread CPU ms / shard, / call, / image | images/s needed | utilization one "
+          "driver thread sustains |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['actors']} | {row['s_per_image']:g} | {row['images']} | {row['utilization']:.3f} | "
-              f"{row['cpu_per_shard_ms']:.2f} | {row['demand']:.0f} | {row['sustainable']:.3f} |")
+        print(f"| {row['actors']} | {row['s_per_image']:g} | {row['images']} | {row['calls']} | "
+              f"{row['utilization']:.3f} | {row['steady']:.3f} ({row['window_s']:.0f} s) | "
+              f"{row['cpu_per_shard_ms']:.3f}, {row['cpu_per_call_ms']:.2f}, {row['cpu_per_image_ms']:.2f} | "
+              f"{row['demand']:.0f} | {row['sustainable']:.3f} |")
     return 0
 
 

@@ -7,11 +7,12 @@ Algorithm of the driver (``run_certification``):
 2. cut the n0 pilot draws and the n estimation draws of each image into shards of ``shard_size``; the
    shard (idx, stream, s) is sampled with noise seeded by (seed, idx, stream, s), so the summed counts,
    and hence every row, are the same whatever the number of actors, the order or a re-run;
-3. keep ~2 shards queued per actor, admitting new images as earlier ones drain;
+3. keep 2 Ray calls queued per actor, each carrying up to 16 shards (of one image or several: the
+   driver's cost is per call), admitting new images as earlier ones drain;
 4. when an image's shards are all summed, compute PREDICT (main counts), CERTIFY and T-CERTIFY (pilot +
    main counts) with ``adre_ray.smoothing``, and buffer the row; write buffered rows as an atomic Parquet
    part every ``flush_images`` images or ``flush_seconds``;
-5. a task that fails because its actor died is re-queued and the actor replaced (up to
+5. a call that fails because its actor died has its shards re-queued and the actor replaced (up to
    ``actor_restarts`` times per slot), so the output equals an undisturbed run;
 6. summarize (certified accuracy at 0, 0.25, ..., 2.0, ACR, abstain rates) and log to MLflow.
 
@@ -252,15 +253,21 @@ class PartWriter:
         self.buffer.append(row)
 
     def flush_if_due(self) -> None:
+        """A part per ``flush_images`` rows (one loop of the driver may finish several images), then the
+        rest when ``flush_seconds`` have passed."""
         overdue = time.monotonic() - self.last_flush >= self.cfg.flush_seconds
-        if len(self.buffer) >= self.cfg.flush_images or (self.buffer and overdue):
+        while len(self.buffer) >= self.cfg.flush_images:
+            self.flush(self.cfg.flush_images)
+        if self.buffer and overdue:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, count: int | None = None) -> None:
+        """Write the first ``count`` buffered rows (all when None) as one part."""
         self.last_flush = time.monotonic()
         if not self.buffer:
             return
-        rows, self.buffer = sorted(self.buffer, key=lambda r: r["idx"]), []
+        count = len(self.buffer) if count is None else count
+        rows, self.buffer = sorted(self.buffer[:count], key=lambda r: r["idx"]), self.buffer[count:]
         table = rows_to_table(rows)
         path = write_part(self.out_dir, table)
         self.written[path] = upgrade_table(table)

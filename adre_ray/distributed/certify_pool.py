@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -137,9 +138,13 @@ class CertifyPool:
                              f"{timeout_s:g} s (not schedulable, or their node is gone); see `ray status`"
                              ) from None
 
-    def submit(self, slot: int, image_ref: Any, task: ShardTask) -> Any:
+    def submit(self, slot: int, tasks: Sequence[ShardTask], image_refs: dict[int, Any]) -> Any:
+        """One Ray call counting ``tasks`` (shards of any images) on slot ``slot``'s actor; ``image_refs``:
+        idx -> pixels (an array, or its reference in the object store), in the order the tasks' idx first
+        appear. Its result is ``CertifyWorker.count_shards``'s."""
         self.load[slot] += 1
-        return self.actors[slot].count_timed.remote(image_ref, task.idx, task.stream, task.shard, task.num)
+        return self.actors[slot].count_shards.remote([(t.idx, t.stream, t.shard, t.num) for t in tasks],
+                                                     *image_refs.values())
 
     def _free(self) -> int:
         return int(ray.available_resources().get(self.resource, 0))

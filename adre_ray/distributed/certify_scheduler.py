@@ -2,8 +2,9 @@
 
 Each image's draws are cut into shards (``shard_plan``); shard (idx, stream, s) is sampled with noise
 seeded by (seed, idx, stream, s), so the summed counts, and hence every row, are the same whatever the
-number of actors, the order or a re-run. ``Scheduler.run`` keeps ~``TASKS_PER_ACTOR`` shards queued per
-actor, admits new images as earlier ones drain, and asks the shortcut rules (adre_ray.smoothing.shortcuts)
+number of actors, the order, the grouping or a re-run. ``Scheduler.run`` keeps ``TASKS_PER_ACTOR`` calls
+queued per actor, each carrying up to ``SHARDS_PER_CALL`` shards (the driver's cost is per call), admits
+new images as earlier ones drain, and asks the shortcut rules (adre_ray.smoothing.shortcuts)
 what an image does next each time its queued shards are all summed. Collaborators: the actors
 (``CertifyPool``), the rows' destination (``RowSink``: Parquet parts and MLflow), the run's hooks.
 """
@@ -34,7 +35,25 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 TASKS_PER_ACTOR = 2
-"""Shards queued per actor: one running, one ready, so an actor never waits for the driver."""
+"""Calls queued per actor: one running, one ready, so an actor never waits for the driver."""
+
+SHARDS_PER_CALL = 16
+"""Most shards one Ray call carries. The driver's cost is mostly per call (a submission, a result to
+fetch), so grouping keeps it to ~1 call per image at the default ``shard_size`` (benchmarks/RESULTS.md,
+section 4)."""
+
+CALLS_AHEAD = 4
+"""Once every image is admitted (a small run, a run's tail), a call carries at most 1 / ``CALLS_AHEAD`` of
+the queue's shards per live actor: the last shards spread over several calls per actor, so the tail
+balances and a lost actor loses little. The queue is kept at ``CALLS_AHEAD`` full calls per actor."""
+
+INLINE_IMAGE_BYTES = 64 * 1024
+"""Images up to this size (CIFAR: 12 KB) travel inside each call that needs them, larger ones (ImageNet:
+600 KB) once through the object store (``ray.put``: ~1-2 ms of driver CPU per image)."""
+
+IMAGES_IN_FLIGHT_MAX = 1024
+"""Cap on the images admitted at once when ``images_in_flight`` is null (their pixels sit in the object
+store: ~600 MB at ImageNet size)."""
 
 LOAD_CHUNK = 64
 """Images decoded per ``load_images`` call (memory stays bounded on ImageNet)."""
@@ -67,7 +86,8 @@ def shard_plan(idx: int, n0: int, n: int, shard_size: int) -> list[ShardTask]:
 
 @dataclass
 class ImageInFlight(ImageDraws):
-    """An admitted image: its counts (``ImageDraws``), its pixels in the object store, its shards."""
+    """An admitted image: its counts (``ImageDraws``), its pixels as calls carry them (``shippable``),
+    its shards."""
 
     idx: int = 0
     ref: Any = None
@@ -141,15 +161,18 @@ def progress_bar(cfg: CertifyConfig, images: int) -> Progress:
 
 
 def in_flight_limit(cfg: CertifyConfig, num_actors: int, pilot_first: bool) -> int:
-    """Images admitted at once: ``images_in_flight``, or enough to keep ``TASKS_PER_ACTOR`` shards queued
-    per actor; an image that offers one stage at a time (pilot, then wave by wave) counts for fewer."""
+    """Images admitted at once: ``images_in_flight``, or enough to fill ``TASKS_PER_ACTOR`` full calls per
+    actor plus ``CALLS_AHEAD`` queued ones (at most ``IMAGES_IN_FLIGHT_MAX``); an image that offers one
+    stage at a time (pilot, then wave by wave) counts for fewer shards."""
     if cfg.images_in_flight:
         return cfg.images_in_flight
     shards_per_image = cfg.num_shards(cfg.n0) + cfg.num_shards(cfg.n)
     if pilot_first:
         shards_per_image = max(1, min(cfg.num_shards(cfg.n0),
                                       cfg.early_abstain_wave if cfg.early_abstain else cfg.num_shards(cfg.n)))
-    return max(2, (2 if pilot_first else 1) * math.ceil(TASKS_PER_ACTOR * num_actors / shards_per_image) + 1)
+    shards = (TASKS_PER_ACTOR + CALLS_AHEAD) * SHARDS_PER_CALL * num_actors
+    images = (2 if pilot_first else 1) * math.ceil(shards / shards_per_image) + 1
+    return min(IMAGES_IN_FLIGHT_MAX, max(2, images))
 
 
 class Scheduler:
@@ -172,7 +195,7 @@ class Scheduler:
         self.loaded: collections.deque[tuple[int, Any, int]] = collections.deque()  # decoded, not admitted
         self.images: dict[int, ImageInFlight] = {}
         self.queue: collections.deque[ShardTask] = collections.deque()
-        self.running: dict[Any, tuple[ShardTask, int, int]] = {}  # ref -> (task, slot, slot generation)
+        self.running: dict[Any, tuple[list[ShardTask], int, int]] = {}  # call -> (tasks, slot, generation)
 
     def run(self, todo: Sequence[int]) -> None:
         """Certify ``todo``: admit images, keep the actors busy, sum each finished shard into its image and
@@ -190,7 +213,7 @@ class Scheduler:
                 stall.restart()  # the wait for a node has its own deadline
                 continue
             starved.since = None
-            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=1.0)
+            ready = finished_calls(list(self.running))
             stall.check(bool(ready), running=len(self.running), actors=self.num_actors)
             for ref in ready:
                 self.collect(ref)
@@ -200,9 +223,9 @@ class Scheduler:
 
     def admit(self) -> None:
         """Admit waiting images (pixels into the object store, first shards queued) while fewer than the
-        in-flight limit are admitted and the queue is short."""
+        in-flight limit are admitted and the queue holds less than ``CALLS_AHEAD`` full calls per actor."""
         cfg = self.cfg
-        queue_full = TASKS_PER_ACTOR * self.num_actors
+        queue_full = CALLS_AHEAD * SHARDS_PER_CALL * self.num_actors
         while self.waiting or self.loaded:
             if len(self.images) >= self.in_flight_limit or len(self.queue) >= queue_full:
                 return
@@ -215,41 +238,49 @@ class Scheduler:
                 raise ValueError(f"data_dir={cfg.data_dir!r}: label {label} of row {idx} is outside the "
                                  f"model's {self.num_classes} classes [0, {self.num_classes})")
             plan = shard_plan(idx, cfg.n0, 0 if self.pilot_first else cfg.n, cfg.shard_size)
+            ref = shippable(image_pixels.numpy())
             self.images[idx] = ImageInFlight(
                 label, np.zeros(self.num_classes, np.int64), np.zeros(self.num_classes, np.int64), n=cfg.n,
-                planned=not self.pilot_first, idx=idx, ref=ray.put(image_pixels), remaining=len(plan),
+                planned=not self.pilot_first, idx=idx, ref=ref, remaining=len(plan),
                 main_todo=None if self.pilot_first else [])
             self.queue.extend(plan)
 
     def dispatch(self) -> None:
-        """Hand queued shards to the least-loaded live actors, up to ``TASKS_PER_ACTOR`` each."""
+        """Hand queued shards to the least-loaded live actors, up to ``TASKS_PER_ACTOR`` calls each; a call
+        carries the queue's next ``SHARDS_PER_CALL`` shards, or once every image is admitted (a small run,
+        the tail), 1 / ``CALLS_AHEAD`` of the queue per live actor if less."""
         self.pool.grow(self.num_actors)
         slots = self.pool.live(self.num_actors)
-        while self.queue and slots:
+        free = sum(TASKS_PER_ACTOR - self.pool.load[s] for s in slots)
+        while self.queue and free > 0:
             slot = min(slots, key=lambda s: self.pool.load[s])
-            if self.pool.load[slot] >= TASKS_PER_ACTOR:
-                return
-            task = self.queue.popleft()
-            ref = self.pool.submit(slot, self.images[task.idx].ref, task)
-            self.running[ref] = (task, slot, self.pool.generation[slot])
+            share = SHARDS_PER_CALL if self.waiting or self.loaded else (  # more images to come: full calls
+                -(-len(self.queue) // (CALLS_AHEAD * len(slots))))
+            size = min(SHARDS_PER_CALL, share, len(self.queue))
+            tasks = [self.queue.popleft() for _ in range(size)]
+            ref = self.pool.submit(slot, tasks, {t.idx: self.images[t.idx].ref for t in tasks})
+            self.running[ref] = (tasks, slot, self.pool.generation[slot])
+            free -= 1
 
     def collect(self, ref: Any) -> None:
-        """Sum a finished shard into its image (a lost actor's shard is re-queued, the actor replaced)."""
-        task, slot, generation = self.running.pop(ref)
+        """Sum a finished call's shards into their images (a lost actor's shards are re-queued, in order,
+        the actor replaced)."""
+        tasks, slot, generation = self.running.pop(ref)
         self.pool.load[slot] -= 1
         try:
             counts, seconds = ray.get(ref)
         except RayActorError as err:
             self.pool.replace(slot, generation, err)
-            self.queue.appendleft(task)
+            self.queue.extendleft(reversed(tasks))
             return
-        image = self.images[task.idx]
-        image.add(task, counts, seconds)
-        self.progress.samples += task.num
-        if image.remaining == 0:
-            self.advance(image)
-        if self.hooks.on_shard_done is not None:
-            self.hooks.on_shard_done(self.pool, task)
+        for task, task_counts, task_seconds in zip(tasks, counts, seconds, strict=True):
+            image = self.images[task.idx]
+            image.add(task, task_counts, task_seconds)
+            self.progress.samples += task.num
+            if image.remaining == 0:
+                self.advance(image)
+            if self.hooks.on_shard_done is not None:
+                self.hooks.on_shard_done(self.pool, task)
 
     def advance(self, image: ImageInFlight) -> None:
         """pilot -> main waves -> row: queue the image's next wave ahead of other images' shards (started
@@ -269,6 +300,21 @@ class Scheduler:
         for ref in self.running:
             ray.cancel(ref)
         self.pool.load = [0] * len(self.pool)
+
+
+def shippable(pixels: np.ndarray) -> Any:
+    """What a call carries for an image: the array itself when small (``INLINE_IMAGE_BYTES``), else its
+    reference in the object store. Numpy, not torch: zero-copy for the actors, no torch to unpickle."""
+    return pixels if pixels.nbytes <= INLINE_IMAGE_BYTES else ray.put(pixels)
+
+
+def finished_calls(refs: list[Any], timeout_s: float = 1.0) -> list[Any]:
+    """The calls among ``refs`` that are done: waits up to ``timeout_s`` for the first, then takes every
+    other one already done (one loop of the driver handles them all)."""
+    ready, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)
+    if ready and rest:
+        ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+    return ready
 
 
 STALL_MESSAGE_S = 60.0

@@ -33,6 +33,12 @@ from adre_ray.smoothing.sampler import (
 )
 
 
+def as_tensor(image: Any) -> torch.Tensor:
+    """``image`` as a tensor: a tensor as is, an array (the driver ships numpy: read-only and zero-copy in
+    Ray's object store) copied into a writable one."""
+    return image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
+
+
 class CertifyWorker:
     """Holds one model (eval mode, on ``device``) and samples counts of f(x + d) for shards of draws.
 
@@ -109,7 +115,7 @@ class CertifyWorker:
         """The model's output size on ``image`` (one sample): the class count when none was declared (set
         here, so later shards count into that many classes); ``ValueError`` if it differs from a declared
         one."""
-        x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+        x = as_tensor(image)
         with torch.inference_mode():
             logits = self.model(x.to(self.device, torch.float32)[None])
         if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 2:
@@ -126,7 +132,7 @@ class CertifyWorker:
 
         A NaN / infinite logit fails the shard with ``NonFiniteLogitsError`` naming the checkpoint.
         """
-        x = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+        x = as_tensor(image)
         if self.num_classes is None:
             self.output_classes(x)
         try:
@@ -141,12 +147,20 @@ class CertifyWorker:
                                        "a model that overflows; no certificate can come from it)") from None
         return counts.numpy()
 
-    def count_timed(self, image: Any, idx: int, stream: int, shard: int,
-                    num: int) -> tuple[np.ndarray, float]:
-        """``count`` plus the seconds it took on this actor (the driver sums them into ``time_s``)."""
-        began = time.perf_counter()
-        counts = self.count(image, idx, stream, shard, num)
-        return counts, time.perf_counter() - began
+    def count_shards(self, shards: list[tuple[int, int, int, int]],
+                     *images: Any) -> tuple[np.ndarray, list[float]]:
+        """``count`` of several shards in one call: a (len(shards), num_classes) int64 array and the seconds
+        each shard took on this actor (the driver sums them into ``time_s``). ``shards``: (idx, stream,
+        shard, num) each; ``images``: their distinct images, in the order their idx first appears (one
+        call may carry shards of several images; each shard's counts are ``count``'s, whatever the
+        grouping)."""
+        pixels = dict(zip(dict.fromkeys(spec[0] for spec in shards), images, strict=True))
+        counts, seconds = [], []
+        for idx, stream, shard, num in shards:
+            began = time.perf_counter()
+            counts.append(self.count(pixels[idx], idx, stream, shard, num))
+            seconds.append(time.perf_counter() - began)
+        return np.stack(counts), seconds
 
     def device_facts(self) -> dict[str, Any]:
         """What the result folder records about this worker's device (``adre_ray.device.device_facts``)."""
