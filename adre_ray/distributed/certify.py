@@ -146,11 +146,11 @@ def run_certification(cfg: CertifyConfig, *, hooks: CertifyHooks | None = None,
     hooks = hooks or CertifyHooks()
     out_dir = output_location(cfg.output_dir)
     parts = read_parts(part_files(out_dir))  # a corrupt part is named before Ray is needed
-    check_certify_paths(cfg)
     facts = model_facts(cfg) if facts is None else facts
     cfg, train_run_id, train_sigma = _resolve_settings(cfg, facts)
     num_classes = declared_num_classes(cfg, facts=facts)
-    selected = _selected_images(cfg)
+    selected = _selected_images(cfg)  # bad data is named before Ray is needed
+    check_certify_paths(cfg)  # needs the cluster: does it span nodes?
     cfg = resolve_certify_precision(cfg)  # after the data checks: may need the cluster (auto, use_gpu null)
     with output_folder_lock(out_dir):  # one run at a time per folder (released by the OS if we die)
         manifest = _ensure_manifest(cfg, out_dir)
