@@ -11,19 +11,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = Path(os.environ.get("ADRE_CIFAR10_DIR", REPO.parent / "shared" / "data" / "cifar10"))
-ON_THE_SESSION_CLUSTER = "session_ray_cluster"
-BESIDE_IT = "no_session_ray_cluster"
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Two streams under the README's ``pytest -n 2 --dist loadgroup``: every test on the session Ray
-    cluster (``ray_cluster``) runs in one xdist worker, in collection order, so there is still one shared
-    cluster; every other test (no Ray, or Ray clusters of its own: the multi-node cases, ``ray start``,
-    job subprocesses) runs in the other worker, beside it. Without ``-n`` the marks change nothing."""
-    for item in items:
-        on_it = "ray_cluster" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group(ON_THE_SESSION_CLUSTER if on_it else BESIDE_IT))
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def test_report_paper_rate(name, record_property):
     """The published grid max: measured and reported only (its guarantee is alpha (t_max + 1 - t_min))."""
     _, alpha, _, trials = DISTRIBUTIONS[name]
     rate = simulate(name)["paper"]
-    record_property(f"paper_failure_rate_{name}", float(rate))  # a plain float: xdist sends it as is
+    record_property(f"paper_failure_rate_{name}", float(rate))  # plain float: report plugins serialize it
     print(f"paper mode on {name}: failure rate {rate:.4f} (alpha={alpha}, trials={trials})")
 
 

@@ -160,18 +160,22 @@ def test_two_trial_search_runs_to_the_end(ray_cluster, cifar10_dir: Path, mlflow
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(cifar10_dir, tmp_path):
-    """Issue 16. Both runs are the user's command in a process of its own with its own Ray (so the test
-    runs beside the session cluster's tests). Before: a re-run started over (both trials again) and left
-    the old parent and child runs RUNNING; ``--set run.tracking_uri`` was ignored (runs went to
-    ./mlflow.db)."""
+def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluster, cifar10_dir, tmp_path,
+                                                                      capsys, monkeypatch):
+    """Issue 16. Kept last in the suite: a search run in-process can leave a trial's placement group on
+    the shared cluster for a while. Before: a re-run started over (both trials again) and left the old
+    parent and child runs RUNNING; ``--set run.tracking_uri`` was ignored (runs went to ./mlflow.db)."""
     import json
     import signal
 
     from mlflow.tracking import MlflowClient
 
+    tune_main = main
+
     cwd = tmp_path / "cwd"
     cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = fresh_mlflow_db(tmp_path / "tune.db")
     out = tmp_path / "out"
     args = ["--space", str(REPO / "tune_spaces" / "tiny_cpu.yaml"),
@@ -179,14 +183,11 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(cifar10_di
             "--output-dir", str(out), "--max-concurrent", "1",
             "--set", f"data.data_dir={cifar10_dir}", "--set", f"run.tracking_uri={uri}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="")
-    command = [sys.executable, "-m", "adre_ray.cli", "tune", *args, "--address", "local"]
-
-    def own_ray() -> dict:  # a Ray of the command's own, not the session's cluster
-        return {**env, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r16", dir="/tmp")}
-
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI="",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="r16", dir="/tmp"))  # its own Ray, not the test cluster
     log = tmp_path / "first.log"
-    first = subprocess.Popen(command, cwd=cwd, env=own_ray(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+    first = subprocess.Popen([sys.executable, "-m", "adre_ray.cli", "tune", *args, "--address", "local"],
+                             cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
     deadline = time.monotonic() + 400
     try:
@@ -205,9 +206,8 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(cifar10_di
     client = MlflowClient(tracking_uri=uri)
     assert client.get_experiment_by_name("adre-tune") is not None  # the search's own store, not ./mlflow.db
 
-    again = subprocess.run(command, cwd=cwd, env=own_ray(), capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "resuming search 'tiny_cpu'" in again.stdout
+    assert tune_main(args) == 0
+    assert "resuming search 'tiny_cpu'" in capsys.readouterr().out
     with (out / "tiny_cpu" / TRIALS_FILENAME).open() as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(float(r["loss.lam"]) for r in rows) == [0.0, 0.2]
