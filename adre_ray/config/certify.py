@@ -112,8 +112,8 @@ class CertifyConfig(JobConfig):
     cuda_graphs: bool = config_field(False, "GPU actors replay the compiled model as CUDA graphs "
                                             "(small models; implies compile; ignored on CPU)")
     images_in_flight: Count | None = config_field(
-        None, "images sampled concurrently; null = enough to keep ~2 "
-              "tasks queued per actor")
+        None, "images sampled concurrently; null = enough to keep every actor's calls full "
+              "(at most 1,024)")
     flush_images: Count = config_field(10, "write a Parquet part every this many finished images")
     flush_seconds: NonNegativeNumber = config_field(30.0, "... or every this many seconds")
     actor_restarts: Seed = config_field(3, "times a lost actor is replaced; its shards are re-run either way")
