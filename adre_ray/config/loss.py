@@ -17,7 +17,7 @@ import pydantic
 from pydantic_core import PydanticUndefined
 
 from adre_ray.config.values import Key
-from adre_ray.training.loss_params import check_knobs, check_loss_config, declared_knobs, declared_params
+from adre_ray.training.loss_params import check_knobs, declared_knobs, declared_params, training_params
 
 TRAINING_DEFAULTS = {"name": "adre_reg", "sigma": 0.25, "k": 8, "lam": 0.2}
 """The seed paper's CIFAR-10 ADRE_REG run (a library call's defaults: k 1, lam 0, sigma required)."""
@@ -58,6 +58,5 @@ class LossSection(pydantic.BaseModel):
                                  f"{', '.join(sorted(known))})")
         values = {key: default for key, default in known.items() if default is not None} | dict(data)
         checked = check_knobs({key: value for key, value in values.items() if key != "name"}, PREFIX)
-        section = {"name": values["name"], **checked}
-        check_loss_config(section, PREFIX)
-        return section
+        training_params(values["name"], checked, PREFIX)
+        return {"name": values["name"], **checked}

@@ -154,7 +154,7 @@ class CertifyWorker:
         shard, num) each; ``images``: their distinct images, in the order their idx first appears (one
         call may carry shards of several images; each shard's counts are ``count``'s, whatever the
         grouping)."""
-        pixels = dict(zip(dict.fromkeys(spec[0] for spec in shards), images, strict=True))
+        pixels = dict(zip(dict.fromkeys(spec[0] for spec in shards), map(as_tensor, images), strict=True))
         counts, seconds = [], []
         for idx, stream, shard, num in shards:
             began = time.perf_counter()

@@ -156,15 +156,21 @@ def check_loss_config(section: Mapping[str, Any], prefix: str = "loss.") -> Loss
     """The parameters of the loss a training config's section names, checked as a training run needs
     them: ``name`` declared, every knob by its rule, then the loss's own training rules (an attack
     needs epsilon > 0). Messages name ``<prefix><field>``."""
-    cls = params_class(section["name"], f"{prefix}name")
-    knobs = {key: value for key, value in section.items() if key != "name"}
-    check_knobs(knobs, prefix)
+    params_class(section["name"], f"{prefix}name")  # an unknown name is named before a bad knob
+    knobs = check_knobs({key: value for key, value in section.items() if key != "name"}, prefix)
+    return training_params(section["name"], knobs, prefix)
+
+
+def training_params(name: Any, knobs: Mapping[str, Any], prefix: str = "loss.") -> LossParams:
+    """The parameters of loss ``name`` from ``knobs`` already checked by :func:`check_knobs` (the loss's
+    own fields taken, the others ignored), then the loss's training rules."""
+    cls = params_class(name, f"{prefix}name")
     params = parse_loss_params(cls, {key: value for key, value in knobs.items() if key in cls.model_fields},
                                prefix)
-    params.check_training_use(section["name"], prefix)
+    params.check_training_use(name, prefix)
     return params
 
 
 __all__ = ["BUILT_IN_PARAMS", "LOSS_REGISTRY", "AdreAdvParams", "AdreRegParams", "LossParams", "PgdParams",
            "check_knobs", "check_loss_config", "declared_knobs", "declared_params", "knob_rule",
-           "params_class", "parse_loss_params", "warmup_epsilon"]
+           "params_class", "parse_loss_params", "training_params", "warmup_epsilon"]
