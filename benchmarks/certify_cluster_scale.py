@@ -45,6 +45,7 @@ import ray
 
 from adre_ray.analysis.results import read_results
 from adre_ray.config.certify import CertifyConfig
+from adre_ray.distributed import certify_scheduler
 from adre_ray.distributed.certify import CertifyPool, run_certification
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,7 @@ class StubCertifyActor:
         self.num_classes = num_classes
         self.s_per_sample = s_per_sample
         self.log: list[tuple[float, float]] = []
+        self.calls: list[tuple[float, float]] = []
 
     def configure(self, *, sigma: float, seed: int, batch_size: int) -> None:
         return None
@@ -80,12 +82,14 @@ class StubCertifyActor:
             counts[row, (idx + 1) % self.num_classes] = num // 10
             seconds.append(time.perf_counter() - began)
             self.log.append((wall, wall + seconds[-1]))
+        self.calls.append((self.log[-len(shards)][0], self.log[-1][1], tuple(shards[0][:3])))
         return counts, seconds
 
-    def busy_log(self) -> list[tuple[float, float]]:
-        """(begin, end) wall-clock times of the shards counted since the last call."""
-        log, self.log = self.log, []
-        return log
+    def busy_log(self) -> tuple[list[tuple[float, float]], list[tuple[float, float, tuple]]]:
+        """(begin, end) wall-clock times of the shards, and (begin, end, first shard's key) of the calls,
+        counted since the last call."""
+        log, self.log, calls, self.calls = self.log, [], self.calls, []
+        return log, calls
 
 
 class StubPool(CertifyPool):
@@ -94,10 +98,12 @@ class StubPool(CertifyPool):
     def __init__(self, checkpoint: str, *, s_per_sample: float, **kwargs: Any) -> None:
         self.s_per_sample = s_per_sample
         self.calls = 0
+        self.submitted: dict[tuple[int, int, int], float] = {}  # first shard's key -> wall-clock submit
         super().__init__(checkpoint, **kwargs)
 
     def submit(self, slot: int, tasks: Any, image_refs: dict[int, Any]) -> Any:
         self.calls += 1
+        self.submitted[(tasks[0].idx, tasks[0].stream, tasks[0].shard)] = time.time()
         return super().submit(slot, tasks, image_refs)
 
     def _new_actor(self) -> Any:
@@ -135,6 +141,22 @@ def steady_utilization(logs: list[list[tuple[float, float]]]) -> tuple[float, fl
     return busy / (len(logs) * (end - begin)), end - begin
 
 
+def call_gaps(calls: list[list[tuple[float, float, tuple]]], submitted: dict[tuple, float], begin: float,
+              end: float) -> tuple[float, float]:
+    """(mean gap, driver's share) within [begin, end]: the seconds an actor waited between the end of a
+    call and the start of its next one, and the part of them before the driver had submitted that next
+    call (the rest is the actor's own switch from one queued call to the next)."""
+    gaps, late = [], []
+    for log in calls:
+        for (_, e1, _), (b2, _, key) in zip(log, log[1:], strict=False):
+            if begin <= e1 and b2 <= end:
+                gaps.append(b2 - e1)
+                late.append(min(b2 - e1, max(0.0, submitted.get(key, e1) - e1)))
+    if not gaps:
+        return float("nan"), float("nan")
+    return float(np.mean(gaps)), float(np.sum(late) / max(np.sum(gaps), 1e-12))
+
+
 def run_one(actors: int, s_per_image: float, args: argparse.Namespace, root: Path, checkpoint: str) -> dict:
     s_per_sample = s_per_image / (N0 + N)
     images = min(SPLIT_SIZE, max(2 * actors, int(args.seconds * actors / s_per_image)))
@@ -150,7 +172,10 @@ def run_one(actors: int, s_per_image: float, args: argparse.Namespace, root: Pat
             result = run_certification(cfg, pool=pool)
         wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
         thread = time.thread_time() - thread_began
-        steady, window = steady_utilization(ray.get([a.busy_log.remote() for a in pool.actors]))
+        logs, calls = zip(*ray.get([a.busy_log.remote() for a in pool.actors]), strict=True)
+        steady, window = steady_utilization(list(logs))
+        begin = max(min(b for b, _ in log) for log in logs)
+        gap, driver_share = call_gaps(list(calls), pool.submitted, begin, begin + window)
     finally:
         pool.shutdown()
     busy = float(np.sum(read_results(result.output_dir).column("time_s")))  # the stubs' own clocks
@@ -162,7 +187,8 @@ def run_one(actors: int, s_per_image: float, args: argparse.Namespace, root: Pat
             "calls": pool.calls, "wall_s": wall, "utilization": busy / (actors * wall), "steady": steady,
             "window_s": window, "cpu_per_shard_ms": 1e3 * thread / shards,
             "cpu_per_call_ms": 1e3 * thread / pool.calls, "cpu_per_image_ms": 1e3 * thread / done,
-            "process_cpu_per_image_ms": 1e3 * cpu / done, "demand": demand,
+            "process_cpu_per_image_ms": 1e3 * cpu / done, "demand": demand, "call_gap_ms": 1e3 * gap,
+            "driver_share": driver_share,
             "sustainable": min(1.0, done / (thread * demand))}
 
 
@@ -178,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
                         help=f"CIFAR-10 Parquet (default: {DEFAULT_DATA})")
     parser.add_argument("--profile", action="store_true", help="cProfile the driver of each run")
+    parser.add_argument("--shards-per-call", type=int, default=certify_scheduler.SHARDS_PER_CALL,
+                        help="shards per Ray call (default: the scheduler's SHARDS_PER_CALL)")
     args = parser.parse_args(argv)
+    certify_scheduler.SHARDS_PER_CALL = args.shards_per_call
     sizes = [int(a) for a in args.actors.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
     ray.init(address="local", num_cpus=max(sizes), include_dashboard=False, log_to_driver=False,
@@ -201,19 +230,23 @@ def main(argv: list[str] | None = None) -> int:
                           f"steady={row['steady']:.3f} ({row['window_s']:.1f}s) driver thread CPU "
                           f"{row['cpu_per_shard_ms']:.3f} ms/shard {row['cpu_per_call_ms']:.2f} ms/call "
                           f"{row['cpu_per_image_ms']:.2f} ms/image (process "
-                          f"{row['process_cpu_per_image_ms']:.2f} ms/image)", file=sys.stderr, flush=True)
+                          f"{row['process_cpu_per_image_ms']:.2f} ms/image), mean gap between an actor's "
+                          f"calls {row['call_gap_ms']:.1f} ms ({row['driver_share']:.0%} of it before the "
+                          f"driver had sent the next call)", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
     print(f"\nshard_size={args.shard_size}, n0={N0}, n={N}\n")
     print("| actors | s / image / GPU | images | Ray calls | utilization (whole run) | steady utilization "
           "(window) | driver thread CPU ms / shard, / call, / image | images/s needed | utilization one "
-          "driver thread sustains |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "driver thread sustains | mean gap between an actor's calls (ms) | part of the gap before the "
+          "driver had sent the next call |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['actors']} | {row['s_per_image']:g} | {row['images']} | {row['calls']} | "
               f"{row['utilization']:.3f} | {row['steady']:.3f} ({row['window_s']:.0f} s) | "
               f"{row['cpu_per_shard_ms']:.3f}, {row['cpu_per_call_ms']:.2f}, {row['cpu_per_image_ms']:.2f} | "
-              f"{row['demand']:.0f} | {row['sustainable']:.3f} |")
+              f"{row['demand']:.0f} | {row['sustainable']:.3f} | {row['call_gap_ms']:.1f} | "
+              f"{row['driver_share']:.0%} |")
     return 0
 
 

@@ -8,7 +8,12 @@ cost, native kernels for tiny convolutions; ``adre_ray.smoothing.cpu_speed``) on
 draws. REFERENCE is ``certify_throughput.reference_counts`` (Cohen et al.'s ``Smooth._sample_noise``:
 ``x.repeat``, ``randn_like * sigma``, fp32 forward, ``argmax``, counts) at the original batch of 400, on
 the same module object. NOISE is ``torch.randn`` of the same n draws alone (the part of ours that the
-noise scheme fixes). Same process, one torch thread (one actor's), rounds alternating; medians.
+noise scheme fixes). FLOOR is NOISE plus the model's ``nn.Linear`` layers alone (``F.linear`` on inputs
+of their shapes, at the batch where they run fastest, in MKL): work that any implementation of the same
+base classifier with the same noise must do, so ``floor / reference`` bounds the speed-up any sampling
+path can reach on this model and CPU (the convolutions, activations, argmax and Python are left out of
+the floor: an optimistic bound). Same process, one torch thread (one actor's), rounds alternating;
+medians.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours": lambda: worker.count(x, 0, 1, 0, args.n),
         "noise": lambda: torch.randn((args.n, *x.shape), generator=torch.Generator().manual_seed(0)),
     }
+    variants["floor"], floor_batch = floor_of(worker.model, x, args.n)
     for variant in variants.values():
         variant()  # warm-up
     times = alternate(variants, args.repeat, torch.device("cpu"))
@@ -63,9 +70,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours / reference: {rate['ours'] / rate['reference']:.2f}x median, "
           f"{best['ours'] / best['reference']:.2f}x best runs; noise alone is "
           f"{rate['ours'] / rate['noise']:.0%} of ours' time")
+    print(f"ceiling (floor / reference, linear layers at batch {floor_batch}): "
+          f"{rate['floor'] / rate['reference']:.2f}x median, "
+          f"{best['floor'] / best['reference']:.2f}x best runs: no sampling path of this model with this "
+          f"noise can be faster than the floor")
     if args.layout_check:
         layout_check(worker, args.data, args.layout_check, args.n, args.sigma, classes)
     return 0
+
+
+FLOOR_BATCHES = (256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def floor_of(model: torch.nn.Module, x: torch.Tensor, n: int) -> tuple[Callable[[], None], int]:
+    """(run, batch): ``run`` draws the NOISE of ``n`` draws of ``x`` and runs every ``nn.Linear`` of
+    ``model`` on (batch, in_features) inputs ``ceil(n / batch)`` times, at the batch of
+    ``FLOOR_BATCHES`` where those layers alone ran fastest here (MKL's GEMMs gain from a batch that stays
+    in cache): a lower bound on any path's time for the same classifier and noise."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def linear_layers(batch: int) -> Callable[[], None]:
+        inputs = [torch.rand(batch, layer.in_features) for layer in layers]
+
+        def run() -> None:
+            with torch.inference_mode():
+                for _ in range(-(-n // batch)):
+                    for layer, inp in zip(layers, inputs, strict=True):
+                        torch.nn.functional.linear(inp, layer.weight, layer.bias)
+
+        return run
+
+    timed = {batch: min(alternate({"linear": linear_layers(batch)}, 3, torch.device("cpu"))["linear"])
+             for batch in FLOOR_BATCHES}
+    batch = min(timed, key=timed.get)
+    linear = linear_layers(batch)
+
+    def run() -> None:
+        torch.randn((n, *x.shape), generator=torch.Generator().manual_seed(0))
+        linear()
+
+    return run, batch
 
 
 def layout_check(worker: CertifyWorker, data: str, images: int, n: int, sigma: float, classes: int) -> None:

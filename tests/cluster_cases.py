@@ -312,8 +312,6 @@ def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar
 # ------------------------------------------------------------------------------------------------- tune
 
 
-@pytest.mark.skip(reason="kept out of the suite for time (the CI budget): passed on its own on 2026-12-02 "
-                  "(issue 22); remove this mark to run it")
 def test_tune_search_finishes_when_a_trials_node_is_removed(cluster, cifar10_dir, tmp_path,
                                                             undisturbed_training):
     """tiny_cpu.yaml (two 1-worker trials at once, one per worker node); once both run, one node is

@@ -125,3 +125,18 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = fresh_mlflow_db(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Start the tests that run as subprocesses beside the rest of the suite (``tests/background.py``)."""
+    from background import start_selected
+
+    if not config.option.collectonly:
+        start_selected(config, items)
+
+
+def pytest_unconfigure(config) -> None:
+    """Stop those subprocesses if the suite ended before their tests collected them."""
+    from background import stop_all
+
+    stop_all(config)

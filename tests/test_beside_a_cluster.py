@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from background import background_case, check
 from ray_head import free_port, start_head, stop_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +64,9 @@ def test_inner_own_cluster_and_a_training_that_outlives_the_cleaner_checks(ray_c
     assert result.error is None and (tmp_path / "done").read_text() == str(TRAIN_SECONDS)
 
 
-@pytest.mark.slow
-def test_the_suite_runs_beside_a_ray_start_cluster(tmp_path):
+def run_beside_a_ray_start_cluster() -> int:
+    """The outer half: a `ray start` cluster of its own, then the inner test in a fresh pytest beside it;
+    0 when the inner test passed (its output is printed either way)."""
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's socket paths are limited
     head_dir = os.path.join(ray_tmp, "ray")  # Ray's default temp dir under RAY_TMPDIR: the record lies here
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
@@ -81,4 +83,22 @@ def test_the_suite_runs_beside_a_ray_start_cluster(tmp_path):
             capture_output=True, text=True, timeout=540)
     finally:
         stop_head(ray_tmp)
-    assert inner.returncode == 0 and "1 passed" in inner.stdout, inner.stdout[-6000:] + inner.stderr[-3000:]
+    print(inner.stdout[-6000:], inner.stderr[-3000:], sep="\n")
+    return 0 if inner.returncode == 0 and "1 passed" in inner.stdout else 1
+
+
+BESIDE_CASE = background_case(
+    "tests/test_beside_a_cluster.py::test_the_suite_runs_beside_a_ray_start_cluster",
+    [f"tests/{Path(__file__).name}"], timeout_s=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(700)
+def test_the_suite_runs_beside_a_ray_start_cluster(request):
+    """Run as a subprocess beside the rest of the suite (``tests/background.py``): the whole suite then
+    runs beside this `ray start` cluster too."""
+    check(request, BESIDE_CASE)
+
+
+if __name__ == "__main__":
+    sys.exit(run_beside_a_ray_start_cluster())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from background import IN_BACKGROUND, background_pytest, check, runs_beside_the_suite
 from conftest import fresh_mlflow_db
 
 from adre_ray.config import load_config
@@ -100,6 +101,22 @@ def test_command_line_rejects_a_bad_space(tmp_path: Path, capsys: pytest.Capture
     assert "search.loss.lamda=" in capsys.readouterr().err
 
 
+TUNE_SEARCHES = background_pytest(
+    "tests/test_tune.py::test_tune_searches_beside_the_suite",
+    ["tests/test_tune.py::test_two_trial_search_runs_to_the_end",
+     "tests/test_tune.py::test_tune_killed_after_its_first_trial_resumes_with_tunes_restore"], timeout_s=1000)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1100)
+@pytest.mark.skipif(IN_BACKGROUND, reason="the collector of the searches run beside the suite")
+def test_tune_searches_beside_the_suite(request) -> None:
+    """The two searches below run in a pytest of their own beside the rest of the suite (most of a
+    search's time is Ray processes starting one after another, with a core idle)."""
+    check(request, TUNE_SEARCHES)
+
+
+@runs_beside_the_suite
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_two_trial_search_runs_to_the_end(ray_cluster, cifar10_dir: Path, mlflow_uri: str,
@@ -158,6 +175,7 @@ def test_two_trial_search_runs_to_the_end(ray_cluster, cifar10_dir: Path, mlflow
     assert {TRIALS_FILENAME, BEST_CONFIG_FILENAME} <= artifacts
 
 
+@runs_beside_the_suite
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluster, cifar10_dir, tmp_path,
