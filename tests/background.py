@@ -1,16 +1,16 @@
 """Tests whose whole work is one subprocess with a Ray cluster of its own, started when the suite starts.
 
 A Ray test spends most of its wall time starting processes one after another (a controller, then its
-workers, each importing torch) with one of the two cores idle: about 0.4 of the machine's CPU is busy
-over a Ray-heavy part of the suite (measured with a subreaper's rusage). Such a test's subprocess
-therefore runs beside the rest of the suite: once collection is done, ``conftest.py`` hands the
-registered cases selected for the run to one background lane that runs them one after another, in the
-suite's order, and each case's test only waits for its subprocess and checks its exit code. One lane, not
-one process per case: three such cases at once (the multi-node cases, two Tune searches, the `ray start`
-cluster) made the whole suite slower (1,754 s against 1,572 s with only the multi-node cases beside it,
-2026-12-02), the machine then being CPU-bound. Each subprocess gets a ``RAY_TMPDIR`` of its own (Ray
-records a running cluster there), so no other test can join its cluster by accident, and its own process
-group, stopped if the suite ends first.
+workers, each importing torch) with one of the two cores idle: 0.36 of the machine's two cores were
+busy over a Ray-heavy third of the suite, 0.56 over the whole suite (a subreaper's rusage, 2026-12-02).
+Such a test's subprocess therefore runs beside the rest of the suite: once collection is done,
+``conftest.py`` hands the registered cases selected for the run to one background lane that runs them
+one after another, in the suite's order, and each case's test only waits for its subprocess and checks
+its exit code. One lane, not one process per case: three such cases at once (the multi-node cases, two
+Tune searches, the `ray start` cluster) made the whole suite slower (1,754 s against 1,572 s with only
+the multi-node cases beside it, 2026-12-02), the machine then being CPU-bound. Each subprocess gets a
+``RAY_TMPDIR`` of its own (Ray records a running cluster there), so no other test can join its cluster by
+accident, and its own process group, stopped if the suite ends first.
 """
 
 from __future__ import annotations
