@@ -130,15 +130,17 @@ def profiled(enabled: bool) -> Any:
         pstats.Stats(profile, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
 
 
-def steady_utilization(logs: list[list[tuple[float, float]]]) -> tuple[float, float]:
-    """(utilization, seconds) within the window where every actor had begun and none had ended its last
-    shard: busy time inside the window / (actors x window)."""
-    begin = max(min(b for b, _ in log) for log in logs)
-    end = min(max(e for _, e in log) for log in logs)
+def steady_window(logs: list[list[tuple[float, float]]]) -> tuple[float, float]:
+    """(begin, end) of the window where every actor had begun and none had ended its last shard."""
+    return max(min(b for b, _ in log) for log in logs), min(max(e for _, e in log) for log in logs)
+
+
+def steady_utilization(logs: list[list[tuple[float, float]]], begin: float, end: float) -> float:
+    """Busy time inside the window [begin, end] / (actors x window); NaN for an empty window."""
     if end <= begin:
-        return float("nan"), 0.0
+        return float("nan")
     busy = sum(max(0.0, min(e, end) - max(b, begin)) for log in logs for b, e in log)
-    return busy / (len(logs) * (end - begin)), end - begin
+    return busy / (len(logs) * (end - begin))
 
 
 def call_gaps(calls: list[list[tuple[float, float, tuple]]], submitted: dict[tuple, float], begin: float,
@@ -173,9 +175,9 @@ def run_one(actors: int, s_per_image: float, args: argparse.Namespace, root: Pat
         wall, cpu = time.perf_counter() - began, time.process_time() - cpu_began
         thread = time.thread_time() - thread_began
         logs, calls = zip(*ray.get([a.busy_log.remote() for a in pool.actors]), strict=True)
-        steady, window = steady_utilization(list(logs))
-        begin = max(min(b for b, _ in log) for log in logs)
-        gap, driver_share = call_gaps(list(calls), pool.submitted, begin, begin + window)
+        begin, end = steady_window(list(logs))
+        steady, window = steady_utilization(list(logs), begin, end), max(0.0, end - begin)
+        gap, driver_share = call_gaps(list(calls), pool.submitted, begin, end)
     finally:
         pool.shutdown()
     busy = float(np.sum(read_results(result.output_dir).column("time_s")))  # the stubs' own clocks

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours": lambda: worker.count(x, 0, 1, 0, args.n),
         "noise": lambda: torch.randn((args.n, *x.shape), generator=torch.Generator().manual_seed(0)),
     }
-    variants["floor"], floor_batch = floor_of(worker.model, x, args.n)
+    variants["floor"], floor_batch = floor_of(worker.model, args.n, variants["noise"])
     for variant in variants.values():
         variant()  # warm-up
     times = alternate(variants, args.repeat, torch.device("cpu"))
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 FLOOR_BATCHES = (256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
-def floor_of(model: torch.nn.Module, x: torch.Tensor, n: int) -> tuple[Callable[[], None], int]:
-    """(run, batch): ``run`` draws the NOISE of ``n`` draws of ``x`` and runs every ``nn.Linear`` of
+def floor_of(model: torch.nn.Module, n: int, noise: Callable[[], object]) -> tuple[Callable[[], None], int]:
+    """(run, batch): ``run`` calls ``noise`` (the NOISE variant: the n draws) and runs every ``nn.Linear`` of
     ``model`` on (batch, in_features) inputs ``ceil(n / batch)`` times, at the batch of
     ``FLOOR_BATCHES`` where those layers alone ran fastest here (MKL's GEMMs gain from a batch that stays
     in cache): a lower bound on any path's time for the same classifier and noise."""
@@ -106,7 +106,7 @@ def floor_of(model: torch.nn.Module, x: torch.Tensor, n: int) -> tuple[Callable[
     linear = linear_layers(batch)
 
     def run() -> None:
-        torch.randn((n, *x.shape), generator=torch.Generator().manual_seed(0))
+        noise()
         linear()
 
     return run, batch

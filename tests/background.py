@@ -159,6 +159,7 @@ def check(request: pytest.FixtureRequest, case: BackgroundCase) -> None:
     code, output = outcome if outcome is not None else start(case).finish(case.timeout_s)
     assert code == 0, f"exit code {code}; output:\n{output[-12000:]}"
 
+
 IN_BACKGROUND = os.environ.get("ADRE_TEST_IN_BACKGROUND") == "1"
 """True inside a pytest started by ``background_pytest``."""
 

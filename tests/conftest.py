@@ -13,11 +13,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = Path(os.environ.get("ADRE_CIFAR10_DIR", REPO.parent / "shared" / "data" / "cifar10"))
 
 
+def cifar10_missing() -> str | None:
+    """Why the shared CIFAR-10 Parquet cannot be used here (None when it can)."""
+    if (SHARED_CIFAR10 / "test.parquet").is_file():
+        return None
+    return f"CIFAR-10 Parquet not found at {SHARED_CIFAR10} (set ADRE_CIFAR10_DIR)"
+
+
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
     """The full CIFAR-10 as Parquet (``../shared/data/cifar10``); tests never download."""
-    if not (SHARED_CIFAR10 / "test.parquet").is_file():
-        pytest.skip(f"CIFAR-10 Parquet not found at {SHARED_CIFAR10} (set ADRE_CIFAR10_DIR)")
+    reason = cifar10_missing()
+    if reason is not None:
+        pytest.skip(reason)
     return SHARED_CIFAR10
 
 

@@ -188,7 +188,6 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluste
 
     from mlflow.tracking import MlflowClient
 
-    tune_main = main
 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -224,7 +223,7 @@ def test_tune_killed_after_its_first_trial_resumes_with_tunes_restore(ray_cluste
     client = MlflowClient(tracking_uri=uri)
     assert client.get_experiment_by_name("adre-tune") is not None  # the search's own store, not ./mlflow.db
 
-    assert tune_main(args) == 0
+    assert main(args) == 0
     assert "resuming search 'tiny_cpu'" in capsys.readouterr().out
     with (out / "tiny_cpu" / TRIALS_FILENAME).open() as handle:
         rows = list(csv.DictReader(handle))
