@@ -4,10 +4,11 @@
         --n 100000 --repeat 5
 
 OURS is exactly what a CPU certification actor runs: ``CertifyWorker.count`` (batch chosen by the model's
-cost, native kernels for tiny convolutions; ``adre_ray.smoothing.cpu_speed``) on one shard of ``n``
-draws. REFERENCE is ``certify_throughput.reference_counts`` (Cohen et al.'s ``Smooth._sample_noise``:
-``x.repeat``, ``randn_like * sigma``, fp32 forward, ``argmax``, counts) at the original batch of 400, on
-the same module object. NOISE is ``torch.randn`` of the same n draws alone (the part of ours that the
+cost, native kernels for tiny convolutions: ``adre_ray.smoothing.cpu_speed``; the model's affine prefix
+folded into one dense map: ``adre_ray.smoothing.affine_fold``) on one shard of ``n`` draws. REFERENCE
+is ``certify_throughput.reference_counts`` (Cohen et al.'s ``Smooth._sample_noise``: ``x.repeat``,
+``randn_like * sigma``, fp32 forward, ``argmax``, counts) at the original batch of 400, on the same
+module object. NOISE is ``torch.randn`` of the same n draws alone (the part of ours that the
 noise scheme fixes). FLOOR is NOISE plus the model's ``nn.Linear`` layers alone (``F.linear`` on inputs
 of their shapes, at the batch where they run fastest, in MKL): work that any implementation of the same
 base classifier with the same noise must do, so ``floor / reference`` bounds the speed-up any sampling
@@ -29,6 +30,7 @@ from _common import alternate, median
 from certify_throughput import reference_counts
 
 from adre_ray.distributed.worker import CertifyWorker
+from adre_ray.smoothing.affine_fold import FoldedModel
 from adre_ray.smoothing.cpu_speed import cpu_kernels
 from adre_ray.smoothing.sampler import prepare_model, sample_counts
 
@@ -63,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     times = alternate(variants, args.repeat, torch.device("cpu"))
     rate = {name: args.n / median(seconds) for name, seconds in times.items()}
     best = {name: args.n / min(seconds) for name, seconds in times.items()}
+    sampled = worker.model_for(tuple(x.shape))
+    folded = (f"{tuple(sampled.matrix.shape)[0]} x {tuple(sampled.matrix.shape)[1]}"
+              if isinstance(sampled, FoldedModel) else "none")
     print(f"threads {torch.get_num_threads()}, n {args.n}, sample {tuple(x.shape)}, ours batch "
-          f"{worker.batch_for(tuple(x.shape))}, native convolutions {worker.native_convolutions}")
+          f"{worker.batch_for(tuple(x.shape))}, native convolutions {worker.native_convolutions}, "
+          f"folded affine prefix {folded}")
     for name in variants:
         print(f"{name:<10} {rate[name]:>12,.0f} samples/s (median)  {best[name]:>12,.0f} (best run)")
     print(f"ours / reference: {rate['ours'] / rate['reference']:.2f}x median, "

@@ -20,6 +20,7 @@ from adre_ray.distributed import certify as certify_job
 from adre_ray.distributed.certify import run_certification
 from adre_ray.models.checkpoint import load_model_checkpoint
 from adre_ray.models.importers import import_checkpoint
+from adre_ray.smoothing.affine_fold import fold_affine_prefix
 from adre_ray.smoothing.cpu_speed import cpu_batch_size, cpu_kernels, tiny_convolutions
 from adre_ray.smoothing.sampler import sample_counts
 
@@ -201,9 +202,10 @@ def certify_cfg(data: Path, out: Path, **changes) -> CertifyConfig:
 def expected_counts(model: torch.nn.Module, x: np.ndarray, cfg: CertifyConfig, num_classes: int) -> list[int]:
     """The main counts one process gets for sample ``x`` (shards of ``shard_size`` summed)."""
     total = torch.zeros(num_classes, dtype=torch.int64)
+    sampled = fold_affine_prefix(model.eval(), x.shape) or model  # what a CPU actor samples with
     for shard, begin in enumerate(range(0, cfg.n, cfg.shard_size)):
         with cpu_kernels(tiny_convolutions(model)):  # the kernels the CPU actors choose for this model
-            total += sample_counts(model, torch.from_numpy(x), min(cfg.shard_size, cfg.n - begin),
+            total += sample_counts(sampled, torch.from_numpy(x), min(cfg.shard_size, cfg.n - begin),
                                    num_classes,
                                    cfg.sigma, seed=cfg.seed, idx=cfg.start, shard=shard, stream=1)
     return total.tolist()

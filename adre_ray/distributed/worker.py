@@ -23,6 +23,7 @@ from adre_ray.models.checkpoint import load_model_checkpoint
 from adre_ray.models.model_fn import add_import_paths, build_model_fn
 from adre_ray.models.precision import fp32_logits
 from adre_ray.precision import autocast_dtype
+from adre_ray.smoothing.affine_fold import fold_affine_prefix
 from adre_ray.smoothing.cpu_speed import cpu_batch_size, cpu_kernels, tiny_convolutions
 from adre_ray.smoothing.sampler import (
     NonFiniteLogitsError,
@@ -87,7 +88,10 @@ class CertifyWorker:
         model = prepare_model(model, channels_last=self.channels_last, compile=bool(compile),
                               cuda_graphs=bool(cuda_graphs and on_gpu))
         self.pad_batches = bool(compile or (cuda_graphs and on_gpu))
+        # CPU, eager: the model's leading affine layers as one dense map for tiny inputs (affine_fold)
+        self.fold_prefix = not on_gpu and not compile
         self._cpu_batch: dict[tuple[int, ...], int] = {}
+        self._sampled_model: dict[tuple[int, ...], torch.nn.Module] = {}
         self.amp_dtype = autocast_dtype(precision)
         self.model = model
         self.meta = meta
@@ -108,8 +112,17 @@ class CertifyWorker:
             return self.batch_size
         if shape not in self._cpu_batch:
             with cpu_kernels(self.native_convolutions):
-                self._cpu_batch[shape] = cpu_batch_size(self.model, shape, self.batch_size)
+                self._cpu_batch[shape] = cpu_batch_size(self.model_for(shape), shape, self.batch_size)
         return self._cpu_batch[shape]
+
+    def model_for(self, shape: tuple[int, ...]) -> torch.nn.Module:
+        """The module that samples inputs of ``shape``: on CPU (eager) the model with its affine prefix
+        folded when that applies (``affine_fold.fold_affine_prefix``: a function of the model and the
+        shape only, so every actor samples alike), else the model."""
+        if shape not in self._sampled_model:
+            folded = fold_affine_prefix(self.model, shape) if self.fold_prefix else None
+            self._sampled_model[shape] = self.model if folded is None else folded
+        return self._sampled_model[shape]
 
     def output_classes(self, image: Any) -> int:
         """The model's output size on ``image`` (one sample): the class count when none was declared (set
@@ -137,7 +150,7 @@ class CertifyWorker:
             self.output_classes(x)
         try:
             with cpu_kernels(self.native_convolutions):
-                counts = sample_counts(self.model, x, num, self.num_classes, self.sigma,
+                counts = sample_counts(self.model_for(tuple(x.shape)), x, num, self.num_classes, self.sigma,
                                        batch_size=self.batch_for(tuple(x.shape)), seed=self.seed, idx=idx,
                                        shard=shard, stream=stream, amp_dtype=self.amp_dtype,
                                        channels_last=self.channels_last and x.dim() == 3,
