@@ -89,6 +89,11 @@ def test_buffers_batch_norm_pooling_and_functional_layers_fold():
     assert_same_classifier(model, folded, noisy_inputs((2, 4, 4)))
 
 
+class Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.0
+
+
 class InputUsedTwice(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -112,7 +117,8 @@ class Branching(nn.Module):
 
 @pytest.mark.parametrize(("model", "shape"), [
     (nn.Sequential(nn.ReLU(), nn.Linear(6, 2)), (6,)),  # no affine prefix
-    (nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)), (6,)),  # a lone linear layer: no gain
+    (nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)), (6,)),  # one GEMM already
+    (nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(6, 2)), (6,)),  # only a reshape before the ReLU
     (InputUsedTwice(), (6,)),  # the input (a prefix value) is used again after the prefix
     (Branching(), (6,)),  # untraceable
     (model_fns.seeded_small_cnn(), (3, 32, 32)),  # d * m far above FOLD_MAX_ENTRIES
@@ -128,7 +134,7 @@ class ReluBesideSkip(nn.Module):
         self.head = nn.Linear(8, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.lin(x.flatten(1))
+        h = self.lin(x.flatten(1) * 2.0 - 1.0)
         return self.head(torch.relu(h) + h)
 
 
@@ -137,6 +143,14 @@ def test_a_relu_whose_input_is_used_again_stays_out_of_place():
     folded = fold_affine_prefix(model, (2, 3))
     assert folded is not None and "torch.relu(" in folded.rest.code and "relu_" not in folded.rest.code
     assert_same_classifier(model, folded, noisy_inputs((2, 3)))
+
+
+def test_batch_norm_without_running_statistics_is_not_affine():
+    model = seeded(nn.Sequential(nn.Flatten(), nn.Linear(6, 4), Double(),
+                                 nn.BatchNorm1d(4, track_running_stats=False), nn.ReLU(), nn.Linear(4, 2)))
+    folded = fold_affine_prefix(model, (6,))
+    assert folded is not None and 'getattr(self, "3")' in folded.rest.code  # the batch norm stays
+    assert_same_classifier(model, folded, noisy_inputs((6,)))
 
 
 def test_the_size_limit_is_on_the_dense_map():
@@ -150,9 +164,9 @@ def test_the_size_limit_is_on_the_dense_map():
 
 
 def test_an_operation_wrongly_taken_as_affine_is_caught_by_the_probe(monkeypatch):
-    model = seeded(nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.Tanh(),
-                                 nn.Linear(3, 2)))
-    assert fold_affine_prefix(model, (6,)) is not None  # Flatten + Linear, cut at the ReLU
+    model = seeded(nn.Sequential(nn.Flatten(), Double(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3),
+                                 nn.Tanh(), nn.Linear(3, 2)))
+    assert fold_affine_prefix(model, (6,)) is not None  # Flatten, x 2, Linear; cut at the ReLU
     monkeypatch.setattr(affine_fold, "AFFINE_MODULES", (*affine_fold.AFFINE_MODULES, nn.ReLU))
     assert fold_affine_prefix(model, (6,)) is None  # ReLU "affine": the probe's logits disagree
 

@@ -86,6 +86,14 @@ def _constant(arg: Any, graph_constants: set[fx.Node]) -> bool:
     return isinstance(arg, (int, float)) and not isinstance(arg, bool) or arg in graph_constants
 
 
+def _affine_module(module: nn.Module) -> bool:
+    """Whether ``module`` (in eval mode) is affine: one of ``AFFINE_MODULES`` exactly, and a batch norm
+    only with running statistics (without them it normalizes by the batch's own)."""
+    if type(module) not in AFFINE_MODULES:
+        return False
+    return not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is not None
+
+
 def _static_shape_args(args: Sequence[Any]) -> bool:
     """Whether reshape-style arguments are plain integers (no size read from a tensor at run time)."""
     flat = [a for arg in args for a in (arg if isinstance(arg, (tuple, list)) else (arg,))]
@@ -100,7 +108,7 @@ def _affine_step(node: fx.Node, chain: fx.Node, modules: dict[str, nn.Module],
         return False
     others = [a for a in args[1:] + list(kwargs.values()) if isinstance(a, fx.Node)]
     if node.op == "call_module":
-        return type(modules[str(node.target)]) in AFFINE_MODULES and len(args) == 1 and not kwargs
+        return _affine_module(modules[str(node.target)]) and len(args) == 1 and not kwargs
     if node.target in SCALAR_OPS and (node.op == "call_function" or node.op == "call_method"):
         if len(args) != 2 or kwargs:
             return False
@@ -120,7 +128,7 @@ def _affine_step(node: fx.Node, chain: fx.Node, modules: dict[str, nn.Module],
 
 def _split(traced: fx.GraphModule) -> tuple[list[fx.Node], fx.Node] | None:
     """The affine prefix's nodes (placeholder first) and its last node, or None if there is nothing to
-    fold (no affine step, a prefix value used again later, or a lone linear layer)."""
+    fold: no step that computes (only reshapes), or a lone linear layer (already one GEMM)."""
     nodes = list(traced.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     if len(inputs) != 1:
@@ -136,10 +144,20 @@ def _split(traced: fx.GraphModule) -> tuple[list[fx.Node], fx.Node] | None:
             break
         chain = node
         prefix.append(node)
-    steps = prefix[1:]
-    if not steps or len(steps) == 1 and _is_linear(steps[0], modules):
+    computing = [node for node in prefix[1:] if not _reshapes(node, modules)]
+    if not computing or len(computing) == 1 and _is_linear(computing[0], modules):
         return None
     return prefix, chain
+
+
+RESHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+def _reshapes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the step only moves values (flatten, view, reshape, identity): nothing to fold."""
+    if node.op == "call_module":
+        return type(modules[str(node.target)]) in RESHAPE_MODULES
+    return node.target in AFFINE_METHODS or node.target in (torch.flatten, torch.reshape)
 
 
 def _is_linear(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -209,17 +227,22 @@ def fold_affine_prefix(model: nn.Module, sample_shape: Sequence[int]) -> FoldedM
     split = _split(traced)
     if split is None or math.prod(sample_shape) > FOLD_MAX_ENTRIES:
         return None
-    prefix, cut = split
+    try:
+        return _fold(model, traced, *split, tuple(sample_shape))
+    except Exception:  # noqa: BLE001 - a prefix or rest that does not run on this shape: not folded
+        return None
+
+
+def _fold(model: nn.Module, traced: fx.GraphModule, prefix: list[fx.Node], cut: fx.Node,
+          sample_shape: tuple[int, ...]) -> FoldedModel | None:
+    """The folded model (c and M from the prefix in float64), if d * m is small and the probe agrees."""
     d = math.prod(sample_shape)
     prefix_model = copy.deepcopy(_subgraph(traced, prefix, cut, rest=False)).double()
-    try:  # the prefix's output size first (one sample), then the basis only if the map is small
-        m = prefix_model(torch.zeros((1, *sample_shape), dtype=torch.float64))[0].numel()
-        if d * m > FOLD_MAX_ENTRIES:
-            return None
-        basis = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)])
-        values = prefix_model(basis.view(d + 1, *sample_shape))
-    except Exception:  # noqa: BLE001 - the prefix does not run on this shape (the model would fail too)
+    m = prefix_model(torch.zeros((1, *sample_shape), dtype=torch.float64))[0].numel()
+    if d * m > FOLD_MAX_ENTRIES:  # the output size first (one sample), the basis only for a small map
         return None
+    basis = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)])
+    values = prefix_model(basis.view(d + 1, *sample_shape))
     offset = values[0].reshape(-1)
     matrix = (values[1:].reshape(d, -1) - offset)
     folded = FoldedModel(offset.float(), matrix.float().contiguous(), values.shape[1:],
