@@ -16,6 +16,7 @@ accident, and its own process group, stopped if the suite ends first.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -157,7 +158,21 @@ def check(request: pytest.FixtureRequest, case: BackgroundCase) -> None:
     lane = request.config.stash.get(LANE, None)
     outcome = lane.outcome(case.nodeid) if lane is not None and case.nodeid in lane.done else None
     code, output = outcome if outcome is not None else start(case).finish(case.timeout_s)
-    assert code == 0, f"exit code {code}; output:\n{output[-12000:]}"
+    assert code == 0, f"exit code {code}; output:\n{failure_report(output)}"
+
+
+FAILURE_SECTION = re.compile(r"^_{3,} (\S+) _{3,}$(.*?)(?=^-{3,} Captured|^_{3,} \S+ _{3,}$|^={3,})",
+                             re.MULTILINE | re.DOTALL)
+
+
+def failure_report(output: str, section_chars: int = 4000, tail_chars: int = 6000) -> str:
+    """What a failed case printed, for its test's message: the traceback of each failed test of a pytest
+    output (each section up to its captured output, whose Ray cluster logs can fill the whole tail),
+    then the output's end."""
+    sections = [f"___ {name} ___{body[:section_chars]}" for name, body in FAILURE_SECTION.findall(output)]
+    if not sections or len(output) <= tail_chars:
+        return output[-(tail_chars + section_chars):]
+    return "\n".join([*sections, f"[... the output's last {tail_chars} characters:]", output[-tail_chars:]])
 
 
 IN_BACKGROUND = os.environ.get("ADRE_TEST_IN_BACKGROUND") == "1"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from background import BackgroundCase, Lane, check
+from background import BackgroundCase, Lane, check, failure_report
 
 
 def _case(name: str, code: str, timeout_s: float = 60) -> BackgroundCase:
@@ -34,6 +34,18 @@ def test_check_fails_with_the_cases_output(request):
     failing = _case("failing", "print('the case said why'); raise SystemExit(1)")
     with pytest.raises(AssertionError, match="(?s)exit code 1.*the case said why"):
         check(request, failing)  # not in the suite's lane: run now
+
+
+def test_the_failure_report_shows_each_failed_tests_traceback_before_its_captured_logs():
+    chatter = "(raylet) store.cc:366: Disconnecting client\n" * 2000
+    output = ("....F.F\n= FAILURES =\n"
+              f"___ test_one ___\n    assert x\nE   assert 1 == 2\n--- Captured stdout call ---\n{chatter}"
+              f"___ test_two ___\nE   ValueError: the node was gone\n--- Captured stdout call ---\n{chatter}"
+              "= short test summary info =\nFAILED tests/x.py::test_one\nFAILED tests/x.py::test_two\n")
+    report = failure_report(output)
+    assert "E   assert 1 == 2" in report and "E   ValueError: the node was gone" in report
+    assert report.endswith("FAILED tests/x.py::test_two\n") and len(report) < 20_000
+    assert failure_report("short output") == "short output"
 
 
 def test_a_stopped_lane_runs_nothing_more():
