@@ -88,6 +88,30 @@ def stage_times(progress: list[dict[str, Any]]) -> dict[str, float]:
     return totals
 
 
+def _describe(machine: dict[str, Any]) -> str:
+    return (f"{machine['cpu']}, {machine['cpus']} CPUs, capability {machine['cpu_capability']}, native bf16 "
+            f"{machine['native_bf16']}, torch {machine['torch']}")
+
+
+def machines_by_stage(planned_on: dict[str, Any], progress: list[dict[str, Any]]
+                      ) -> list[tuple[dict[str, Any], list[str]]]:
+    """Each machine the run ran on (from its ``start`` events; before the first, the plan's) with the
+    stages (train / certify per method) that made progress there, in order."""
+    machines: dict[str, dict[str, Any]] = {}
+    stages: dict[str, list[str]] = {}
+    machine = planned_on
+    for event in progress:
+        if event["stage"] == "start":
+            machine = event["machine"]
+            continue
+        name = json.dumps(machine, sort_keys=True)
+        machines.setdefault(name, machine)
+        key = event["stage"] + (f" {event['method']}" if "method" in event else "")
+        if key not in stages.setdefault(name, []):
+            stages[name].append(key)
+    return [(machines[name], keys) for name, keys in stages.items()]
+
+
 def published_basic() -> list[float] | None:
     if not COHEN_LOG.is_file():
         return None
@@ -119,10 +143,11 @@ def write_report(state: Path, out_dir: Path) -> str:
         if folder.is_dir() and any(folder.glob("part-*.parquet")):
             tables[method] = read_results(folder)
     lines = [MARKER, "", f"Generated {progress[-1]['at'] if progress else '?'} from `{state.name}/`.", ""]
-    machine = plan_record["machine"]
-    lines += [f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, torch {machine['torch']}, capability "
-              f"{machine['cpu_capability']}, native bf16: {machine['native_bf16']}. Precision "
-              f"{plan['precision']}, channels_last {plan['channels_last']}, {plan['threads']} threads.", ""]
+    lines += [f"Precision {plan['precision']}, channels_last {plan['channels_last']}, {plan['threads']} "
+              "threads. Machines (the run resumed on whichever machine each session had):", ""]
+    lines += [f"- {_describe(machine)}: {', '.join(stages)}" for machine, stages in
+              machines_by_stage(plan_record["machine"], progress)]
+    lines.append("")
     lines += ["## Stage wall times (niced, machine shared with other jobs)", "", "| stage | wall s |",
               "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in stage_times(progress).items()]

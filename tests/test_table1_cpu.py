@@ -110,6 +110,18 @@ def test_mcnemar_and_bootstrap(monkeypatch):
     assert low == high == pytest.approx(0.2)
 
 
+def test_the_report_names_each_machine_with_the_stages_it_ran(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    report = importlib.import_module("table1_cpu_report")
+    amd, xeon = {"cpu": "AMD EPYC"}, {"cpu": "Xeon"}
+    progress = [{"stage": "load_train", "wall_s": 1}, {"stage": "train", "method": "basic", "wall_s": 1},
+                {"stage": "start", "machine": xeon}, {"stage": "train", "method": "basic", "wall_s": 1},
+                {"stage": "train", "method": "adre_reg", "wall_s": 1}, {"stage": "start", "machine": amd},
+                {"stage": "certify", "method": "basic", "wall_s": 1}]
+    assert report.machines_by_stage(amd, progress) == [
+        (amd, ["load_train", "train basic", "certify basic"]), (xeon, ["train basic", "train adre_reg"])]
+
+
 def test_train_step_layouts_compare_precisions_side_by_side(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     module = importlib.import_module("train_step")
