@@ -56,7 +56,9 @@ class CertifyWorker:
     autotuning (``cudnn.benchmark``) is switched on (fixed shapes), unless ``deterministic``
     (``adre_ray.device.set_numerics``). A "cuda" worker first checks that torch can use CUDA here
     (``adre_ray.device.require_cuda``) and stops with the reason if not. Noise comes from the device's
-    default generator (``adre_ray.smoothing.sampler.default_noise``: Philox on CUDA).
+    default generator (``adre_ray.smoothing.sampler.default_noise``: Philox on CUDA). On CPU, an eager
+    model's affine prefix is folded into one dense map for small inputs (``model_for``;
+    ``adre_ray.smoothing.affine_fold``).
     """
 
     def __init__(self, checkpoint: str, *, num_classes: int | None, sigma: float, seed: int, batch_size: int,
