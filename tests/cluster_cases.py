@@ -86,6 +86,15 @@ def worker_nodes(cluster: Cluster) -> list:
     return [node for node in cluster.list_all_nodes() if node is not cluster.head_node]
 
 
+def train_workers() -> list[dict]:
+    """The live Ray Train worker actors, from the GCS actor table (Ray's state API needs the dashboard,
+    which these clusters leave out)."""
+    from ray._private import state
+
+    return [actor for actor in state.actors().values()
+            if actor.get("ActorClassName") == "RayTrainWorker" and actor.get("State") == "ALIVE"]
+
+
 def ensure_two_workers(cluster: Cluster) -> None:
     """Back to two live 1-CPU worker nodes (a previous case removed one)."""
     while len(worker_nodes(cluster)) < 2:
@@ -314,9 +323,10 @@ def test_training_without_a_replacement_node_stops_with_a_message(cluster, cifar
 
 def test_tune_search_finishes_when_a_trials_node_is_removed(cluster, cifar10_dir, tmp_path,
                                                             undisturbed_training):
-    """tiny_cpu.yaml (two 1-worker trials at once, one per worker node); once both run, one node is
-    removed: that trial fails, the other finishes, the search ends, and MLflow's child runs agree with
-    trials.csv (the failed trial's run FAILED, the other FINISHED)."""
+    """tiny_cpu.yaml (two 1-worker trials at once, one per worker node); once both trials' Train workers
+    run, the node of the one that started last is removed: that trial fails, the other finishes, the
+    search ends, and MLflow's child runs agree with trials.csv (the failed trial's run FAILED, the other
+    FINISHED)."""
     import csv
 
     from mlflow.tracking import MlflowClient
@@ -329,12 +339,15 @@ def test_tune_search_finishes_when_a_trials_node_is_removed(cluster, cifar10_dir
     errors: list[BaseException] = []
 
     def remove_when_both_trials_run() -> None:
-        try:
+        try:  # both trials' Train workers alive (all CPUs reserved is not enough: a placement group
+            # holds its CPU before its worker starts and after it ends); the younger trial's node goes
             deadline = time.monotonic() + 900
-            while ray.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+            while len(train_workers()) < 2 and time.monotonic() < deadline:
                 time.sleep(0.5)
+            youngest = max(train_workers(), key=lambda actor: actor["StartTime"])
             time.sleep(2.0)
-            cluster.remove_node(worker_nodes(cluster)[-1], allow_graceful=False)
+            cluster.remove_node(next(node for node in worker_nodes(cluster)
+                                     if node.node_id == youngest["Address"]["NodeID"]), allow_graceful=False)
         except BaseException as err:  # noqa: BLE001 - reported by the test
             errors.append(err)
 
