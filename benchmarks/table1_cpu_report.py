@@ -96,13 +96,15 @@ def _describe(machine: dict[str, Any]) -> str:
 def machines_by_stage(planned_on: dict[str, Any], progress: list[dict[str, Any]]
                       ) -> list[tuple[dict[str, Any], list[str]]]:
     """Each machine the run ran on (from its ``start`` events; before the first, the plan's) with the
-    stages (train / certify per method) that made progress there, in order."""
+    stages (data loading, train / certify per method) that spent time there, in order."""
     machines: dict[str, dict[str, Any]] = {}
     stages: dict[str, list[str]] = {}
     machine = planned_on
     for event in progress:
         if event["stage"] == "start":
             machine = event["machine"]
+            continue
+        if "wall_s" not in event:  # the end marker
             continue
         name = json.dumps(machine, sort_keys=True)
         machines.setdefault(name, machine)
