@@ -148,12 +148,13 @@ class CertifyWorker:
         A NaN / infinite logit fails the shard with ``NonFiniteLogitsError`` naming the checkpoint.
         """
         x = as_tensor(image)
+        shape = tuple(x.shape)
         if self.num_classes is None:
             self.output_classes(x)
         try:
             with cpu_kernels(self.native_convolutions):
-                counts = sample_counts(self.model_for(tuple(x.shape)), x, num, self.num_classes, self.sigma,
-                                       batch_size=self.batch_for(tuple(x.shape)), seed=self.seed, idx=idx,
+                counts = sample_counts(self.model_for(shape), x, num, self.num_classes, self.sigma,
+                                       batch_size=self.batch_for(shape), seed=self.seed, idx=idx,
                                        shard=shard, stream=stream, amp_dtype=self.amp_dtype,
                                        channels_last=self.channels_last and x.dim() == 3,
                                        pad_batches=self.pad_batches, noise=self.noise)

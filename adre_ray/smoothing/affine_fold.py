@@ -107,22 +107,19 @@ def _affine_step(node: fx.Node, chain: fx.Node, modules: dict[str, nn.Module],
     args, kwargs = list(node.args), dict(node.kwargs)
     if not args or args[0] is not chain and not (node.target in SCALAR_OPS and chain in args[:2]):
         return False
-    others = [a for a in args[1:] + list(kwargs.values()) if isinstance(a, fx.Node)]
     if node.op == "call_module":
         return _affine_module(modules[str(node.target)]) and len(args) == 1 and not kwargs
-    if node.target in SCALAR_OPS and (node.op == "call_function" or node.op == "call_method"):
+    if node.target in SCALAR_OPS and node.op in ("call_function", "call_method"):
         if len(args) != 2 or kwargs:
             return False
         other = args[1] if args[0] is chain else args[0]
-        if not _constant(other, constants):
-            return False
-        kind = SCALAR_OPS[node.target]
-        return kind in ("add", "sub") or (kind == "mul") or (kind == "div" and args[0] is chain)
+        return _constant(other, constants) and (SCALAR_OPS[node.target] != "div" or args[0] is chain)
     if node.op == "call_method" and node.target in AFFINE_METHODS:
         return _static_shape_args(args[1:]) and not kwargs
     if node.op == "call_function" and node.target in AFFINE_FUNCTIONS:
         if node.target in (torch.flatten, torch.reshape):
             return _static_shape_args(args[1:]) and _static_shape_args(list(kwargs.values()))
+        others = [a for a in args[1:] + list(kwargs.values()) if isinstance(a, fx.Node)]
         return all(other in constants for other in others)
     return False
 
@@ -174,7 +171,7 @@ def _subgraph(traced: fx.GraphModule, prefix: list[fx.Node], cut: fx.Node, *,
     if rest:
         env[cut] = graph.placeholder("prefix_value")
     for node in traced.graph.nodes:
-        if rest and (node in inside or node.op == "placeholder"):
+        if rest and node in inside:  # the prefix, its input included
             continue
         if not rest and node not in inside and node.op != "get_attr":
             continue
