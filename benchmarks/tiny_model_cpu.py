@@ -5,7 +5,8 @@
 
 OURS is exactly what a CPU certification actor runs: ``CertifyWorker.count`` (batch chosen by the model's
 cost, native kernels for tiny convolutions: ``adre_ray.smoothing.cpu_speed``; the model's affine prefix
-folded into one dense map: ``adre_ray.smoothing.affine_fold``) on one shard of ``n`` draws. REFERENCE
+folded into one dense map and its linear layers as oneDNN GEMMs with bias and ReLU fused:
+``adre_ray.smoothing.affine_fold``) on one shard of ``n`` draws. REFERENCE
 is ``certify_throughput.reference_counts`` (Cohen et al.'s ``Smooth._sample_noise``: ``x.repeat``,
 ``randn_like * sigma``, fp32 forward, ``argmax``, counts) at the original batch of 400, on the same
 module object. NOISE is ``torch.randn`` of the same n draws alone (the part of ours that the

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from adre_ray.smoothing import affine_fold
-from adre_ray.smoothing.affine_fold import FOLD_MAX_ENTRIES, FoldedModel, fold_affine_prefix
+from adre_ray.smoothing.affine_fold import FOLD_MAX_ENTRIES, DenseLayer, FoldedModel, fold_affine_prefix
+from adre_ray.smoothing.cpu_speed import flops_per_sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_fns  # noqa: E402
@@ -54,8 +55,13 @@ def test_levine_small_mnist_net_folds_normalization_and_convolution():
     folded = fold_affine_prefix(model, (1, 7, 7))
     assert isinstance(folded, FoldedModel)
     assert tuple(folded.matrix.shape) == (49, 144) and folded.prefix_shape == (4, 6, 6)
-    assert "conv1" not in folded.rest.code and "lin1" in folded.rest.code  # the cut is at the first ReLU
-    assert folded.rest.code.count("torch.relu_(") == 2  # both ReLUs act on fresh tensors: in place
+    assert "conv1" not in folded.rest.code  # the cut is at the first ReLU, which the folded map applies
+    assert folded.prefix.relu and "relu" not in folded.rest.code
+    dense = [(m.weight.shape[1], m.weight.shape[0], m.relu) for m in folded.rest.modules()
+             if isinstance(m, DenseLayer)]
+    assert dense == [(144, 100, True), (100, 10, False)]  # lin1 with its ReLU fused, then lin2
+    # the CPU batch rule counts the dense layers' work (oneDNN's op has its FLOP formula registered)
+    assert flops_per_sample(folded, (1, 7, 7)) == 2 * (49 * 144 + 144 * 100 + 100 * 10)
     assert_same_classifier(model, folded, noisy_inputs((1, 7, 7)))
 
 
@@ -145,6 +151,54 @@ def test_a_relu_whose_input_is_used_again_stays_out_of_place():
     assert_same_classifier(model, folded, noisy_inputs((2, 3)))
 
 
+class FunctionalHead(nn.Module):
+    """After the first nonlinearity: a functional linear layer with its ReLU, and one whose output is read
+    twice (its ReLU cannot be fused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 8)
+        self.w1, self.b1 = nn.Parameter(torch.zeros(8, 8)), nn.Parameter(torch.zeros(8))
+        self.w2 = nn.Parameter(torch.zeros(3, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x * 0.5))
+        h = F.relu(F.linear(h, self.w1, self.b1))
+        h = F.linear(h, self.w2)
+        return torch.relu(h) - h
+
+
+def test_linear_layers_after_the_cut_become_dense_layers_with_their_relu():
+    model = seeded(FunctionalHead())
+    folded = fold_affine_prefix(model, (6,))
+    assert folded is not None and not folded.prefix.relu  # the prefix ends at tanh
+    dense = [(m.weight.shape[1], m.weight.shape[0], m.relu, m.bias is None) for m in folded.rest.modules()
+             if isinstance(m, DenseLayer)]
+    assert dense == [(8, 8, True, False), (8, 3, False, True)]
+    assert "F.linear" not in folded.rest.code and "torch.relu(" in folded.rest.code  # the ReLU read twice
+    assert_same_classifier(model, folded, noisy_inputs((6,)))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_dense_layer_is_linear_then_relu_and_keeps_autocast(relu):
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(7, 5, generator=generator), torch.randn(7, generator=generator)
+    z = torch.randn(2, 33, 5, generator=generator)  # any leading axes, as nn.Linear
+    layer = DenseLayer(weight, bias, relu=relu)
+    expected = F.linear(z, weight, bias)
+    expected = expected.relu() if relu else expected
+    with torch.inference_mode():
+        got = layer(z)
+        assert got.shape == expected.shape
+        assert float((got - expected).abs().max()) <= ROUNDING_ULPS * 2.0**-23 * float(expected.abs().max())
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 run: the layer computes in bf16
+            assert layer(z).dtype == torch.bfloat16
+            # a float32 head (models.precision.Float32Linear) stays float32 and gives the same logits
+            head = DenseLayer(weight, bias, relu=relu, float32=True)
+            assert head(z.bfloat16()).dtype == torch.float32
+            assert torch.equal(head(z), got)
+
+
 def test_batch_norm_without_running_statistics_is_not_affine():
     model = seeded(nn.Sequential(nn.Flatten(), nn.Linear(6, 4), Double(),
                                  nn.BatchNorm1d(4, track_running_stats=False), nn.ReLU(), nn.Linear(4, 2)))
@@ -184,6 +238,8 @@ def test_the_worker_samples_with_the_folded_model_on_cpu(tmp_path):
     worker = CertifyWorker(str(tmp_path / "unused.pt"), num_classes=None, sigma=0.25, seed=5, batch_size=100,
                            model_fn="tests.model_fns:small_mnist_net")
     assert isinstance(worker.model_for((1, 7, 7)), FoldedModel)
+    heads = [m.float32 for m in worker.model_for((1, 7, 7)).modules() if isinstance(m, DenseLayer)]
+    assert heads == [False, False, True]  # the worker's float32 head (fp32_logits) stays float32
     assert worker.model_for((1, 7, 7)) is worker.model_for((1, 7, 7))  # folded once per shape
     image = torch.rand(1, 7, 7, generator=torch.Generator().manual_seed(4))
     counts = worker.count(image.numpy(), idx=2, stream=MAIN_STREAM, shard=1, num=3000)

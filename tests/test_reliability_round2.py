@@ -82,6 +82,28 @@ def test_sampler_refuses_a_single_non_finite_logit(value):
     assert counts.tolist() == [128] + [0] * 9
 
 
+class _Logits(torch.nn.Module):
+    """Returns ``rows`` (cycled over the batch) as logits."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        super().__init__()
+        self.rows = torch.tensor(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows.repeat(x.shape[0] // len(self.rows) + 1, 1)[:x.shape[0]]
+
+
+def test_non_finite_check_counts_each_bad_row_and_passes_huge_finite_logits():
+    """On CPU the per-logit check runs only when a batch's sum is not finite: +inf and -inf in two rows sum
+    to NaN (both counted); finite logits whose sum overflows are still counted as draws."""
+    x = torch.rand(3, 8, 8)
+    with pytest.raises(NonFiniteLogitsError, match=r"64 of 128 draws gave"):
+        sample_counts(_Logits([[float("inf"), 0.0], [1.0, 0.0], [0.0, float("-inf")], [1.0, 0.0]]).eval(), x,
+                      128, 2, 0.25, batch_size=64)
+    huge = _Logits([[3e38, 1e38], [1e38, 3e38]]).eval()  # every batch's sum overflows to inf
+    assert sample_counts(huge, x, 128, 2, 0.25, batch_size=64).tolist() == [64, 64]
+
+
 def test_nan_weights_fail_the_job_naming_the_checkpoint(ray_cluster, small_checkpoints, cifar10_dir, tmp_path,
                                                         capsys, monkeypatch):
     """Before: every draw's argmax was class 0, so class-0 images were 'certified'. Now: exit 2 naming the

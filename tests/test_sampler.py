@@ -14,6 +14,7 @@ from adre_ray.smoothing import (
     noise_seed,
     sample_counts,
 )
+from adre_ray.smoothing.sampler import _noise_batches, _noise_filler, draws_in_batches
 
 SHAPE = (3, 4, 4)
 
@@ -206,3 +207,36 @@ def test_padded_batches_give_the_same_counts_and_noise():
     counts = sample_counts(short, image(), 10, 3, 1.0, batch_size=64, seed=7, pad_batches=True)
     assert [t.shape[0] for t in short.seen] == [64] and counts.tolist() == [10, 0, 0]  # a pilot-size shard
     assert torch.equal(short.seen[0][:10], recorded_noise(10, batch_size=64, seed=7) + image())
+
+
+@pytest.mark.parametrize(("shape", "batch", "num"), [
+    ((1, 7, 7), 16, 1000),  # pooled MNIST: 49 values a sample, the shard ends inside a batch
+    ((1, 7, 7), 8192, 20_001),
+    ((16,), 1, 37),  # one sample per draw: 16 values
+    ((3, 4, 4), 32, 1001),
+    ((1, 1, NOISE_BLOCK_ELEMENTS // 64), 16, 150),  # blocks of 64 samples: the shard crosses two edges
+])
+def test_drawing_the_noise_batch_by_batch_gives_the_block_draws_values(shape, batch, num):
+    """torch's CPU generator: batches of whole 16-value chunks, drawn one by one into a small buffer, give
+    exactly the noise of one draw per block (``draws_in_batches``), so counts keep their noise scheme."""
+    assert draws_in_batches("torch", torch.device("cpu"), batch, shape)
+    x = torch.zeros(shape)
+
+    def noise(in_batches: bool) -> torch.Tensor:
+        fill = _noise_filler("torch", noise_seed(3, 1), torch.device("cpu"))
+        batches = _noise_batches(x, num, 1.0, batch, fill, False, in_batches=in_batches)
+        return torch.cat([b.clone() for b in batches])
+
+    assert torch.equal(noise(True), noise(False))
+
+
+def test_batch_by_batch_draws_are_refused_where_their_values_would_differ():
+    cpu = torch.device("cpu")
+    assert not draws_in_batches("torch", cpu, 1, (1, 7, 7))  # 49 values: not whole 16-value chunks
+    assert not draws_in_batches("torch", cpu, 8, (10,))  # a 10-value last batch would not be a chunk
+    assert not draws_in_batches("philox", cpu, 16, (1, 7, 7))  # only torch's generator draws this way
+    assert not draws_in_batches("torch", torch.device("cuda"), 16, (1, 7, 7))  # randn sized by the GPU
+    x, fill = torch.zeros(10), _noise_filler("torch", 5, cpu)
+    forced = torch.cat([b.clone() for b in _noise_batches(x, 13, 1.0, 1, fill, False, in_batches=True)])
+    fill = _noise_filler("torch", 5, cpu)
+    assert not torch.equal(forced, torch.cat([b.clone() for b in _noise_batches(x, 13, 1.0, 1, fill, False)]))

@@ -24,7 +24,7 @@ from adre_ray.models.model_fn import add_import_paths, build_model_fn
 from adre_ray.models.precision import fp32_logits
 from adre_ray.precision import autocast_dtype
 from adre_ray.smoothing.affine_fold import fold_affine_prefix
-from adre_ray.smoothing.cpu_speed import cpu_batch_size, cpu_kernels, tiny_convolutions
+from adre_ray.smoothing.cpu_speed import cpu_batch_size, cpu_kernels, keep_freed_memory, tiny_convolutions
 from adre_ray.smoothing.sampler import (
     NonFiniteLogitsError,
     default_noise,
@@ -68,6 +68,7 @@ class CertifyWorker:
                  import_paths: list[str] | None = None) -> None:
         if device == "cpu":
             torch.set_num_threads(cpu_threads)
+            keep_freed_memory()  # no page faults for each batch's activations (cpu_speed)
         add_import_paths([*(import_paths or []), os.getcwd()])  # a model_fn in the driver's working dir
         self.device = torch.device(device)
         if self.device.type == "cuda":

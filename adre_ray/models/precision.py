@@ -16,6 +16,10 @@ from torch import nn
 class Float32Linear(nn.Linear):
     """``nn.Linear`` that runs in float32 with autocast switched off (same parameters and state dict)."""
 
+    float32_output = True
+    """Read by ``adre_ray.smoothing.affine_fold`` (which cannot import models): its dense layer for this
+    module computes in float32 under autocast too."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             return nn.functional.linear(x.float(), self.weight.float(),
