@@ -287,7 +287,7 @@ def _nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
     batch instead of a pass over every logit. On a GPU every batch is counted on the device (a host read
     per batch would stall it)."""
     if logits.device.type == "cpu" and math.isfinite(float(logits.sum())):
-        return torch.zeros((), dtype=torch.int64)
+        return torch.zeros((), dtype=torch.int64, device=logits.device)
     return (~torch.isfinite(logits)).any(dim=1).sum()
 
 
