@@ -215,6 +215,7 @@ def test_padded_batches_give_the_same_counts_and_noise():
     ((16,), 1, 37),  # one sample per draw: 16 values
     ((3, 4, 4), 32, 1001),
     ((1, 1, NOISE_BLOCK_ELEMENTS // 64), 16, 150),  # blocks of 64 samples: the shard crosses two edges
+    ((3, 32, 32), 256, 2100),  # CIFAR-10: blocks of 2,048, the shard ends inside the second
 ])
 def test_drawing_the_noise_batch_by_batch_gives_the_block_draws_values(shape, batch, num):
     """torch's CPU generator: batches of whole 16-value chunks, drawn one by one into a small buffer, give
