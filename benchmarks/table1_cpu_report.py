@@ -97,21 +97,17 @@ def machines_by_stage(planned_on: dict[str, Any], progress: list[dict[str, Any]]
                       ) -> list[tuple[dict[str, Any], list[str]]]:
     """Each machine the run ran on (from its ``start`` events; before the first, the plan's) with the
     stages (data loading, train / certify per method) that spent time there, in order."""
-    machines: dict[str, dict[str, Any]] = {}
-    stages: dict[str, list[str]] = {}
+    ran: dict[str, tuple[dict[str, Any], list[str]]] = {}  # by the machine's JSON
     machine = planned_on
     for event in progress:
         if event["stage"] == "start":
             machine = event["machine"]
-            continue
-        if "wall_s" not in event:  # the end marker
-            continue
-        name = json.dumps(machine, sort_keys=True)
-        machines.setdefault(name, machine)
-        key = event["stage"] + (f" {event['method']}" if "method" in event else "")
-        if key not in stages.setdefault(name, []):
-            stages[name].append(key)
-    return [(machines[name], keys) for name, keys in stages.items()]
+        elif "wall_s" in event:  # not the end marker
+            stages = ran.setdefault(json.dumps(machine, sort_keys=True), (machine, []))[1]
+            key = event["stage"] + (f" {event['method']}" if "method" in event else "")
+            if key not in stages:
+                stages.append(key)
+    return list(ran.values())
 
 
 def published_basic() -> list[float] | None:

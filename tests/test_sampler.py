@@ -209,6 +209,13 @@ def test_padded_batches_give_the_same_counts_and_noise():
     assert torch.equal(short.seen[0][:10], recorded_noise(10, batch_size=64, seed=7) + image())
 
 
+def drawn_noise(shape: tuple[int, ...], num: int, batch: int, key: int, in_batches: bool) -> torch.Tensor:
+    """The ``num`` noise samples ``_noise_batches`` yields for a zero image (sigma 1, torch CPU generator)."""
+    fill = _noise_filler("torch", key, torch.device("cpu"))
+    batches = _noise_batches(torch.zeros(shape), num, 1.0, batch, fill, False, in_batches=in_batches)
+    return torch.cat([b.clone() for b in batches])
+
+
 @pytest.mark.parametrize(("shape", "batch", "num"), [
     ((1, 7, 7), 16, 1000),  # pooled MNIST: 49 values a sample, the shard ends inside a batch
     ((1, 7, 7), 8192, 20_001),
@@ -221,14 +228,8 @@ def test_drawing_the_noise_batch_by_batch_gives_the_block_draws_values(shape, ba
     """torch's CPU generator: batches of whole 16-value chunks, drawn one by one into a small buffer, give
     exactly the noise of one draw per block (``draws_in_batches``), so counts keep their noise scheme."""
     assert draws_in_batches("torch", torch.device("cpu"), batch, shape)
-    x = torch.zeros(shape)
-
-    def noise(in_batches: bool) -> torch.Tensor:
-        fill = _noise_filler("torch", noise_seed(3, 1), torch.device("cpu"))
-        batches = _noise_batches(x, num, 1.0, batch, fill, False, in_batches=in_batches)
-        return torch.cat([b.clone() for b in batches])
-
-    assert torch.equal(noise(True), noise(False))
+    drawn = [drawn_noise(shape, num, batch, noise_seed(3, 1), in_batches) for in_batches in (True, False)]
+    assert torch.equal(*drawn)
 
 
 def test_batch_by_batch_draws_are_refused_where_their_values_would_differ():
@@ -237,7 +238,4 @@ def test_batch_by_batch_draws_are_refused_where_their_values_would_differ():
     assert not draws_in_batches("torch", cpu, 8, (10,))  # a 10-value last batch would not be a chunk
     assert not draws_in_batches("philox", cpu, 16, (1, 7, 7))  # only torch's generator draws this way
     assert not draws_in_batches("torch", torch.device("cuda"), 16, (1, 7, 7))  # randn sized by the GPU
-    x, fill = torch.zeros(10), _noise_filler("torch", 5, cpu)
-    forced = torch.cat([b.clone() for b in _noise_batches(x, 13, 1.0, 1, fill, False, in_batches=True)])
-    fill = _noise_filler("torch", 5, cpu)
-    assert not torch.equal(forced, torch.cat([b.clone() for b in _noise_batches(x, 13, 1.0, 1, fill, False)]))
+    assert not torch.equal(drawn_noise((10,), 13, 1, 5, in_batches=True), drawn_noise((10,), 13, 1, 5, False))

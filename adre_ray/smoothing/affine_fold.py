@@ -325,8 +325,8 @@ def _relu_in_place(module: fx.GraphModule) -> None:
         source = node.args[0] if node.args else None
         if not _is_relu(node, modules) or not isinstance(source, fx.Node) or len(source.users) != 1:
             continue
-        fresh = source.op == "placeholder" or \
-            source.op == "call_module" and type(modules[str(source.target)]) in FRESH_OUTPUT_MODULES or \
+        # (a lone ReLU of the rest's input is never here: _take_leading_relu gave it to the folded map)
+        fresh = source.op == "call_module" and type(modules[str(source.target)]) in FRESH_OUTPUT_MODULES or \
             source.op == "call_function" and source.target in FRESH_OUTPUT_FUNCTIONS
         if fresh:
             node.op, node.target, node.kwargs = "call_function", torch.relu_, {}

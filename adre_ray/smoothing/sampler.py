@@ -186,7 +186,9 @@ def _noise_batches(
     inputs or zeros. Use ``_noise_batch_sizes`` for the sizes.
     """
     batch = effective_batch_size(batch, x.shape)
-    block = min(batch, noise_block(x.shape)) if in_batches else noise_block(x.shape)  # rows per draw
+    block = noise_block(x.shape)  # rows per draw
+    if in_batches:
+        block = min(block, batch)
     held = min(max(batch, block), num)  # whole blocks, or all of a shard shorter than that
     noise = torch.empty((held, *x.shape), device=x.device, dtype=torch.float32)
     noisy = None
