@@ -6,17 +6,18 @@
 OURS is exactly what a CPU certification actor runs: ``CertifyWorker.count`` (batch chosen by the model's
 cost, native kernels for tiny convolutions: ``adre_ray.smoothing.cpu_speed``; the model's affine prefix
 folded into one dense map and its linear layers as oneDNN GEMMs with bias and ReLU fused:
-``adre_ray.smoothing.affine_fold``) on one shard of ``n`` draws. REFERENCE
-is ``certify_throughput.reference_counts`` (Cohen et al.'s ``Smooth._sample_noise``: ``x.repeat``,
-``randn_like * sigma``, fp32 forward, ``argmax``, counts) at the original batch of 400, on the same
-module object. NOISE is ``torch.randn`` of the same n draws alone (the part of ours that the
-noise scheme fixes). FLOOR is NOISE plus the model's ``nn.Linear`` layers alone (``F.linear`` on inputs
-of their shapes, at the batch where they run fastest, in MKL): work that any implementation of the same
-base classifier with the same noise must do, so ``floor / reference`` bounds the speed-up any sampling
-path can reach on this model and CPU (the convolutions, activations, argmax and Python are left out of
-the floor: an optimistic bound). Same process, one torch thread (one actor's), rounds alternating;
-medians, best runs, and the median of each round's own ours / reference ratio (the two run seconds apart
-in a round, so load that comes and goes on a shared host moves both).
+``adre_ray.smoothing.affine_fold``; torch.randn's values from ``adre_ray.smoothing.torch_cpu_normal``)
+on one shard of ``n`` draws. REFERENCE is ``certify_throughput.reference_counts`` (Cohen et al.'s
+``Smooth._sample_noise``: ``x.repeat``, ``randn_like * sigma``, fp32 forward, ``argmax``, counts) at the
+original batch of 400, on the same module object. NOISE is the same n draws alone, drawn as ours draws
+them (the part of ours that the noise scheme fixes); RANDN the same values from ``torch.randn``. FLOOR
+is NOISE plus the model's ``nn.Linear`` layers alone (``F.linear`` on inputs of their shapes, at the
+batch where they run fastest, in MKL): work that any implementation of the same base classifier with
+the same noise must do, so ``floor / reference`` bounds the speed-up any sampling path can reach on this
+model and CPU (the convolutions, activations, argmax and Python are left out of the floor: an optimistic
+bound). Same process, one torch thread (one actor's), rounds alternating; medians, best runs, and the
+median of each round's own ours / reference ratio (the two run seconds apart in a round, so load that
+comes and goes on a shared host moves both).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from _common import alternate, median
 from certify_throughput import reference_counts
 
 from adre_ray.distributed.worker import CertifyWorker
+from adre_ray.smoothing import torch_cpu_normal
 from adre_ray.smoothing.affine_fold import FoldedModel
 from adre_ray.smoothing.cpu_speed import cpu_kernels
-from adre_ray.smoothing.sampler import prepare_model, sample_counts
+from adre_ray.smoothing.sampler import _noise_filler, prepare_model, sample_counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         "reference": lambda: reference_counts(worker.model, x, args.n, classes, args.sigma,
                                               args.reference_batch),
         "ours": lambda: worker.count(x, 0, 1, 0, args.n),
-        "noise": lambda: torch.randn((args.n, *x.shape), generator=torch.Generator().manual_seed(0)),
+        "noise": lambda: sampler_noise(args.n, tuple(x.shape)),
+        "randn": lambda: torch.randn((args.n, *x.shape), generator=torch.Generator().manual_seed(0)),
     }
     variants["floor"], floor_batch = floor_of(worker.model, args.n, variants["noise"])
     for variant in variants.values():
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
               if isinstance(sampled, FoldedModel) else "none")
     print(f"threads {torch.get_num_threads()}, n {args.n}, sample {tuple(x.shape)}, ours batch "
           f"{worker.batch_for(tuple(x.shape))}, native convolutions {worker.native_convolutions}, "
-          f"folded affine prefix {folded}")
+          f"folded affine prefix {folded}\nCPU noise: {torch_cpu_normal.status()}")
     for name in variants:
         print(f"{name:<10} {rate[name]:>12,.0f} samples/s (median)  {best[name]:>12,.0f} (best run)")
     paired = median([ref / ours for ref, ours in zip(times["reference"], times["ours"], strict=True)])
@@ -89,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 FLOOR_BATCHES = (256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def sampler_noise(n: int, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """The n draws of one shard as the sampler draws them on CPU (``torch_cpu_normal`` where available)."""
+    noise = torch.empty((n, *sample_shape))
+    _noise_filler("torch", 0, torch.device("cpu"), sample_shape)(noise, 0)
+    return noise
 
 
 def floor_of(model: torch.nn.Module, n: int, noise: Callable[[], object]) -> tuple[Callable[[], None], int]:

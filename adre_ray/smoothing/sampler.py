@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from adre_ray.smoothing import torch_cpu_normal
 from adre_ray.smoothing.noise import philox_normal_
 from adre_ray.smoothing.params import check_draws, check_sigma
 
@@ -138,15 +139,26 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def _noise_filler(noise: str, key: int, device: torch.device) -> Callable[[torch.Tensor, int], None]:
+def _noise_filler(noise: str, key: int, device: torch.device,
+                  sample_shape: Sequence[int] = ()) -> Callable[[torch.Tensor, int], None]:
     """``fill(part, first)``: writes the N(0, 1) values of samples first, first + 1, ... of the shard with
     key ``key`` into the contiguous float32 ``part`` (``torch``: the generator's next values, so parts
-    must come in order; ``philox``: the values at those positions, in any order)."""
+    must come in order; ``philox``: the values at those positions, in any order). ``torch`` on CPU with
+    samples of ``sample_shape`` holding >= ``TORCH_CPU_NORMAL_CHUNK`` values (so every part does): drawn by
+    ``torch_cpu_normal`` where it is available, the same values ~3x faster."""
     if noise_scheme(noise) == PHILOX_NOISE_SCHEME:
         def fill_philox(part: torch.Tensor, first: int) -> None:
             philox_normal_(part, key, first * math.prod(part.shape[1:]))
 
         return fill_philox
+    if torch.device(device).type == "cpu" and math.prod(sample_shape) >= TORCH_CPU_NORMAL_CHUNK and \
+            torch_cpu_normal.available():
+        stream = torch_cpu_normal.TorchCpuNormal(key)
+
+        def fill_native(part: torch.Tensor, first: int) -> None:
+            stream.fill_(part)
+
+        return fill_native
     generator = torch.Generator(device=device)
     generator.manual_seed(key)
 
@@ -338,7 +350,7 @@ def sample_counts(  # 14 parameters one a line and the seeding contract in its d
     x = x.to(device=device, dtype=torch.float32)
     ones = torch.ones(min(batch, num), dtype=torch.int64, device=device)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # draws with a NaN / inf logit
-    fill = _noise_filler(noise, generator_seed, device)
+    fill = _noise_filler(noise, generator_seed, device, x.shape)
     batches = _noise_batches(x, num, float(sigma), batch, fill, channels_last, pad_batches,
                              in_batches=draws_in_batches(noise, device, batch, x.shape))
     sizes = _noise_batch_sizes(x.shape, num, batch)
