@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> ThroughputResult:
     compile_s = time.perf_counter() - began if (args.compile or args.cuda_graphs) else 0.0
     reference_out = reference()
     def noise_only() -> None:
-        fill = _noise_filler(default_noise(device), args.seed, device)
+        fill = _noise_filler(default_noise(device), args.seed, device, x.shape)
         for _ in _noise_batches(x, args.n, args.sigma, batch, fill, args.channels_last):
             pass
 
