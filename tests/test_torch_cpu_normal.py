@@ -160,3 +160,12 @@ def test_kernel_with_other_values_is_not_used(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(torch_cpu_normal, "_agrees", lambda lib: False)
     assert not torch_cpu_normal.available()
     assert torch_cpu_normal.status() == "torch.randn (built, but its values differ from torch.randn's here)"
+
+
+def test_cache_folder_falls_back_when_the_configured_one_is_unusable(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path) -> None:
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(torch_cpu_normal.CACHE_ENV, str(blocked))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert torch_cpu_normal._cache_folder() == tmp_path / "home" / ".cache" / "adre-ray" / "native"

@@ -19,6 +19,7 @@ it. ``ADRE_RAY_NATIVE_NOISE=0`` turns it off; ``status()`` says which is in use 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -28,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -37,7 +39,8 @@ COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-ffp-contract=fast", "
                  "-shared", "-fPIC")
 """The flags of torch's AVX2 CPU kernels that matter to the values (FMA contraction as GCC's default)."""
 TORCH_KERNELS = ("AVX2", "AVX512")
-"""``torch.backends.cpu.get_cpu_capability()`` values whose ``normal_`` uses the AVX2 Box-Muller."""
+"""``torch.backends.cpu.get_cpu_capability()`` values whose ``normal_`` the kernel reproduces (ATen's AVX2
+Box-Muller; its AVX-512 kernels give the same values, measured, and the probe checks it on every machine)."""
 DISABLE_ENV = "ADRE_RAY_NATIVE_NOISE"
 CACHE_ENV = "ADRE_RAY_CACHE_DIR"
 COMPILE_TIMEOUT_S = 120
@@ -134,7 +137,7 @@ def _built() -> Path:
     target = folder / f"torch_cpu_normal-{identity}.so"
     if target.exists():
         return target
-    partial = folder / f"{target.name}.{os.getpid()}.partial"
+    partial = folder / f"{target.name}.{os.getpid()}.{threading.get_ident()}.partial"
     include = Path(torch.__file__).parent / "include"
     command = [compiler, *COMPILE_FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
@@ -148,8 +151,9 @@ def _built() -> Path:
 def _cache_folder() -> Path:
     """``$ADRE_RAY_CACHE_DIR/native``, else ``~/.cache/adre-ray/native``, else one in the temp folder."""
     candidates = [Path(os.environ[CACHE_ENV]) / "native"] if os.environ.get(CACHE_ENV) else []
-    candidates += [Path.home() / ".cache" / "adre-ray" / "native",
-                   Path(tempfile.gettempdir()) / f"adre-ray-{os.getuid()}" / "native"]
+    with contextlib.suppress(RuntimeError):  # no home directory
+        candidates.append(Path.home() / ".cache" / "adre-ray" / "native")
+    candidates.append(Path(tempfile.gettempdir()) / f"adre-ray-{os.getuid()}" / "native")
     for folder in candidates:
         try:
             folder.mkdir(parents=True, exist_ok=True)
