@@ -180,7 +180,8 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     for seed in PROBE_SEEDS:
         ours, generator = TorchCpuNormal(seed, lib), torch.Generator().manual_seed(seed)
         for size in PROBE_SIZES:
-            if not torch.equal(ours.fill_(torch.empty(size)), torch.randn(size, generator=generator)):
+            drawn = ours.fill_(torch.empty(size, device="cpu"))
+            if not torch.equal(drawn, torch.randn(size, generator=generator, device="cpu")):
                 return False
     return True
 
