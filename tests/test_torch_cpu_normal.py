@@ -26,11 +26,11 @@ def kernel() -> None:
 
 @pytest.fixture
 def fresh_load(monkeypatch: pytest.MonkeyPatch, tmp_path):
-    """``_library`` loads again under the test's settings (cache folder in tmp_path), and again after."""
+    """``_loaded`` loads again under the test's settings (cache folder in tmp_path), and again after."""
     monkeypatch.setenv(torch_cpu_normal.CACHE_ENV, str(tmp_path))
-    torch_cpu_normal._library.cache_clear()
+    torch_cpu_normal._loaded.cache_clear()
     yield
-    torch_cpu_normal._library.cache_clear()
+    torch_cpu_normal._loaded.cache_clear()
 
 
 def test_available_where_torch_runs_avx2_kernels_and_a_compiler_exists() -> None:
@@ -156,7 +156,7 @@ def test_probe_refuses_a_kernel_with_other_values() -> None:
 
 @pytest.mark.usefixtures("fresh_load", "kernel")
 def test_kernel_with_other_values_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch_cpu_normal._library.cache_clear()
+    torch_cpu_normal._loaded.cache_clear()
     monkeypatch.setattr(torch_cpu_normal, "_agrees", lambda lib: False)
     assert not torch_cpu_normal.available()
     assert torch_cpu_normal.status() == "torch.randn (built, but its values differ from torch.randn's here)"

@@ -42,6 +42,7 @@ import torch
 from adre_ray.smoothing import torch_cpu_normal
 from adre_ray.smoothing.noise import philox_normal_
 from adre_ray.smoothing.params import check_draws, check_sigma
+from adre_ray.smoothing.torch_cpu_normal import TORCH_CPU_NORMAL_CHUNK
 
 NOISE_BLOCK_ELEMENTS = 2**23
 """Target values per noise draw: a block holds the largest power of two of samples within it (at least 1)."""
@@ -59,13 +60,6 @@ PHILOX_NOISE_SCHEME = 3
 
 NOISE_GENERATORS = ("torch", "philox")
 """Values of ``sample_counts(noise=...)``; see the module docstring."""
-
-TORCH_CPU_NORMAL_CHUNK = 16
-"""torch's CPU ``normal_`` on a float32 tensor of >= 16 values draws one uniform per value from the generator,
-in order, then transforms them 16 at a time (Box-Muller on pairs 8 apart), redrawing the last 16 when the
-count is not a multiple of 16. Consecutive calls of >= 16 values each, all but the last a multiple of 16,
-therefore consume the generator as one call over their union and give its values (pinned by
-tests/test_sampler.py)."""
 
 PILOT_STREAM = 0
 MAIN_STREAM = 1
@@ -152,8 +146,7 @@ def _noise_filler(noise: str, key: int, device: torch.device,
             philox_normal_(part, key, first * math.prod(part.shape[1:]))
 
         return fill_philox
-    if torch.device(device).type == "cpu" and math.prod(sample_shape) >= TORCH_CPU_NORMAL_CHUNK and \
-            torch_cpu_normal.available():
+    if _torch_cpu_chunks(noise, device, sample_shape) and torch_cpu_normal.available():
         normal = torch_cpu_normal.TorchCpuNormal(key)
 
         def fill_native(part: torch.Tensor, first: int) -> None:
@@ -174,9 +167,15 @@ def draws_in_batches(noise: str, device: torch.device, batch: int, sample_shape:
     the values of one draw per block: torch's generator on CPU when every batch is a whole number of
     ``TORCH_CPU_NORMAL_CHUNK`` values and a sample has at least that many (so a shard's last, shorter
     batch does too). ``batch`` is an effective batch size (``effective_batch_size``)."""
-    numel = math.prod(int(size) for size in sample_shape)
-    return (noise_scheme(noise) == NOISE_SCHEME and torch.device(device).type == "cpu"
-            and numel >= TORCH_CPU_NORMAL_CHUNK and batch * numel % TORCH_CPU_NORMAL_CHUNK == 0)
+    return _torch_cpu_chunks(noise, device, sample_shape) and \
+        batch * math.prod(sample_shape) % TORCH_CPU_NORMAL_CHUNK == 0
+
+
+def _torch_cpu_chunks(noise: str, device: torch.device, sample_shape: Sequence[int]) -> bool:
+    """Torch's generator on CPU with samples of >= ``TORCH_CPU_NORMAL_CHUNK`` values: every part of a shard
+    is then drawn by ``normal_``'s 16-value path (never the one for fewer values)."""
+    return noise_scheme(noise) == NOISE_SCHEME and torch.device(device).type == "cpu" and \
+        math.prod(int(size) for size in sample_shape) >= TORCH_CPU_NORMAL_CHUNK
 
 
 def _noise_batches(

@@ -41,6 +41,12 @@ COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-ffp-contract=fast", "
 TORCH_KERNELS = ("AVX2", "AVX512")
 """``torch.backends.cpu.get_cpu_capability()`` values whose ``normal_`` the kernel reproduces (ATen's AVX2
 Box-Muller; its AVX-512 kernels give the same values, measured, and the probe checks it on every machine)."""
+TORCH_CPU_NORMAL_CHUNK = 16
+"""torch's CPU ``normal_`` on a float32 tensor of >= 16 values draws one uniform per value from the generator,
+in order, then transforms them 16 at a time (Box-Muller on pairs 8 apart), redrawing the last 16 when the
+count is not a multiple of 16 (fewer than 16 values are drawn another way). Consecutive calls of >= 16
+values each, all but the last a multiple of 16, therefore consume the generator as one call over their
+union and give its values (pinned by tests/test_sampler.py)."""
 DISABLE_ENV = "ADRE_RAY_NATIVE_NOISE"
 CACHE_ENV = "ADRE_RAY_CACHE_DIR"
 COMPILE_TIMEOUT_S = 120
@@ -55,7 +61,7 @@ class TorchCpuNormal:
     """The stream of ``torch.randn`` on CPU for ``torch.Generator().manual_seed(seed)`` (see the module)."""
 
     def __init__(self, seed: int, library: ctypes.CDLL | None = None) -> None:
-        lib = library if library is not None else _library()
+        lib = library if library is not None else _loaded()[0]
         if lib is None:
             raise RuntimeError(f"native normal kernel unavailable: {status()}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
@@ -69,30 +75,26 @@ class TorchCpuNormal:
         if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
             raise ValueError(f"out: must be a contiguous float32 CPU tensor, not {out.dtype} on {out.device} "
                              f"(contiguous={out.is_contiguous()})")
-        if out.numel() < 16:
-            raise ValueError(f"out.numel()={out.numel()}: must be >= 16 (torch draws fewer another way)")
+        if out.numel() < TORCH_CPU_NORMAL_CHUNK:
+            raise ValueError(f"out.numel()={out.numel()}: must be >= {TORCH_CPU_NORMAL_CHUNK} (torch draws "
+                             "fewer another way)")
         self._lib.adre_normal_fill(self._state, out.data_ptr(), out.numel())
         return out
 
 
 def available() -> bool:
     """Whether ``TorchCpuNormal`` can be used here (built, loaded, and equal to torch on the probe)."""
-    return _library() is not None
+    return _loaded()[0] is not None
 
 
 def status() -> str:
     """Which CPU normal the sampler draws with, and why (for logs and benchmarks)."""
-    _library()
-    return _status
-
-
-_status = "not loaded yet"
+    return _loaded()[1]
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The checked kernel, or None (the reason in ``status()``, logged once)."""
-    global _status
+def _loaded() -> tuple[ctypes.CDLL | None, str]:
+    """(the checked kernel or None, what the sampler draws with and why), found once and logged."""
     reason = _unsupported()
     lib = None
     if reason is None:
@@ -102,10 +104,10 @@ def _library() -> ctypes.CDLL | None:
             reason = f"not built ({error})"
     if lib is not None and not _agrees(lib):
         lib, reason = None, "built, but its values differ from torch.randn's here"
-    _status = "native kernel (torch_cpu_normal.cpp): torch.randn's values" if lib is not None else \
+    status = "native kernel (torch_cpu_normal.cpp): torch.randn's values" if lib is not None else \
         f"torch.randn ({reason})"
-    log.info("CPU noise: %s", _status)
-    return lib
+    log.info("CPU noise: %s", status)
+    return lib, status
 
 
 def _unsupported() -> str | None:
@@ -186,4 +188,4 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     return True
 
 
-__all__ = ["TorchCpuNormal", "available", "status"]
+__all__ = ["TORCH_CPU_NORMAL_CHUNK", "TorchCpuNormal", "available", "status"]
